@@ -1,0 +1,29 @@
+"""dicekern: DICE, data influence cascades in decentralized (gossip) learning.
+
+    >>> import dicekern as dk
+    >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+    >>> scores = dk.dice_e(run.trajectory, step=0, test=run.test, hops=2)   # (N, B)
+    >>> tuple(scores.shape)
+    (4, 5)
+"""
+
+from dicekern import examples, reference, topology
+from dicekern.chain import ChainOptions
+from dicekern.ground_truth import dice_gt, dice_gt_samples
+from dicekern.influence import cascade, dice_e
+from dicekern.trajectory import Recorder, Round, Trajectory, VerifyReport
+
+__all__ = [
+    "ChainOptions",
+    "Recorder",
+    "Round",
+    "Trajectory",
+    "VerifyReport",
+    "cascade",
+    "dice_e",
+    "dice_gt",
+    "dice_gt_samples",
+    "examples",
+    "reference",
+    "topology",
+]

@@ -1,0 +1,139 @@
+"""The torch reference engine: the linearised DICE recursion as one chain over the whole network.
+
+Notation of DICE.md. A hop s >= 2 moves a perturbation (N, C, D) through round t+s-1:
+mix with W^{t+s-1} and damp with (I - eta H_i) at the sender i (or at the receiver). The forward
+("cascade") direction follows one source; the adjoint direction carries every source at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dicekern.checks import check_choice, check_node_weights, check_test
+from dicekern.objective import Curvature
+from dicekern.trajectory import Round, Trajectory
+
+CURVATURES = ("exact", "ggn", "none")
+CURVATURE_AT = ("sender", "receiver")
+DIRECT = ("half_step", "paper")
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    """How the chain is linearised.
+
+    Attributes:
+        curvature: "exact" Hessian, "ggn" Gauss-Newton, or "none" (drop I - eta H).
+        curvature_at: "sender" (DICE.md, Appendix C.3) or "receiver" (Theorem 2 as printed).
+        direct: test gradient of the hop-0 term at theta^{t+1/2} ("half_step") or theta^t ("paper").
+    """
+
+    curvature: Curvature = "exact"
+    curvature_at: str = "sender"
+    direct: str = "half_step"
+
+    def __post_init__(self) -> None:
+        check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
+        check_choice("direct", self.direct, DIRECT)
+
+
+class Chain:
+    """DICE-E over rounds step..step+hops of a trajectory, for one test objective.
+
+    Args:
+        traj: the recorded run.
+        step: the round t whose samples are scored.
+        test: (inputs (M, ...), targets (M, ...)); the objective is their mean loss.
+        hops: r >= 0.
+        q: (N,) node weights, None for 1/N.
+        options: the linearisation.
+    """
+
+    def __init__(self, traj: Trajectory, step: int, test: object, hops: int, q: object, options: ChainOptions):
+        self.rounds: tuple[Round, ...] = traj.window(step, hops)
+        self.hops = hops
+        self.objective = traj.objective
+        self.options = options
+        first = self.rounds[0]
+        self.q = check_node_weights(q, traj.num_nodes, first.params)
+        self.test = check_test(test, first.params)
+        self.scaled_test_grads = self._scaled_test_grads()
+
+    @property
+    def batch_size(self) -> int:
+        return self.rounds[0].inputs.shape[1]
+
+    def _scaled_test_grads(self) -> torch.Tensor:
+        """(hops+1, N, D): q_k g^{(s)}_k, with g^{(0)} at theta^{t+1/2} or theta^t."""
+        first = self.rounds[0]
+        direct_point = first.params
+        if self.options.direct == "half_step":
+            direct_point, _ = self.objective.gossip_round(first.params, first.inputs, first.targets, first.lr, first.W)
+        points = torch.stack([direct_point] + [rnd.params for rnd in self.rounds[1:]])
+        grads = self.objective.test_grads(points.flatten(0, 1), self.test).view_as(points)
+        return self.q[None, :, None] * grads
+
+    def _damp(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
+        rnd = self.rounds[index]
+        return self.objective.damped_curvature(
+            rnd.params, rnd.inputs, rnd.targets, rnd.lr, vectors, self.options.curvature
+        )
+
+    def _forward_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
+        """delta^{(s)} from delta^{(s-1)} (N, C, D) through round t+index, index = s-1 >= 1."""
+        mix = lambda v: torch.einsum("ki,icd->kcd", self.rounds[index].W, v)
+        if self.options.curvature_at == "sender":
+            return mix(self._damp(index, vectors))
+        return self._damp(index, mix(vectors))
+
+    def _adjoint_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
+        """The transpose of _forward_hop: (N, C, D) -> (N, C, D)."""
+        mix_t = lambda v: torch.einsum("ki,kcd->icd", self.rounds[index].W, v)
+        if self.options.curvature_at == "sender":
+            return self._damp(index, mix_t(vectors))
+        return mix_t(self._damp(index, vectors))
+
+    def cascade(self, source: int, sample_mask: torch.Tensor) -> torch.Tensor:
+        """(hops+1, N) e[s, k] for the samples of ``source`` where sample_mask (B,) is 1."""
+        first = self.rounds[0]
+        j = source
+        weights = (sample_mask / self.batch_size)[None]
+        local_grad = self.objective.node_grads(first.params[j : j + 1], first.inputs[j : j + 1], first.targets[j : j + 1], weights)
+        displacement = -first.lr * local_grad[0]  # Delta_j(z), (D,)
+        scores = first.params.new_zeros(self.hops + 1, first.params.shape[0])
+        scores[0, j] = self.scaled_test_grads[0, j] @ displacement
+        delta = (first.W[:, j, None] * displacement)[:, None]  # delta^{(1)}, (N, 1, D)
+        for s in range(1, self.hops + 1):
+            if s >= 2:
+                delta = self._forward_hop(s - 1, delta)
+            scores[s] = (self.scaled_test_grads[s] * delta[:, 0]).sum(-1)
+        return scores
+
+    def adjoint(self, per_hop: bool) -> torch.Tensor:
+        """Scores of every sample of every node: (N, B), or (hops+1, N, B) when per_hop.
+
+        lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + adjoint_hop(lambda^{(s+1)}), and a
+        sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j). With per_hop,
+        each hop's term travels in its own column instead of being added into one.
+        """
+        first = self.rounds[0]
+        lam = None  # (N, C, D), columns for hops r, r-1, ... when per_hop
+        for s in range(self.hops, 0, -1):
+            injected = self.scaled_test_grads[s][:, None]
+            if lam is None:
+                lam = injected
+            else:
+                lam = self._adjoint_hop(s, lam)
+                lam = torch.cat([lam, injected], dim=1) if per_hop else lam + injected
+        direct = self.scaled_test_grads[0][:, None]
+        if lam is None:
+            vectors = direct
+        else:
+            to_sources = torch.einsum("kj,kcd->jcd", first.W, lam)
+            vectors = torch.cat([direct, to_sources.flip(1)], dim=1) if per_hop else direct + to_sources
+        dots = self.objective.per_sample_dots(first.params, first.inputs, first.targets, vectors)
+        scores = -(first.lr / self.batch_size) * dots  # Delta_j(z_b)^T v, (N, C, B)
+        return scores.transpose(0, 1) if per_hop else scores[:, 0]

@@ -1,0 +1,145 @@
+"""DICE-GT: influence by exact counterfactual replay of the recorded rounds (Definitions 2 and 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.func import vmap
+
+from dicekern.checks import check_node, check_node_weights, check_samples, check_test
+from dicekern.objective import NodeObjective
+from dicekern.trajectory import Round, Trajectory
+
+
+def _replay_test_losses(
+    objective: NodeObjective, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor
+) -> torch.Tensor:
+    """(K, hops+1, N) test losses at theta^{t+1/2}, theta^{t+1}, ..., theta^{t+hops} of K replays.
+
+    keep (K, N, B): 0 drops a sample from round t's batch sum (the denominator stays B); every
+    later round is replayed unchanged.
+    """
+    first = rounds[0]
+    batch = first.inputs.shape[1]
+    num_replays = keep.shape[0]
+    replay = vmap(objective.gossip_round, in_dims=(0, None, None, None, None, 0))
+    half, theta = replay(
+        first.params.expand(num_replays, *first.params.shape), first.inputs, first.targets, first.lr, first.W, keep / batch
+    )
+    uniform = torch.full_like(keep, 1.0 / batch)
+    states = [half, theta]
+    for rnd in rounds[1:-1]:
+        _, theta = replay(theta, rnd.inputs, rnd.targets, rnd.lr, rnd.W, uniform)
+        states.append(theta)
+    states = states[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
+    stacked = torch.stack(states, dim=1)  # (K, hops+1, N, D)
+    return objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3])
+
+
+def _reachable(rounds: Sequence[Round]) -> torch.Tensor:
+    """(hops+1, N, N) bool: reach[s, k, j] is True when a walk of s mixes takes j to k (s=0: k=j)."""
+    n = rounds[0].params.shape[0]
+    reach = [torch.eye(n, dtype=torch.bool, device=rounds[0].params.device)]
+    for rnd in rounds[:-1]:
+        reach.append(((rnd.W != 0).double() @ reach[-1].double()) > 0)
+    return torch.stack(reach)
+
+
+def _gt_from_losses(
+    factual: torch.Tensor, counterfactual: torch.Tensor, q: torch.Tensor, reach_from_source: torch.Tensor
+) -> torch.Tensor:
+    """gt = q_k (L - L_without) where z can reach k, exactly 0 elsewhere; shapes (..., hops+1, N)."""
+    return torch.where(reach_from_source, q * (factual - counterfactual), torch.zeros_like(factual))
+
+
+def dice_gt(
+    traj: Trajectory,
+    step: int,
+    source: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    hops: int,
+    *,
+    samples: object = None,
+    q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gt[s, k] of DICE.md: the change of q_k L(theta_k^{t+s}; z') when samples are removed.
+
+    Replays rounds step..step+hops-1 from the recorded params at ``step`` with and without the
+    chosen samples of node ``source`` (same batches, W and lr otherwise).
+
+    Returns:
+        (hops+1, N); row 0 is the direct term at theta^{t+1/2}, nonzero only at ``source``;
+        nodes the samples cannot reach in s mixes get exactly 0.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.dice_gt(run.trajectory, step=0, source=1, test=run.test, hops=2, samples=[4]).shape
+        torch.Size([3, 4])
+    """
+    rounds = traj.window(step, hops)
+    like = rounds[0].params
+    source = check_node("source", source, traj.num_nodes)
+    mask = check_samples(samples, rounds[0].inputs.shape[1], like)
+    q = check_node_weights(q, traj.num_nodes, like)
+    test = check_test(test, like)
+    keep = torch.ones(2, *rounds[0].inputs.shape[:2], dtype=like.dtype, device=like.device)
+    keep[1, source] -= mask
+    losses = _replay_test_losses(traj.objective, rounds, test, keep)
+    return _gt_from_losses(losses[0], losses[1], q, _reachable(rounds)[:, :, source])
+
+
+def dice_gt_samples(
+    traj: Trajectory,
+    step: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    hops: int,
+    *,
+    nodes: Sequence[int] | None = None,
+    q: torch.Tensor | None = None,
+    per_hop: bool = False,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """DICE-GT^(hops) of every single sample of the given nodes: one replay per sample, batched.
+
+    The ground-truth twin of :func:`dicekern.dice_e`, for validating it sample by sample.
+
+    Args:
+        nodes: the source nodes whose samples are removed one at a time (default: all).
+        chunk_size: replays run together; bounds memory at about chunk_size * (hops+1) * N * D.
+
+    Returns:
+        (len(nodes), B), or (hops+1, len(nodes), B) with per_hop; each entry is
+        sum_k gt[s, k] (summed over s unless per_hop).
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.dice_gt_samples(run.trajectory, step=0, test=run.test, hops=2, nodes=[0, 3]).shape
+        torch.Size([2, 5])
+    """
+    rounds = traj.window(step, hops)
+    like = rounds[0].params
+    n, batch = rounds[0].inputs.shape[:2]
+    nodes = list(range(n)) if nodes is None else [check_node("nodes[i]", j, n) for j in nodes]
+    if not nodes:
+        raise ValueError("nodes must name at least one node")
+    q = check_node_weights(q, n, like)
+    test = check_test(test, like)
+    reach = _reachable(rounds)
+    ones = torch.ones(1, n, batch, dtype=like.dtype, device=like.device)
+    factual = _replay_test_losses(traj.objective, rounds, test, ones)[0]
+    removals = [(j, b) for j in nodes for b in range(batch)]
+    totals = []
+    for start in range(0, len(removals), chunk_size):
+        chunk = removals[start : start + chunk_size]
+        keep = ones.repeat(len(chunk), 1, 1)
+        for i, (j, b) in enumerate(chunk):
+            keep[i, j, b] = 0.0
+        losses = _replay_test_losses(traj.objective, rounds, test, keep)
+        sources = torch.tensor([j for j, _ in chunk], device=like.device)
+        gt = _gt_from_losses(factual, losses, q, reach[:, :, sources].permute(2, 0, 1))
+        totals.append(gt.sum(-1))  # (chunk, hops+1)
+    per_sample = torch.cat(totals).view(len(nodes), batch, hops + 1).permute(2, 0, 1)
+    return per_sample if per_hop else per_sample.sum(0)

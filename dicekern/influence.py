@@ -1,0 +1,90 @@
+"""DICE-E: the public entry points of the estimate."""
+
+from __future__ import annotations
+
+import torch
+
+from dicekern.bindings import resolve_backend
+from dicekern.chain import Chain, ChainOptions
+from dicekern.checks import check_node, check_samples
+from dicekern.objective import Curvature
+from dicekern.trajectory import Trajectory
+
+
+def dice_e(
+    traj: Trajectory,
+    step: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    hops: int,
+    *,
+    q: torch.Tensor | None = None,
+    curvature: Curvature = "exact",
+    curvature_at: str = "sender",
+    direct: str = "half_step",
+    per_hop: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DICE-E^(hops) of every sample of every node at round ``step``, all in one adjoint chain.
+
+    Args:
+        traj: the recorded run; needs rounds step..step+hops (the last may be params only).
+        step: the round t whose samples are scored.
+        test: (inputs (M, ...), targets (M, ...)); the objective is their mean loss.
+        hops: r >= 0 communication hops after the local step.
+        q: (N,) node weights of the global objective, default 1/N.
+        curvature: "exact", "ggn" or "none".
+        curvature_at: "sender" (DICE.md) or "receiver" (the theorem as printed).
+        direct: "half_step" (gradient at theta^{t+1/2}) or "paper" (at theta^t) for hop 0.
+        per_hop: return each hop's term separately.
+        backend: "auto" or "torch".
+
+    Returns:
+        (N, B) scores, or (hops+1, N, B) with per_hop (summing over hops to the default).
+        Loss with the sample minus loss without it: a helpful sample is negative.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.dice_e(run.trajectory, step=1, test=run.test, hops=1).shape
+        torch.Size([4, 5])
+    """
+    resolve_backend(backend)
+    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct))
+    return chain.adjoint(per_hop=bool(per_hop))
+
+
+def cascade(
+    traj: Trajectory,
+    step: int,
+    source: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    hops: int,
+    *,
+    samples: object = None,
+    q: torch.Tensor | None = None,
+    curvature: Curvature = "exact",
+    curvature_at: str = "sender",
+    direct: str = "half_step",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """How the chosen samples of node ``source`` reach every node, hop by hop (one forward chain).
+
+    Args:
+        source: node j whose samples are removed.
+        samples: indices into j's batch of round ``step``; None takes the whole batch.
+        The other arguments are those of :func:`dice_e`.
+
+    Returns:
+        (hops+1, N): e[s, k] of DICE.md; row 0 is nonzero only at ``source``.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=4, batch_size=5)
+        >>> dk.cascade(run.trajectory, step=0, source=2, test=run.test, hops=2, samples=[0, 3]).shape
+        torch.Size([3, 4])
+    """
+    resolve_backend(backend)
+    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct))
+    source = check_node("source", source, traj.num_nodes)
+    mask = check_samples(samples, chain.batch_size, chain.q)
+    return chain.cascade(source, mask)

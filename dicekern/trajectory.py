@@ -101,20 +101,20 @@ class Trajectory:
         """
         step = check_int("step", step)
         hops = check_int("hops", hops, minimum=0)
-        rounds = []
-        for s in range(hops + 1):
-            t = step + s
-            if t not in self._rounds:
-                raise ValueError(
-                    f"round {t} is missing from the trajectory: hops={hops} from step {step} needs "
-                    f"rounds {step}..{step + hops} (recorded: {self._describe_steps()})"
-                )
-            if (s < hops or s == 0) and not self._rounds[t].has_batch:
+        needed = range(step, step + hops + 1)
+        missing = [t for t in needed if t not in self._rounds]
+        if missing:
+            raise ValueError(
+                f"round {missing[0]} is missing from the trajectory: hops={hops} from step {step} needs "
+                f"rounds {step}..{step + hops} (recorded: {self._describe_steps()})"
+            )
+        rounds = [self._rounds[t] for t in needed]
+        for t, rnd in zip(needed[: max(hops, 1)], rounds):
+            if not rnd.has_batch:
                 raise ValueError(
                     f"round {t} was recorded with params only, but hops={hops} from step {step} "
                     f"needs its inputs, targets, lr and W"
                 )
-            rounds.append(self._rounds[t])
         return tuple(rounds)
 
     def verify(self, rtol: float | None = None) -> VerifyReport:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch.func import vmap
+from tqdm.auto import tqdm
 
 from dicekern.checks import check_node, check_node_weights, check_samples, check_test
 from dicekern.objective import NodeObjective
@@ -100,6 +101,7 @@ def dice_gt_samples(
     q: torch.Tensor | None = None,
     per_hop: bool = False,
     chunk_size: int = 64,
+    progress: bool = False,
 ) -> torch.Tensor:
     """DICE-GT^(hops) of every single sample of the given nodes: one replay per sample, batched.
 
@@ -108,6 +110,7 @@ def dice_gt_samples(
     Args:
         nodes: the source nodes whose samples are removed one at a time (default: all).
         chunk_size: replays run together; bounds memory at about chunk_size * (hops+1) * N * D.
+        progress: show a progress bar over the replays.
 
     Returns:
         (len(nodes), B), or (hops+1, len(nodes), B) with per_hop; each entry is
@@ -132,7 +135,7 @@ def dice_gt_samples(
     factual = _replay_test_losses(traj.objective, rounds, test, ones)[0]
     removals = [(j, b) for j in nodes for b in range(batch)]
     totals = []
-    for start in range(0, len(removals), chunk_size):
+    for start in tqdm(range(0, len(removals), chunk_size), desc="DICE-GT replays", disable=not progress, unit="chunk"):
         chunk = removals[start : start + chunk_size]
         keep = ones.repeat(len(chunk), 1, 1)
         for i, (j, b) in enumerate(chunk):

@@ -1,0 +1,25 @@
+# `make demo` and `make test` set up .venv themselves on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	# the CPU wheel that pip finds on these machines; a bare `torch` would pull a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m dicekern demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q -p no:doctest --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+
+clean:
+	rm -rf $(VENV) out .benchmarks

@@ -60,21 +60,14 @@ class Chain:
         first = self.rounds[0]
         self.q = check_node_weights(q, traj.num_nodes, first.params)
         self.test = check_test(test, first.params)
-        self.scaled_test_grads = self._scaled_test_grads()
 
     @property
     def batch_size(self) -> int:
         return self.rounds[0].inputs.shape[1]
 
-    def _scaled_test_grads(self) -> torch.Tensor:
-        """(hops+1, N, D): q_k g^{(s)}_k, with g^{(0)} at theta^{t+1/2} or theta^t."""
-        first = self.rounds[0]
-        direct_point = first.params
-        if self.options.direct == "half_step":
-            direct_point, _ = self.objective.gossip_round(first.params, first.inputs, first.targets, first.lr, first.W)
-        points = torch.stack([direct_point] + [rnd.params for rnd in self.rounds[1:]])
-        grads = self.objective.test_grads(points.flatten(0, 1), self.test).view_as(points)
-        return self.q[None, :, None] * grads
+    def _scaled_test_grads(self, points: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """(K, D) q_k grad L(theta; z') at points (K, D) that belong to nodes (K,)."""
+        return self.q[nodes, None] * self.objective.test_grads(points, self.test)
 
     def _damp(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
         rnd = self.rounds[index]
@@ -97,19 +90,33 @@ class Chain:
         return mix_t(self._damp(index, vectors))
 
     def cascade(self, source: int, sample_mask: torch.Tensor) -> torch.Tensor:
-        """(hops+1, N) e[s, k] for the samples of ``source`` where sample_mask (B,) is 1."""
-        first = self.rounds[0]
-        j = source
-        weights = (sample_mask / self.batch_size)[None]
-        local_grad = self.objective.node_grads(first.params[j : j + 1], first.inputs[j : j + 1], first.targets[j : j + 1], weights)
-        displacement = -first.lr * local_grad[0]  # Delta_j(z), (D,)
-        scores = first.params.new_zeros(self.hops + 1, first.params.shape[0])
-        scores[0, j] = self.scaled_test_grads[0, j] @ displacement
-        delta = (first.W[:, j, None] * displacement)[:, None]  # delta^{(1)}, (N, 1, D)
+        """(hops+1, N) e[s, k] for the samples of ``source`` where sample_mask (B,) is 1.
+
+        Test gradients and curvature products are taken only where the perturbation has
+        arrived, so the cost follows the reach of the source, not N.
+        """
+        first, j, n = self.rounds[0], source, self.rounds[0].params.shape[0]
+        full_batch = torch.ones_like(sample_mask)
+        weights = torch.stack([sample_mask, full_batch]) / self.batch_size
+        theta_j = first.params[j].expand(2, -1)
+        x_j, y_j = first.inputs[j].expand(2, *first.inputs.shape[1:]), first.targets[j].expand(2, *first.targets.shape[1:])
+        grads = self.objective.node_grads(theta_j, x_j, y_j, weights)
+        displacement = -first.lr * grads[0]  # Delta_j(z), (D,)
+        direct_point = first.params[j] - first.lr * grads[1] if self.options.direct == "half_step" else first.params[j]
+
+        deltas = [(first.W[:, j, None] * displacement)[:, None]] if self.hops else []  # delta^{(s)}, (N, 1, D)
+        for s in range(2, self.hops + 1):
+            deltas.append(self._forward_hop(s - 1, deltas[-1]))
+        reached = [torch.tensor([j], device=first.params.device)]
+        reached += [d[:, 0].ne(0).any(dim=1).nonzero().flatten() for d in deltas]
+        points = torch.cat([direct_point[None]] + [self.rounds[s].params[k] for s, k in enumerate(reached) if s > 0])
+        grads = self._scaled_test_grads(points, torch.cat(reached)).split([len(k) for k in reached])
+
+        scores = first.params.new_zeros(self.hops + 1, n)
+        scores[0, j] = grads[0][0] @ displacement
         for s in range(1, self.hops + 1):
-            if s >= 2:
-                delta = self._forward_hop(s - 1, delta)
-            scores[s] = (self.scaled_test_grads[s] * delta[:, 0]).sum(-1)
+            k = reached[s]
+            scores[s, k] = (grads[s] * deltas[s - 1][k, 0]).sum(-1)
         return scores
 
     def adjoint(self, per_hop: bool) -> torch.Tensor:
@@ -119,16 +126,23 @@ class Chain:
         sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j). With per_hop,
         each hop's term travels in its own column instead of being added into one.
         """
-        first = self.rounds[0]
+        first, n = self.rounds[0], self.rounds[0].params.shape[0]
+        direct_points = first.params
+        if self.options.direct == "half_step":
+            direct_points = self.objective.local_step(first.params, first.inputs, first.targets, first.lr)
+        points = torch.stack([direct_points] + [rnd.params for rnd in self.rounds[1:]])  # (hops+1, N, D)
+        nodes = torch.arange(n, device=points.device).repeat(self.hops + 1)
+        scaled_test_grads = self._scaled_test_grads(points.flatten(0, 1), nodes).view_as(points)
+
         lam = None  # (N, C, D), columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):
-            injected = self.scaled_test_grads[s][:, None]
+            injected = scaled_test_grads[s][:, None]
             if lam is None:
                 lam = injected
             else:
                 lam = self._adjoint_hop(s, lam)
                 lam = torch.cat([lam, injected], dim=1) if per_hop else lam + injected
-        direct = self.scaled_test_grads[0][:, None]
+        direct = scaled_test_grads[0][:, None]
         if lam is None:
             vectors = direct
         else:

@@ -19,7 +19,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q -p no:doctest --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+	$(PY) -m pytest benchmarks -q -o addopts= --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds \
+		--benchmark-json=benchmarks/results/cpu.json
+	$(PY) benchmarks/ratios.py benchmarks/results/cpu.json
 
 clean:
 	rm -rf $(VENV) out .benchmarks

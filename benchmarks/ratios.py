@@ -1,0 +1,30 @@
+"""Ratio table (markdown) from a pytest-benchmark JSON file: each group's slower entry over its faster.
+
+    python benchmarks/ratios.py benchmarks/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def ratio_rows(report: dict) -> list[str]:
+    groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for bench in report["benchmarks"]:
+        groups[bench["group"]].append((bench["name"].split("-")[-1].rstrip("]"), bench["stats"]["min"]))
+    rows = ["| group | fast | min (ms) | baseline | min (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
+    for group, entries in sorted(groups.items()):
+        (fast, t_fast), (slow, t_slow) = sorted(entries, key=lambda e: e[1])
+        rows.append(f"| {group} | {fast} | {t_fast * 1e3:.2f} | {slow} | {t_slow * 1e3:.2f} | {t_slow / t_fast:.1f}x |")
+    return rows
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        report = json.load(f)
+    info = report["machine_info"]
+    print(f"{info['cpu']['brand_raw']}, {info['cpu']['count']} cores, python {info['python_version']}, "
+          f"commit {report['commit_info']['id'][:7]}, {report['datetime'][:10]}\n")
+    print("\n".join(ratio_rows(report)))

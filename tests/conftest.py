@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter, which must be chosen before
+# triton is first imported (torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch import nn
 
 import dicekern as dk

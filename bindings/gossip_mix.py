@@ -1,0 +1,119 @@
+"""Launcher of the gossip mixing kernel, registered as ``dicekern::gossip_mix``.
+
+Importing this module imports triton: on CPU set ``TRITON_INTERPRET=1`` before that import.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from dicekern.checks import check_mixing
+from dicekern.kernels.gossip_mix import gossip_mix_fwd_kernel
+
+BLOCK_D = 128
+
+
+@dataclass(frozen=True)
+class CSRMixing:
+    """A mixing matrix M (N, N) in CSR: rowptr (N+1,), col (nnz,) int64, val (nnz,)."""
+
+    rowptr: torch.Tensor
+    col: torch.Tensor
+    val: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.rowptr.numel() - 1
+
+    @classmethod
+    def from_mixing(cls, W: torch.Tensor, *, transpose: bool = False) -> CSRMixing:
+        """CSR of W, or of W^T (the adjoint chain's mix), from a row-stochastic (N, N) W."""
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+        like = torch.empty(0, dtype=W.dtype if W.is_floating_point() else torch.float64, device=W.device)
+        W = check_mixing("W", W, W.shape[0], like)
+        M = W.T if transpose else W
+        rows, cols = M.nonzero(as_tuple=True)  # row-major order
+        counts = torch.bincount(rows, minlength=M.shape[0])
+        rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(rowptr.contiguous(), cols.contiguous(), M[rows, cols].contiguous())
+
+
+def _check(name: str, tensor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.dtype != like.dtype or tensor.device != like.device:
+        raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}; expected {like.dtype} on {like.device}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def gossip_mix(
+    vectors: torch.Tensor,
+    mixing: CSRMixing,
+    *,
+    scale: torch.Tensor | None = None,
+    added: torch.Tensor | None = None,
+    added_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = added_scale ⊙ added + M · (scale ⊙ vectors), all nodes at once.
+
+    Args:
+        vectors: V (N, D), contiguous, float32 or float64.
+        mixing: M as CSR (``CSRMixing.from_mixing(W)`` or ``(W, transpose=True)``).
+        scale: C (N,), a per-row scale of V before mixing.
+        added, added_scale: G (N, D) and a (N,), given together: e.g. q-scaled test gradients.
+
+    Returns:
+        (N, D), same dtype and device as vectors.
+    """
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
+        raise ValueError(f"vectors must be a 2-D (N, D) tensor, got {getattr(vectors, 'shape', type(vectors))}")
+    if vectors.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"vectors must be float32 or float64, got {vectors.dtype}")
+    if vectors.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("gossip_mix on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    n, d = vectors.shape
+    _check("vectors", vectors, vectors, (n, d))
+    if mixing.num_nodes != n:
+        raise ValueError(f"mixing is for N={mixing.num_nodes} nodes, vectors hold N={n}")
+    _check("mixing.val", mixing.val, vectors, tuple(mixing.val.shape))
+    if scale is not None:
+        _check("scale", scale, vectors, (n,))
+    if (added is None) != (added_scale is None):
+        raise ValueError("added and added_scale must be given together")
+    if added is not None:
+        _check("added", added, vectors, (n, d))
+        _check("added_scale", added_scale, vectors, (n,))
+    return torch.ops.dicekern.gossip_mix(vectors, mixing.rowptr, mixing.col, mixing.val, scale, added, added_scale)
+
+
+@triton_op("dicekern::gossip_mix", mutates_args={})
+def _gossip_mix_op(
+    vectors: torch.Tensor,
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    val: torch.Tensor,
+    scale: torch.Tensor | None,
+    added: torch.Tensor | None,
+    added_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    n, d = vectors.shape
+    out = torch.empty_like(vectors)
+    unused = vectors  # any valid pointer for a pointer the constexpr flags switch off
+    wrap_triton(gossip_mix_fwd_kernel)[(n, triton.cdiv(d, BLOCK_D))](
+        out, vectors, rowptr, col, val,
+        unused if scale is None else scale,
+        unused if added is None else added,
+        unused if added_scale is None else added_scale,
+        d,
+        HAS_C=scale is not None, HAS_G=added is not None, BLOCK_D=BLOCK_D,
+    )
+    return out

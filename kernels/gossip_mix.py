@@ -1,0 +1,29 @@
+"""Gossip mixing on stacked vectors through a CSR mixing matrix."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gossip_mix_fwd_kernel(
+    p_out, p_v, p_rowptr, p_col, p_val, p_c, p_g, p_a,
+    D,
+    HAS_C: tl.constexpr, HAS_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[k] = a[k] G[k] + sum_{j in row k} M[k, j] c[j] V[j]; one program per (row k, D block)."""
+    i_k = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    start = tl.load(p_rowptr + i_k)
+    end = tl.load(p_rowptr + i_k + 1)
+    b_acc = tl.zeros([BLOCK_D], dtype=p_out.dtype.element_ty)
+    for e in range(start, end):
+        j = tl.load(p_col + e).to(tl.int64)
+        b_w = tl.load(p_val + e)
+        if HAS_C:
+            b_w = b_w * tl.load(p_c + j)
+        b_acc += b_w * tl.load(p_v + j * D + o_d, mask=m_d, other=0.0)  # [BLOCK_D], one read per non-zero
+    if HAS_G:
+        b_acc += tl.load(p_a + i_k) * tl.load(p_g + i_k * D + o_d, mask=m_d, other=0.0)
+    tl.store(p_out + i_k * D + o_d, b_acc, mask=m_d)

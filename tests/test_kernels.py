@@ -1,0 +1,72 @@
+"""Triton kernels against the torch reference (CPU: Triton's interpreter; CUDA when present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dicekern as dk
+from conftest import assert_close, random_mixing
+from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
+
+pytestmark = pytest.mark.kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # no tl.dot, so no tf32 here
+
+CASES = [
+    pytest.param(n, d, dtype, transpose, extras, id=f"N{n}-D{d}-{str(dtype)[6:]}-{'WT' if transpose else 'W'}-{extras}")
+    for n, d in [(7, 1000), (5, 129), (1, 3)]
+    for dtype in (torch.float64, torch.float32)
+    for transpose in (False, True)
+    for extras in ("plain", "scaled")
+]
+
+
+@pytest.mark.parametrize("n, d, dtype, transpose, extras", CASES)
+def test_gossip_mix_matches_torch(n: int, d: int, dtype: torch.dtype, transpose: bool, extras: str) -> None:
+    g = torch.Generator().manual_seed(n * d)
+    W = random_mixing(n, g).to(dtype)
+    V = torch.randn(n, d, generator=g, dtype=dtype)
+    M = W.T if transpose else W
+    mixing = CSRMixing.from_mixing(W.to(DEVICE), transpose=transpose)
+    if extras == "plain":
+        out = gossip_mix(V.to(DEVICE), mixing)
+        expected = M @ V
+    else:
+        C, a = torch.rand(n, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype)
+        G = torch.randn(n, d, generator=g, dtype=dtype)
+        out = gossip_mix(V.to(DEVICE), mixing, scale=C.to(DEVICE), added=G.to(DEVICE), added_scale=a.to(DEVICE))
+        expected = a[:, None] * G + M @ (C[:, None] * V)
+    assert out.dtype == dtype
+    assert_close(out.cpu(), expected, RTOL[dtype])
+
+
+def test_gossip_mix_csr_keeps_only_nonzeros() -> None:
+    W = dk.topology.exponential(16)
+    mixing = CSRMixing.from_mixing(W)
+    assert mixing.val.numel() == 16 * 5 and torch.equal(mixing.rowptr, torch.arange(0, 81, 5))
+    assert torch.equal(CSRMixing.from_mixing(W, transpose=True).rowptr, mixing.rowptr)  # in-degree = out-degree here
+
+
+def test_gossip_mix_rejects_bad_input(monkeypatch) -> None:
+    W = dk.topology.ring(4)
+    mixing = CSRMixing.from_mixing(W)
+    V = torch.randn(4, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mixing is for N=4 nodes, vectors hold N=3"):
+        gossip_mix(V[:3], mixing)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        gossip_mix(V.half(), mixing)
+    with pytest.raises(ValueError, match="mixing.val is torch.float64 .* expected torch.float32"):
+        gossip_mix(V.float(), mixing)
+    with pytest.raises(ValueError, match="vectors must be contiguous"):
+        gossip_mix(V.T.contiguous().T, mixing)
+    with pytest.raises(ValueError, match="scale must have shape \\(4,\\)"):
+        gossip_mix(V, mixing, scale=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="given together"):
+        gossip_mix(V, mixing, added=V)
+    with pytest.raises(ValueError, match="not row-stochastic"):
+        CSRMixing.from_mixing(2 * W)
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            gossip_mix(V, mixing)

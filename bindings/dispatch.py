@@ -1,13 +1,48 @@
-"""Which engine runs a query."""
+"""Which engine runs a query, and the checks every kernel launcher shares."""
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from dicekern.checks import check_choice
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str) -> str:
-    """The engine that will run: only the torch engine exists so far, so "auto" means "torch"."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"torch" or "triton": "auto" takes Triton on CUDA tensors and the torch engine elsewhere.
+
+    Raises:
+        ValueError: backend="triton" on CPU tensors without TRITON_INTERPRET=1.
+    """
     check_choice("backend", backend, BACKENDS)
-    return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        require_triton_device(device)
+    return backend
+
+
+def require_triton_device(device: torch.device) -> None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported, or use CUDA tensors"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the Triton kernels run on CUDA (or CPU under the interpreter), not {device.type}")
+
+
+def check_operand(name: str, tensor: object, like: torch.Tensor, shape: tuple[int, ...], *, dtype: torch.dtype | None = None) -> None:
+    """A kernel operand: a contiguous tensor of the given shape, on like's device, in dtype (default like's)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    dtype = like.dtype if dtype is None else dtype
+    if tensor.dtype != dtype or tensor.device != like.device:
+        raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}; expected {dtype} on {like.device}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")

@@ -5,13 +5,13 @@ Importing this module imports triton: on CPU set ``TRITON_INTERPRET=1`` before t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from dicekern.bindings.dispatch import check_operand, require_triton_device
 from dicekern.checks import check_mixing
 from dicekern.kernels.gossip_mix import gossip_mix_fwd_kernel
 
@@ -44,17 +44,6 @@ class CSRMixing:
         return cls(rowptr.contiguous(), cols.contiguous(), M[rows, cols].contiguous())
 
 
-def _check(name: str, tensor: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.dtype != like.dtype or tensor.device != like.device:
-        raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}; expected {like.dtype} on {like.device}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def gossip_mix(
     vectors: torch.Tensor,
     mixing: CSRMixing,
@@ -78,20 +67,19 @@ def gossip_mix(
         raise ValueError(f"vectors must be a 2-D (N, D) tensor, got {getattr(vectors, 'shape', type(vectors))}")
     if vectors.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"vectors must be float32 or float64, got {vectors.dtype}")
-    if vectors.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("gossip_mix on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    require_triton_device(vectors.device)
     n, d = vectors.shape
-    _check("vectors", vectors, vectors, (n, d))
+    check_operand("vectors", vectors, vectors, (n, d))
     if mixing.num_nodes != n:
         raise ValueError(f"mixing is for N={mixing.num_nodes} nodes, vectors hold N={n}")
-    _check("mixing.val", mixing.val, vectors, tuple(mixing.val.shape))
+    check_operand("mixing.val", mixing.val, vectors, tuple(mixing.val.shape))
     if scale is not None:
-        _check("scale", scale, vectors, (n,))
+        check_operand("scale", scale, vectors, (n,))
     if (added is None) != (added_scale is None):
         raise ValueError("added and added_scale must be given together")
     if added is not None:
-        _check("added", added, vectors, (n, d))
-        _check("added_scale", added_scale, vectors, (n,))
+        check_operand("added", added, vectors, (n, d))
+        check_operand("added_scale", added_scale, vectors, (n,))
     return torch.ops.dicekern.gossip_mix(vectors, mixing.rowptr, mixing.col, mixing.val, scale, added, added_scale)
 
 
@@ -117,3 +105,18 @@ def _gossip_mix_op(
         HAS_C=scale is not None, HAS_G=added is not None, BLOCK_D=BLOCK_D,
     )
     return out
+
+
+class ColumnMixer:
+    """Mixes (N, C, D) chain vectors with each round's W or W^T through the kernel, CSR cached."""
+
+    def __init__(self, mixings: list[torch.Tensor]):
+        self._mixings = mixings
+        self._csr: dict[tuple[int, bool], CSRMixing] = {}
+
+    def __call__(self, index: int, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
+        key = (index, transpose)
+        if key not in self._csr:
+            self._csr[key] = CSRMixing.from_mixing(self._mixings[index], transpose=transpose)
+        n, c, d = vectors.shape
+        return gossip_mix(vectors.reshape(n, c * d).contiguous(), self._csr[key]).view(n, c, d)

@@ -7,7 +7,7 @@
     (4, 5)
 """
 
-from dicekern import examples, reference, topology
+from dicekern import examples, losses, reference, topology
 from dicekern.chain import ChainOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e
@@ -24,6 +24,7 @@ __all__ = [
     "dice_gt",
     "dice_gt_samples",
     "examples",
+    "losses",
     "reference",
     "topology",
 ]

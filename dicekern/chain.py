@@ -50,9 +50,11 @@ class Chain:
         hops: r >= 0.
         q: (N,) node weights, None for 1/N.
         options: the linearisation.
+        backend: "torch", or "triton": Triton mixing for every model, and the closed-form
+            linear-head kernel for a single nn.Linear under a ``dicekern.losses`` loss.
     """
 
-    def __init__(self, traj: Trajectory, step: int, test: object, hops: int, q: object, options: ChainOptions):
+    def __init__(self, traj: Trajectory, step: int, test: object, hops: int, q: object, options: ChainOptions, backend: str = "torch"):
         self.rounds: tuple[Round, ...] = traj.window(step, hops)
         self.hops = hops
         self.objective = traj.objective
@@ -60,6 +62,15 @@ class Chain:
         first = self.rounds[0]
         self.q = check_node_weights(q, traj.num_nodes, first.params)
         self.test = check_test(test, first.params)
+        self._kernel_mix = None
+        if backend == "triton":
+            # imported only here: triton must not load before the user can choose its interpreter
+            from dicekern.bindings.gossip_mix import ColumnMixer
+            from dicekern.bindings.linear_head import LinearHeadObjective, is_linear_head
+
+            self._kernel_mix = ColumnMixer([rnd.W for rnd in self.rounds])
+            if is_linear_head(self.objective.model, self.objective.loss_fn):
+                self.objective = LinearHeadObjective(self.objective.model, self.objective.loss_fn)
 
     @property
     def batch_size(self) -> int:
@@ -75,16 +86,23 @@ class Chain:
             rnd.params, rnd.inputs, rnd.targets, rnd.lr, vectors, self.options.curvature
         )
 
+    def _mix(self, index: int, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """W^{t+index} (or its transpose) applied to the node axis of vectors (N, C, D)."""
+        if self._kernel_mix is not None:
+            return self._kernel_mix(index, vectors, transpose)
+        W = self.rounds[index].W
+        return torch.einsum("ki,icd->kcd", W.T if transpose else W, vectors)
+
     def _forward_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
         """delta^{(s)} from delta^{(s-1)} (N, C, D) through round t+index, index = s-1 >= 1."""
-        mix = lambda v: torch.einsum("ki,icd->kcd", self.rounds[index].W, v)
+        mix = lambda v: self._mix(index, v, transpose=False)
         if self.options.curvature_at == "sender":
             return mix(self._damp(index, vectors))
         return self._damp(index, mix(vectors))
 
     def _adjoint_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
         """The transpose of _forward_hop: (N, C, D) -> (N, C, D)."""
-        mix_t = lambda v: torch.einsum("ki,kcd->icd", self.rounds[index].W, v)
+        mix_t = lambda v: self._mix(index, v, transpose=True)
         if self.options.curvature_at == "sender":
             return self._damp(index, mix_t(vectors))
         return mix_t(self._damp(index, vectors))
@@ -146,7 +164,7 @@ class Chain:
         if lam is None:
             vectors = direct
         else:
-            to_sources = torch.einsum("kj,kcd->jcd", first.W, lam)
+            to_sources = self._mix(0, lam, transpose=True)
             vectors = torch.cat([direct, to_sources.flip(1)], dim=1) if per_hop else direct + to_sources
         dots = self.objective.per_sample_dots(first.params, first.inputs, first.targets, vectors)
         scores = -(first.lr / self.batch_size) * dots  # Delta_j(z_b)^T v, (N, C, B)

@@ -36,7 +36,8 @@ def dice_e(
         curvature_at: "sender" (DICE.md) or "receiver" (the theorem as printed).
         direct: "half_step" (gradient at theta^{t+1/2}) or "paper" (at theta^t) for hop 0.
         per_hop: return each hop's term separately.
-        backend: "auto" or "torch".
+        backend: "torch" (reference engine), "triton" (kernels; CPU tensors need
+            TRITON_INTERPRET=1), or "auto" (Triton on CUDA, torch elsewhere).
 
     Returns:
         (N, B) scores, or (hops+1, N, B) with per_hop (summing over hops to the default).
@@ -48,8 +49,8 @@ def dice_e(
         >>> dk.dice_e(run.trajectory, step=1, test=run.test, hops=1).shape
         torch.Size([4, 5])
     """
-    resolve_backend(backend)
-    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct))
+    engine = resolve_backend(backend, traj.device)
+    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
     return chain.adjoint(per_hop=bool(per_hop))
 
 
@@ -83,8 +84,8 @@ def cascade(
         >>> dk.cascade(run.trajectory, step=0, source=2, test=run.test, hops=2, samples=[0, 3]).shape
         torch.Size([3, 4])
     """
-    resolve_backend(backend)
-    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct))
+    engine = resolve_backend(backend, traj.device)
+    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
     source = check_node("source", source, traj.num_nodes)
     mask = check_samples(samples, chain.batch_size, chain.q)
     return chain.cascade(source, mask)

@@ -87,11 +87,17 @@ class NodeObjective:
         # a perturbation that has not reached node k yet is exactly zero there: skip k
         active = vectors.flatten(1).ne(0).any(dim=1)
         if active.all():
-            return vectors - lr * _over_columns(self._curvature_vp, thetas, inputs, targets, vectors, kind)
+            return self._damp_nodes(thetas, inputs, targets, lr, vectors, kind)
         nodes = active.nonzero().flatten()
         damped = vectors.clone()
-        damped[nodes] -= lr * _over_columns(self._curvature_vp, thetas[nodes], inputs[nodes], targets[nodes], vectors[nodes], kind)
+        damped[nodes] = self._damp_nodes(thetas[nodes], inputs[nodes], targets[nodes], lr, vectors[nodes], kind)
         return damped
+
+    def _damp_nodes(
+        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature
+    ) -> torch.Tensor:
+        """(I - lr H_k) V_k for the given nodes, without the zero-row skip: (N', C, D)."""
+        return vectors - lr * _over_columns(self._curvature_vp, thetas, inputs, targets, vectors, kind)
 
     def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C, B) grad loss_b(theta_k)^T V[k, c] for every sample b, by one JVP per vector.

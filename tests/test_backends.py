@@ -1,0 +1,85 @@
+"""backend="triton" (kernels, via Triton's interpreter on CPU) against backend="torch", end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dicekern as dk
+from conftest import assert_close, random_mixing, random_run
+
+pytestmark = pytest.mark.kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # tl.dot runs with input_precision="ieee": no tf32
+
+
+def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, dtype: torch.dtype, bias: bool = True):
+    """A recorded gossip run of one nn.Linear(13, K) under a closed-form loss, fresh directed W each round."""
+    g = torch.Generator().manual_seed(seed)
+    features, batch = 13, 7
+    outputs = 1 if loss.kind == "binary_logistic" else 3
+
+    def targets(*lead):
+        if loss.kind == "softmax_cross_entropy":
+            return torch.randint(outputs, lead, generator=g)
+        if loss.kind == "binary_logistic":
+            return torch.rand(*lead, generator=g, dtype=dtype).round()
+        return torch.randn(*lead, outputs, generator=g, dtype=dtype)
+
+    rec = dk.Recorder(nn.Linear(features, outputs, bias=bias), loss)
+    obj = rec.objective
+    theta = 0.5 * torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
+    for t in range(hops + 1):
+        x = torch.randn(n, batch, features, generator=g, dtype=dtype)
+        y = targets(n, batch)
+        W = random_mixing(n, g).to(dtype)
+        rec.record(t, obj.layout.unflatten(theta.to(DEVICE)), x.to(DEVICE), y.to(DEVICE), lr=0.3, W=W.to(DEVICE))
+        _, theta = obj.gossip_round(theta, x, y, 0.3, W)
+    rec.record(hops + 1, obj.layout.unflatten(theta.to(DEVICE)))
+    test = (torch.randn(5, features, generator=g, dtype=dtype).to(DEVICE), targets(5).to(DEVICE))
+    return rec.trajectory(), test
+
+
+LOSSES = [dk.losses.softmax_cross_entropy, dk.losses.binary_logistic, dk.losses.squared_error]
+CASES = [
+    pytest.param(loss, (3, 5, 7)[hops % 3], hops, dtype, hops % 2 == 0, id=f"{loss.kind}-hops{hops}-{str(dtype)[6:]}")
+    for loss in LOSSES
+    for hops in range(5)
+    for dtype in (torch.float64, torch.float32)
+]
+
+
+@pytest.mark.parametrize("loss, n, hops, dtype, bias", CASES)
+def test_linear_head_kernels_match_torch(loss, n: int, hops: int, dtype: torch.dtype, bias: bool) -> None:
+    traj, test = linear_run(loss, n, hops, seed=hops + 10 * n, dtype=dtype, bias=bias)
+    q = torch.rand(n, dtype=dtype, device=DEVICE) + 0.1
+    for curvature_at in ("sender", "receiver"):
+        opts = dict(q=q, curvature_at=curvature_at)
+        expected = dk.dice_e(traj, 0, test, hops, per_hop=True, backend="torch", **opts)
+        actual = dk.dice_e(traj, 0, test, hops, per_hop=True, backend="triton", **opts)
+        assert_close(actual.cpu(), expected.cpu(), RTOL[dtype])
+    expected = dk.cascade(traj, 0, n - 1, test, hops, samples=[1, 4], q=q, backend="torch")
+    actual = dk.cascade(traj, 0, n - 1, test, hops, samples=[1, 4], q=q, backend="triton")
+    assert_close(actual.cpu(), expected.cpu(), RTOL[dtype])
+
+
+def test_any_model_mixes_with_the_kernel() -> None:
+    """An MLP has no closed-form kernel: backend="triton" still mixes every hop with Triton."""
+    run = random_run(5, rounds=4, seed=8)
+    for curvature in ("exact", "ggn"):
+        expected = dk.dice_e(run.trajectory, 0, run.test, 3, q=run.q, curvature=curvature, per_hop=True, backend="torch")
+        actual = dk.dice_e(run.trajectory, 0, run.test, 3, q=run.q, curvature=curvature, per_hop=True, backend="triton")
+        assert_close(actual, expected, RTOL[torch.float64])
+
+
+def test_backend_choice(monkeypatch) -> None:
+    run = random_run(3, rounds=2, seed=1)
+    auto = dk.dice_e(run.trajectory, 0, run.test, 1, backend="auto")
+    assert torch.equal(auto, dk.dice_e(run.trajectory, 0, run.test, 1, backend="torch")) or DEVICE == "cuda"
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            dk.dice_e(run.trajectory, 0, run.test, 1, backend="triton")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            dk.cascade(run.trajectory, 0, 0, run.test, 1, backend="triton")

@@ -10,7 +10,7 @@
 from dicekern import examples, losses, reference, topology
 from dicekern.chain import ChainOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
-from dicekern.influence import cascade, dice_e
+from dicekern.influence import cascade, dice_e, influence_matrix
 from dicekern.trajectory import Recorder, Round, Trajectory, VerifyReport
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "dice_gt",
     "dice_gt_samples",
     "examples",
+    "influence_matrix",
     "losses",
     "reference",
     "topology",

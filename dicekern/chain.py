@@ -137,35 +137,66 @@ class Chain:
             scores[s, k] = (grads[s] * deltas[s - 1][k, 0]).sum(-1)
         return scores
 
-    def adjoint(self, per_hop: bool) -> torch.Tensor:
-        """Scores of every sample of every node: (N, B), or (hops+1, N, B) when per_hop.
-
-        lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + adjoint_hop(lambda^{(s+1)}), and a
-        sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j). With per_hop,
-        each hop's term travels in its own column instead of being added into one.
-        """
+    def _scaled_test_grads_all(self, per_test: bool) -> torch.Tensor:
+        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean)."""
         first, n = self.rounds[0], self.rounds[0].params.shape[0]
         direct_points = first.params
         if self.options.direct == "half_step":
             direct_points = self.objective.local_step(first.params, first.inputs, first.targets, first.lr)
-        points = torch.stack([direct_points] + [rnd.params for rnd in self.rounds[1:]])  # (hops+1, N, D)
-        nodes = torch.arange(n, device=points.device).repeat(self.hops + 1)
-        scaled_test_grads = self._scaled_test_grads(points.flatten(0, 1), nodes).view_as(points)
+        points = torch.stack([direct_points] + [rnd.params for rnd in self.rounds[1:]]).flatten(0, 1)
+        grads = self.objective.test_point_grads(points, self.test) if per_test else self.objective.test_grads(points, self.test)[:, None]
+        q = self.q.repeat(self.hops + 1)
+        return (q[:, None, None] * grads).unflatten(0, (self.hops + 1, n))
 
-        lam = None  # (N, C, D), columns for hops r, r-1, ... when per_hop
+    def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
+        """Scores of every sample of every node, (N, B); with per_hop a leading (hops+1,) axis,
+        with per_test an (M,) axis before N (one objective per test point).
+
+        lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + adjoint_hop(lambda^{(s+1)}), and a
+        sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j). Each objective is
+        a column; with per_hop each hop's term travels in its own block of columns.
+        """
+        first = self.rounds[0]
+        scaled_test_grads = self._scaled_test_grads_all(per_test)  # (hops+1, N, O, D)
+        lam = None  # (N, C, D): blocks of O columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):
-            injected = scaled_test_grads[s][:, None]
+            injected = scaled_test_grads[s]
             if lam is None:
                 lam = injected
             else:
                 lam = self._adjoint_hop(s, lam)
                 lam = torch.cat([lam, injected], dim=1) if per_hop else lam + injected
-        direct = scaled_test_grads[0][:, None]
+        direct = scaled_test_grads[0]
+        objectives = direct.shape[1]
         if lam is None:
             vectors = direct
         else:
             to_sources = self._mix(0, lam, transpose=True)
-            vectors = torch.cat([direct, to_sources.flip(1)], dim=1) if per_hop else direct + to_sources
+            if per_hop:  # hop blocks r..1 -> 1..r
+                to_sources = to_sources.unflatten(1, (self.hops, objectives)).flip(1).flatten(1, 2)
+                vectors = torch.cat([direct, to_sources], dim=1)
+            else:
+                vectors = direct + to_sources
         dots = self.objective.per_sample_dots(first.params, first.inputs, first.targets, vectors)
         scores = -(first.lr / self.batch_size) * dots  # Delta_j(z_b)^T v, (N, C, B)
-        return scores.transpose(0, 1) if per_hop else scores[:, 0]
+        scores = scores.unflatten(1, (-1, objectives)).permute(1, 2, 0, 3)  # (hop blocks, O, N, B)
+        scores = scores if per_hop else scores[0]
+        return scores if per_test else scores.select(-3, 0)
+
+    def influence_matrix(self) -> torch.Tensor:
+        """(hops+1, N_source, N_receiver): e[s, j, k] of every source's whole batch, one forward chain.
+
+        Each source is a column of the chain: delta^{(1)}[k, j] = W^t[k, j] Delta_j.
+        """
+        first, n = self.rounds[0], self.rounds[0].params.shape[0]
+        scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
+        uniform = torch.full(first.inputs.shape[:2], 1.0 / self.batch_size, dtype=first.params.dtype, device=first.params.device)
+        displacements = -first.lr * self.objective.node_grads(first.params, first.inputs, first.targets, uniform)  # (N, D)
+        scores = first.params.new_zeros(self.hops + 1, n, n)
+        scores[0] = torch.diag((scaled_test_grads[0] * displacements).sum(-1))
+        delta = first.W[:, :, None] * displacements[None]  # delta^{(1)}, (N_receiver, N_source, D)
+        for s in range(1, self.hops + 1):
+            if s >= 2:
+                delta = self._forward_hop(s - 1, delta)
+            scores[s] = torch.einsum("kd,kjd->jk", scaled_test_grads[s], delta)
+        return scores

@@ -22,6 +22,7 @@ def dice_e(
     curvature_at: str = "sender",
     direct: str = "half_step",
     per_hop: bool = False,
+    per_test: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """DICE-E^(hops) of every sample of every node at round ``step``, all in one adjoint chain.
@@ -36,11 +37,13 @@ def dice_e(
         curvature_at: "sender" (DICE.md) or "receiver" (the theorem as printed).
         direct: "half_step" (gradient at theta^{t+1/2}) or "paper" (at theta^t) for hop 0.
         per_hop: return each hop's term separately.
+        per_test: score against each test point's own loss instead of their mean.
         backend: "torch" (reference engine), "triton" (kernels; CPU tensors need
             TRITON_INTERPRET=1), or "auto" (Triton on CUDA, torch elsewhere).
 
     Returns:
-        (N, B) scores, or (hops+1, N, B) with per_hop (summing over hops to the default).
+        (N, B) scores; per_hop adds a leading (hops+1,) axis that sums to the default; per_test
+        adds an (M,) axis before N whose mean is the default: (hops+1, M, N, B) with both.
         Loss with the sample minus loss without it: a helpful sample is negative.
 
     Example:
@@ -51,7 +54,7 @@ def dice_e(
     """
     engine = resolve_backend(backend, traj.device)
     chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
-    return chain.adjoint(per_hop=bool(per_hop))
+    return chain.adjoint(per_hop=bool(per_hop), per_test=bool(per_test))
 
 
 def cascade(
@@ -89,3 +92,32 @@ def cascade(
     source = check_node("source", source, traj.num_nodes)
     mask = check_samples(samples, chain.batch_size, chain.q)
     return chain.cascade(source, mask)
+
+
+def influence_matrix(
+    traj: Trajectory,
+    step: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    hops: int,
+    *,
+    q: torch.Tensor | None = None,
+    curvature: Curvature = "exact",
+    curvature_at: str = "sender",
+    direct: str = "half_step",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Node-to-node influence of every node's whole batch at round ``step``, all sources in one chain.
+
+    Returns:
+        (hops+1, N_source, N_receiver): entry [s, j, k] is e[s, k] of ``cascade`` with source j;
+        hop 0 is diagonal.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.influence_matrix(run.trajectory, step=0, test=run.test, hops=2).shape
+        torch.Size([3, 4, 4])
+    """
+    engine = resolve_backend(backend, traj.device)
+    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
+    return chain.influence_matrix()

@@ -78,6 +78,12 @@ class NodeObjective:
         """(K, D) gradients of the mean test loss at thetas (K, D)."""
         return vmap(grad(self.mean_loss), in_dims=(0, None, None))(thetas, *test)
 
+    def test_point_grads(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(K, M, D) gradient of each test point's own loss at thetas (K, D)."""
+        x, y = test
+        per_point = vmap(grad(self.mean_loss), in_dims=(None, 0, 0))
+        return vmap(per_point, in_dims=(0, None, None))(thetas, x[:, None], y[:, None])
+
     def damped_curvature(
         self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:

@@ -39,6 +39,20 @@ def random_mixing(n: int, generator: torch.Generator, density: float = 0.4) -> t
     return W / W.sum(dim=1, keepdim=True)
 
 
+def recast(traj: dk.Trajectory, test: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype):
+    """The same recorded values in another floating dtype: (trajectory, test)."""
+    rec = dk.Recorder(traj.objective.model, traj.objective.loss_fn)
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t
+    for t in traj.steps:
+        rnd = traj[t]
+        params = {k: v.to(dtype) for k, v in traj.params(t).items()}
+        if rnd.has_batch:
+            rec.record(t, params, cast(rnd.inputs), cast(rnd.targets), lr=rnd.lr, W=rnd.W.to(dtype))
+        else:
+            rec.record(t, params)
+    return rec.trajectory(), (cast(test[0]), cast(test[1]))
+
+
 @dataclass
 class RandomRun:
     trajectory: dk.Trajectory

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dicekern as dk
-from conftest import RTOL, assert_close, random_run
+from conftest import RTOL, assert_close, random_run, recast
 
 CASES = [
     pytest.param(n, hops, at, direct, id=f"N{n}-hops{hops}-{at}-{direct}")
@@ -105,18 +105,34 @@ def test_dice_e_without_curvature_is_first_order_sum() -> None:
 def test_outputs_follow_params_dtype() -> None:
     run = random_run(4, rounds=3, seed=5)
     traj64 = run.trajectory
-    rec32 = dk.Recorder(traj64.objective.model, traj64.objective.loss_fn)
-    for t in traj64.steps:
-        rnd = traj64[t]
-        params = {k: v.float() for k, v in traj64.params(t).items()}
-        if rnd.has_batch:
-            rec32.record(t, params, rnd.inputs.float(), rnd.targets, lr=rnd.lr, W=rnd.W.float())
-        else:
-            rec32.record(t, params)
-    test32 = (run.test[0].float(), run.test[1])
+    traj32, test32 = recast(traj64, run.test, torch.float32)
     e64 = dk.dice_e(traj64, 0, run.test, 2, q=run.q)
-    e32 = dk.dice_e(rec32.trajectory(), 0, test32, 2, q=run.q.float())
+    e32 = dk.dice_e(traj32, 0, test32, 2, q=run.q.float())
     assert e64.dtype == torch.float64 and e32.dtype == torch.float32
-    assert dk.cascade(rec32.trajectory(), 0, 1, test32, 2).dtype == torch.float32
-    assert dk.dice_gt(rec32.trajectory(), 0, 1, test32, 2).dtype == torch.float32
+    assert dk.cascade(traj32, 0, 1, test32, 2).dtype == torch.float32
+    assert dk.dice_gt(traj32, 0, 1, test32, 2).dtype == torch.float32
     assert_close(e32.double(), e64, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("hops", [0, 1, 3], ids=lambda h: f"hops{h}")
+def test_dice_e_per_test_point(hops: int) -> None:
+    """Each test point's own objective: their mean is the objective of the whole test set."""
+    run = random_run(5, rounds=hops + 1, seed=31)
+    opts = dict(q=run.q, curvature_at="receiver")
+    per_test = dk.dice_e(run.trajectory, 0, run.test, hops, per_test=True, **opts)
+    assert per_test.shape == (6, 5, 5)
+    assert_close(per_test.mean(0), dk.dice_e(run.trajectory, 0, run.test, hops, **opts), RTOL[torch.float64])
+    both = dk.dice_e(run.trajectory, 0, run.test, hops, per_test=True, per_hop=True, **opts)
+    assert both.shape == (hops + 1, 6, 5, 5)
+    assert_close(both.sum(0), per_test, RTOL[torch.float64])
+    single = (run.test[0][2:3], run.test[1][2:3])
+    assert_close(both[:, 2], dk.dice_e(run.trajectory, 0, single, hops, per_hop=True, **opts), RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("hops", [0, 2, 4], ids=lambda h: f"hops{h}")
+def test_influence_matrix_is_every_cascade(hops: int) -> None:
+    run = random_run(6, rounds=hops + 1, seed=41)
+    matrix = dk.influence_matrix(run.trajectory, 0, run.test, hops, q=run.q)
+    assert matrix.shape == (hops + 1, 6, 6)
+    for j in range(6):
+        assert_close(matrix[:, j], dk.cascade(run.trajectory, 0, j, run.test, hops, q=run.q), RTOL[torch.float64])

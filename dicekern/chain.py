@@ -63,14 +63,16 @@ class Chain:
         self.q = check_node_weights(q, traj.num_nodes, first.params)
         self.test = check_test(test, first.params)
         self._kernel_mix = None
+        self._one_launch = None  # the linear-head chain kernels, when they apply
         if backend == "triton":
             # imported only here: triton must not load before the user can choose its interpreter
+            from dicekern.bindings import linear_head
             from dicekern.bindings.gossip_mix import ColumnMixer
-            from dicekern.bindings.linear_head import LinearHeadObjective, is_linear_head
 
             self._kernel_mix = ColumnMixer([rnd.W for rnd in self.rounds])
-            if is_linear_head(self.objective.model, self.objective.loss_fn):
-                self.objective = LinearHeadObjective(self.objective.model, self.objective.loss_fn)
+            if linear_head.is_linear_head(self.objective.model, self.objective.loss_fn):
+                self.objective = linear_head.LinearHeadObjective(self.objective.model, self.objective.loss_fn)
+                self._one_launch = linear_head
 
     @property
     def batch_size(self) -> int:
@@ -137,13 +139,21 @@ class Chain:
             scores[s, k] = (grads[s] * deltas[s - 1][k, 0]).sum(-1)
         return scores
 
-    def _scaled_test_grads_all(self, per_test: bool) -> torch.Tensor:
-        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean)."""
-        first, n = self.rounds[0], self.rounds[0].params.shape[0]
+    def _test_grad_points(self) -> torch.Tensor:
+        """(hops+1, N, D): where the test gradients are taken; [0] theta^{t+1/2} or theta^t, [s] theta^{t+s}."""
+        first = self.rounds[0]
         direct_points = first.params
         if self.options.direct == "half_step":
             direct_points = self.objective.local_step(first.params, first.inputs, first.targets, first.lr)
-        points = torch.stack([direct_points] + [rnd.params for rnd in self.rounds[1:]]).flatten(0, 1)
+        return torch.stack([direct_points] + [rnd.params for rnd in self.rounds[1:]])
+
+    def _kernel_flags(self) -> dict:
+        return dict(sender=self.options.curvature_at == "sender", curvature=self.options.curvature != "none")
+
+    def _scaled_test_grads_all(self, per_test: bool) -> torch.Tensor:
+        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean)."""
+        n = self.rounds[0].params.shape[0]
+        points = self._test_grad_points().flatten(0, 1)
         grads = self.objective.test_point_grads(points, self.test) if per_test else self.objective.test_grads(points, self.test)[:, None]
         q = self.q.repeat(self.hops + 1)
         return (q[:, None, None] * grads).unflatten(0, (self.hops + 1, n))
@@ -157,6 +167,9 @@ class Chain:
         a column; with per_hop each hop's term travels in its own block of columns.
         """
         first = self.rounds[0]
+        if per_test and not per_hop and self._one_launch is not None:
+            points = self._test_grad_points()
+            return self._one_launch.adjoint_chain_per_test(self.objective, self.rounds, points, self.test, self.q, **self._kernel_flags())
         scaled_test_grads = self._scaled_test_grads_all(per_test)  # (hops+1, N, O, D)
         lam = None  # (N, C, D): blocks of O columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):
@@ -192,6 +205,11 @@ class Chain:
         scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
         uniform = torch.full(first.inputs.shape[:2], 1.0 / self.batch_size, dtype=first.params.dtype, device=first.params.device)
         displacements = -first.lr * self.objective.node_grads(first.params, first.inputs, first.targets, uniform)  # (N, D)
+        if self._one_launch is not None:
+            points = torch.stack([rnd.params for rnd in self.rounds])
+            return self._one_launch.forward_chain(
+                self.objective, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags()
+            )
         scores = first.params.new_zeros(self.hops + 1, n, n)
         scores[0] = torch.diag((scaled_test_grads[0] * displacements).sum(-1))
         delta = first.W[:, :, None] * displacements[None]  # delta^{(1)}, (N_receiver, N_source, D)

@@ -75,28 +75,14 @@ def _loss_hvp(b_o, b_u, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def linear_head_fwd_kernel(
-    p_out, p_scratch, p_theta, p_v, p_x, p_y, p_w,
-    p_lr, B, F, K, D, C, stride_x, stride_y, stride_w,
+def _sample_vectors(
+    p_scratch, p_dots, p_theta, p_v, p_x, p_y, p_w, coef, B, F, K,
     MODE: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """Row r = (node r // C, column r % C): GRAD, DAMP or DOTS of that node's theta and data.
-
-    lr comes through a pointer: a Python float argument would arrive as float32.
-    """
-    i_r = tl.program_id(0).to(tl.int64)
-    i_n = i_r // C
-    p_theta += i_n * D
-    p_x += i_n * stride_x
-    p_y += i_n * stride_y
-    p_w += i_n * stride_w
-    p_v += i_r * D
-    p_scratch += i_r * B * K_PAD
+    """Phase 1, one node: a K-vector per sample into scratch [B, K_PAD] (GRAD: w_b r_b; DAMP:
+    coef H_o J v), or DOTS: coef r_b^T J v into p_dots [B]."""
     o_k = tl.arange(0, K_PAD)
-    m_k = o_k < K
-
-    # phase 1: one K-vector per sample
     for b0 in range(0, B, BLOCK_B):
         o_b = b0 + tl.arange(0, BLOCK_B)
         m_b = o_b < B
@@ -106,39 +92,82 @@ def linear_head_fwd_kernel(
         else:
             b_jv = _affine(p_v, p_x, o_b, m_b, F, K, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)  # J v, [BLOCK_B, K_PAD]
             if MODE == 1:
-                b_vec = -(tl.load(p_lr) / B) * _loss_hvp(b_o, b_jv, m_b, K, LOSS, K_PAD)
+                b_vec = coef * _loss_hvp(b_o, b_jv, m_b, K, LOSS, K_PAD)
             else:
                 b_r = _loss_grad(b_o, p_y, o_b, m_b, K, LOSS, K_PAD)
-                tl.store(p_out + i_r * B + o_b, tl.sum(b_r * b_jv, axis=1), mask=m_b)
+                tl.store(p_dots + o_b, coef * tl.sum(b_r * b_jv, axis=1), mask=m_b)
         if MODE != 2:
             tl.store(p_scratch + o_b[:, None] * K_PAD + o_k[None, :], b_vec, mask=m_b[:, None])
 
-    # phase 2: out = base + sum_b vec_b x_b^T (and + sum_b vec_b for the bias)
+
+@triton.jit
+def _pullback(
+    p_out, p_base, p_scratch, p_x, B, F, K,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """Phase 2, one node: out = base + sum_b vec_b x_b^T (bias: + sum_b vec_b); p_out may be p_base."""
+    o_k = tl.arange(0, K_PAD)
+    m_k = o_k < K
+    for f0 in range(0, F, BLOCK_F):
+        o_f = f0 + tl.arange(0, BLOCK_F)
+        m_f = o_f < F
+        m_kf = m_k[:, None] & m_f[None, :]
+        if HAS_BASE:
+            b_acc = tl.load(p_base + o_k[:, None] * F + o_f[None, :], mask=m_kf, other=0.0)
+        else:
+            b_acc = tl.zeros([K_PAD, BLOCK_F], dtype=p_out.dtype.element_ty)
+        for b0 in range(0, B, BLOCK_B):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            m_b = o_b < B
+            b_vec = tl.load(p_scratch + o_b[:, None] * K_PAD + o_k[None, :], mask=m_b[:, None], other=0.0)
+            b_x = tl.load(p_x + o_b[:, None] * F + o_f[None, :], mask=m_b[:, None] & m_f[None, :], other=0.0)
+            b_acc += tl.dot(tl.trans(b_vec), b_x, input_precision="ieee")  # [K_PAD, BLOCK_B] @ [BLOCK_B, BLOCK_F]
+        tl.store(p_out + o_k[:, None] * F + o_f[None, :], b_acc, mask=m_kf)
+    if HAS_BIAS:
+        if HAS_BASE:
+            b_bias = tl.load(p_base + K * F + o_k, mask=m_k, other=0.0)
+        else:
+            b_bias = tl.zeros([K_PAD], dtype=p_out.dtype.element_ty)
+        for b0 in range(0, B, BLOCK_B):
+            o_b = b0 + tl.arange(0, BLOCK_B)
+            b_vec = tl.load(p_scratch + o_b[:, None] * K_PAD + o_k[None, :], mask=(o_b < B)[:, None], other=0.0)
+            b_bias += tl.sum(b_vec, axis=0)
+        tl.store(p_out + K * F + o_k, b_bias, mask=m_k)
+
+
+@triton.jit
+def _damp_node(
+    p_vec, p_theta, p_x, p_y, p_scratch, coef, B, F, K,
+    LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """vec <- vec + coef H(theta) vec in place, for one node (coef = -lr/B damps)."""
+    _sample_vectors(p_scratch, p_scratch, p_theta, p_vec, p_x, p_y, p_y, coef, B, F, K, 1, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+    tl.debug_barrier()  # phase 1 has read all of vec and written scratch before phase 2 overwrites vec
+    _pullback(p_vec, p_vec, p_scratch, p_x, B, F, K, True, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+    tl.debug_barrier()
+
+
+@triton.jit
+def linear_head_fwd_kernel(
+    p_out, p_scratch, p_theta, p_v, p_x, p_y, p_w,
+    p_coef, B, F, K, D, C, stride_x, stride_y, stride_w,
+    MODE: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """Row r = (node r // C, column r % C): GRAD, DAMP or DOTS of that node's theta and data.
+
+    coef (DAMP: -lr/B, DOTS: a scale) comes through a pointer: a Python float argument would
+    arrive as float32.
+    """
+    i_r = tl.program_id(0).to(tl.int64)
+    i_n = i_r // C
+    p_theta += i_n * D
+    p_x += i_n * stride_x
+    p_y += i_n * stride_y
+    p_w += i_n * stride_w
+    p_v += i_r * D
+    p_scratch += i_r * B * K_PAD
+    _sample_vectors(p_scratch, p_out + i_r * B, p_theta, p_v, p_x, p_y, p_w, tl.load(p_coef), B, F, K, MODE, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
     if MODE != 2:
         tl.debug_barrier()  # phase 1's scratch writes must be visible to the whole program
-        p_out += i_r * D
-        for f0 in range(0, F, BLOCK_F):
-            o_f = f0 + tl.arange(0, BLOCK_F)
-            m_f = o_f < F
-            m_kf = m_k[:, None] & m_f[None, :]
-            if MODE == 1:
-                b_acc = tl.load(p_v + o_k[:, None] * F + o_f[None, :], mask=m_kf, other=0.0)
-            else:
-                b_acc = tl.zeros([K_PAD, BLOCK_F], dtype=p_out.dtype.element_ty)
-            for b0 in range(0, B, BLOCK_B):
-                o_b = b0 + tl.arange(0, BLOCK_B)
-                m_b = o_b < B
-                b_vec = tl.load(p_scratch + o_b[:, None] * K_PAD + o_k[None, :], mask=m_b[:, None], other=0.0)
-                b_x = tl.load(p_x + o_b[:, None] * F + o_f[None, :], mask=m_b[:, None] & m_f[None, :], other=0.0)
-                b_acc += tl.dot(tl.trans(b_vec), b_x, input_precision="ieee")  # [K_PAD, BLOCK_B] @ [BLOCK_B, BLOCK_F]
-            tl.store(p_out + o_k[:, None] * F + o_f[None, :], b_acc, mask=m_kf)
-        if HAS_BIAS:
-            if MODE == 1:
-                b_bias = tl.load(p_v + K * F + o_k, mask=m_k, other=0.0)
-            else:
-                b_bias = tl.zeros([K_PAD], dtype=p_out.dtype.element_ty)
-            for b0 in range(0, B, BLOCK_B):
-                o_b = b0 + tl.arange(0, BLOCK_B)
-                b_vec = tl.load(p_scratch + o_b[:, None] * K_PAD + o_k[None, :], mask=(o_b < B)[:, None], other=0.0)
-                b_bias += tl.sum(b_vec, axis=0)
-            tl.store(p_out + K * F + o_k, b_bias, mask=m_k)
+        _pullback(p_out + i_r * D, p_v, p_scratch, p_x, B, F, K, MODE == 1, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)

@@ -85,6 +85,26 @@ def test_linear_head_kernels_match_torch(loss, n: int, hops: int, dtype: torch.d
     )
 
 
+ONE_LAUNCH_CASES = [
+    pytest.param(loss, hops, (torch.float64, torch.float32)[hops % 2], ("sender", "receiver")[(hops // 2) % 2],
+                 id=f"{loss.kind}-hops{hops}")
+    for loss in LOSSES
+    for hops in range(5)
+]
+
+
+@pytest.mark.parametrize("loss, hops, dtype, curvature_at", ONE_LAUNCH_CASES)
+def test_one_launch_chains_match_torch(loss, hops: int, dtype: torch.dtype, curvature_at: str) -> None:
+    """dice_e(per_test=True) and influence_matrix run each objective column's whole chain in one launch."""
+    traj, test = linear_run(loss, 4, hops, seed=7 * hops + 1, dtype=dtype, bias=hops != 1)
+    q = torch.rand(4, dtype=dtype, device=DEVICE) + 0.1
+    curvatures = ("exact", "none") if hops >= 2 else ("exact",)
+    for curvature in curvatures:
+        opts = dict(curvature=curvature, curvature_at=curvature_at)
+        assert_matches(lambda tr, te, backend, o=opts: dk.dice_e(tr, 0, te, hops, q=q.to(tr.dtype), per_test=True, backend=backend, **o), traj, test)
+        assert_matches(lambda tr, te, backend, o=opts: dk.influence_matrix(tr, 0, te, hops, q=q.to(tr.dtype), backend=backend, **o), traj, test)
+
+
 def test_any_model_mixes_with_the_kernel() -> None:
     """An MLP has no closed-form kernel: backend="triton" still mixes every hop with Triton."""
     run = random_run(5, rounds=4, seed=8)

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean gpu-suite
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -25,3 +25,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .benchmarks
+
+# On a CUDA machine with torch and triton already installed (the H200): no venv, no downloads.
+gpu-suite:
+	python3 -m pip install --quiet --no-deps --no-build-isolation -e .
+	python3 benchmarks/gpu_suite.py

@@ -1,0 +1,25 @@
+"""The GPU suite script itself, at its tiny --smoke sizes on CPU (Triton's interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+
+
+@pytest.mark.kernels
+def test_gpu_suite_smoke_run_checks_and_writes_json(tmp_path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(SUITE), "--smoke"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert results["mixing"]["nnz"] == 8 * 4  # exponential graph on 8 nodes: 3 in-neighbours and self
+    assert len(results["curvature"]) == 1 and len(results["chain"]) == 4
+    assert all(row["rel_error"] <= 1e-4 for row in results["curvature"] + results["chain"])
+    assert "best torch / one launch" in done.stdout

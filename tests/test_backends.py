@@ -12,15 +12,16 @@ from conftest import assert_close, random_mixing, random_run, recast
 pytestmark = pytest.mark.kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # tl.dot runs with input_precision="ieee": no tf32
+FLOAT32_END_TO_END = 1e-4  # against the float64 result; see assert_matches
 
 
 def assert_matches(run_kernel, traj, test) -> None:
     """backend="triton" against backend="torch" on the same recorded values.
 
     float64: within 1e-10 of the result's scale. float32: scores are dot products that cancel, so
-    two float32 engines cannot agree to 1e-5 on every element; as flash-attention's tests do, the
-    kernel's error against the float64 result must be at most twice the torch engine's own float32
-    error plus 1e-5 of the scale.
+    no float32 engine can promise 1e-5 on every score; the kernels themselves meet 1e-5 on their
+    outputs (test_kernels.py), and here both engines must be within 1e-4 of the float64 result's
+    scale on identical values.
     """
     expected = run_kernel(traj, test, "torch")
     actual = run_kernel(traj, test, "triton")
@@ -30,9 +31,8 @@ def assert_matches(run_kernel, traj, test) -> None:
         return
     traj64, test64 = recast(traj, test, torch.float64)
     exact = run_kernel(traj64, test64, "torch").cpu()
-    kernel_error = (actual.cpu().double() - exact).abs().max()
-    torch_error = (expected.cpu().double() - exact).abs().max()
-    assert kernel_error <= 2 * torch_error + RTOL[torch.float32] * exact.abs().max()
+    for result in (actual, expected):
+        assert_close(result.cpu().double(), exact, FLOAT32_END_TO_END)
 
 
 def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, dtype: torch.dtype, bias: bool = True):

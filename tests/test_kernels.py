@@ -70,3 +70,64 @@ def test_gossip_mix_rejects_bad_input(monkeypatch) -> None:
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             gossip_mix(V, mixing)
+
+
+LINEAR_HEAD_CASES = [
+    pytest.param(loss, outputs, bias, dtype, id=f"{loss.kind}-{'bias' if bias else 'nobias'}-{str(dtype)[6:]}")
+    for loss, outputs in ((dk.losses.softmax_cross_entropy, 5), (dk.losses.binary_logistic, 1), (dk.losses.squared_error, 3))
+    for bias in (True, False)
+    for dtype in (torch.float64, torch.float32)
+]
+
+
+@pytest.mark.parametrize("loss, outputs, bias, dtype", LINEAR_HEAD_CASES)
+def test_linear_head_kernel_matches_torch_func(loss, outputs: int, bias: bool, dtype: torch.dtype) -> None:
+    """Gradients, test gradients, (I - lr H)V and per-sample scores: B=45, F=100 span two blocks each."""
+    from dicekern.bindings.linear_head import LinearHeadObjective
+    from dicekern.objective import NodeObjective
+
+    g = torch.Generator().manual_seed(outputs + 10 * bias)
+    n, batch, features, columns = 3, 45, 100, 2
+    model = torch.nn.Linear(features, outputs, bias=bias)
+    reference, kernel = NodeObjective(model, loss), LinearHeadObjective(model, loss)
+    d = reference.layout.dim
+    thetas = 0.3 * torch.randn(n, d, generator=g, dtype=dtype)
+    x = torch.randn(n, batch, features, generator=g, dtype=dtype)
+    if loss.kind == "softmax_cross_entropy":
+        y = torch.randint(outputs, (n, batch), generator=g)
+    elif loss.kind == "binary_logistic":
+        y = torch.rand(n, batch, generator=g, dtype=dtype).round()
+    else:
+        y = torch.randn(n, batch, outputs, generator=g, dtype=dtype)
+    weights = torch.rand(n, batch, generator=g, dtype=dtype)
+    vectors = torch.randn(n, columns, d, generator=g, dtype=dtype)
+    test = (x[0, :17].clone(), y[0, :17].clone())
+    to = lambda *ts: [t.to(DEVICE) for t in ts]
+    pairs = [
+        (kernel.node_grads(*to(thetas, x, y, weights)), reference.node_grads(thetas, x, y, weights)),
+        (kernel.test_grads(*to(thetas), tuple(to(*test))), reference.test_grads(thetas, test)),
+        (kernel.damped_curvature(*to(thetas, x, y), 0.3, *to(vectors), "exact"), reference.damped_curvature(thetas, x, y, 0.3, vectors, "exact")),
+        (kernel.per_sample_dots(*to(thetas, x, y, vectors)), reference.per_sample_dots(thetas, x, y, vectors)),
+    ]
+    for actual, expected in pairs:
+        assert actual.dtype == dtype
+        assert_close(actual.cpu(), expected, RTOL[dtype])
+
+
+def test_linear_head_launcher_rejects_bad_operands() -> None:
+    from dicekern.bindings.linear_head import LinearHeadObjective
+
+    model = torch.nn.Linear(4, 3)
+    kernel = LinearHeadObjective(model, dk.losses.softmax_cross_entropy)
+    thetas = torch.zeros(2, 15, dtype=torch.float64)
+    x, y, w = torch.zeros(2, 5, 4, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), 0.2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="inputs must have shape \\(2, 5, 4\\)"):
+        kernel.node_grads(thetas, torch.zeros(2, 5, 3, dtype=torch.float64), y, w)
+    with pytest.raises(ValueError, match="targets is torch.float64 .* expected torch.int64"):
+        kernel.node_grads(thetas, x, y.double(), w)
+    with pytest.raises(ValueError, match="inputs is torch.float32"):
+        kernel.node_grads(thetas, x.float(), y, w)
+    with pytest.raises(ValueError, match="single nn.Linear"):
+        LinearHeadObjective(torch.nn.Sequential(model), dk.losses.softmax_cross_entropy)
+    with pytest.raises(ValueError, match="single nn.Linear"):
+        LinearHeadObjective(torch.nn.Linear(4, 2), dk.losses.binary_logistic)

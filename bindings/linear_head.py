@@ -166,7 +166,9 @@ def _adjoint_chain_op(
     hops = thetas.shape[0] - 1
     n, d = thetas.shape[1:]
     batch, features = inputs.shape[2:4]
-    m = x_test.shape[0]
+    m = x_test.shape[-2]
+    per_node = x_test.dim() == 4  # (hops+1, N, M, F) test features of each node, or (M, F) shared
+    stride_ts, stride_tn = (x_test[0].numel(), x_test[0, 0].numel()) if per_node else (0, 0)
     flags = _chain_flags(loss, num_outputs, has_bias, sender, curvature, hops)
     out = torch.empty(m, n, batch, dtype=thetas.dtype, device=thetas.device)
     buffers = torch.empty(m, 2, n, d, dtype=thetas.dtype, device=thetas.device)
@@ -174,7 +176,7 @@ def _adjoint_chain_op(
     wrap_triton(chain_kernel.linear_head_adjoint_chain_kernel)[(m,)](
         out, buffers, scratch, thetas, theta0, inputs, targets, coefs, rowptr, col, val, q, x_test, y_test,
         n, batch, features, num_outputs, d, inputs[0].numel(), targets[0].numel(), targets[0, 0].numel(), y_test[0].numel(),
-        **flags,
+        stride_ts, stride_tn, **flags,
     )
     return out
 
@@ -222,11 +224,13 @@ def adjoint_chain_per_test(
     Args:
         rounds: the chain's rounds t..t+hops (the first max(hops, 1) carry batches).
         thetas: (hops+1, N, D): [0] the hop-0 test-gradient point, [s] theta^{t+s}.
+        test: (inputs, targets); inputs (M, F) shared, or (hops+1, N, M, F) per hop and node.
         q: (N,) node weights.
     """
     operands = _chain_operands(objective, rounds, thetas, transpose=True)
     x_test, y_test = (t.contiguous() for t in test)
-    check_operand("test inputs", x_test, thetas, (x_test.shape[0], objective.num_features))
+    lead = tuple(thetas.shape[:2]) if x_test.dim() == 4 else ()
+    check_operand("test inputs", x_test, thetas, lead + (x_test.shape[-2], objective.num_features))
     check_operand("q", q.contiguous(), thetas, (thetas.shape[1],))
     return torch.ops.dicekern.linear_head_adjoint_chain(
         thetas.contiguous(), rounds[0].params.contiguous(), *operands, q.contiguous(), x_test, y_test,

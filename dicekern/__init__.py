@@ -11,10 +11,12 @@ from dicekern import examples, losses, reference, topology
 from dicekern.chain import ChainOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
+from dicekern.restrict import PerNodeTest, last_layer
 from dicekern.trajectory import Recorder, Round, Trajectory, VerifyReport
 
 __all__ = [
     "ChainOptions",
+    "PerNodeTest",
     "Recorder",
     "Round",
     "Trajectory",
@@ -25,6 +27,7 @@ __all__ = [
     "dice_gt_samples",
     "examples",
     "influence_matrix",
+    "last_layer",
     "losses",
     "reference",
     "topology",

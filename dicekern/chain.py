@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dicekern.checks import check_choice, check_node_weights, check_test
+from dicekern.restrict import PerNodeTest
 from dicekern.objective import Curvature
 from dicekern.trajectory import Round, Trajectory
 
@@ -61,7 +62,9 @@ class Chain:
         self.options = options
         first = self.rounds[0]
         self.q = check_node_weights(q, traj.num_nodes, first.params)
-        self.test = check_test(test, first.params)
+        # a PerNodeTest (last-layer mode) has features per round and node; anything else is one shared test set
+        self.test = test if isinstance(test, PerNodeTest) else check_test(test, first.params)
+        self._test_rows = self.test.rows([step + s for s in range(hops + 1)], first.params) if isinstance(test, PerNodeTest) else None
         self._kernel_mix = None
         self._one_launch = None  # the linear-head chain kernels, when they apply
         if backend == "triton":
@@ -78,9 +81,25 @@ class Chain:
     def batch_size(self) -> int:
         return self.rounds[0].inputs.shape[1]
 
-    def _scaled_test_grads(self, points: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """(K, D) q_k grad L(theta; z') at points (K, D) that belong to nodes (K,)."""
-        return self.q[nodes, None] * self.objective.test_grads(points, self.test)
+    def _scaled_test_grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool = False) -> torch.Tensor:
+        """(R, O, D) q_k grad L(theta; z') at points (R, D) of (hop, node) pairs (R,) each.
+
+        O = 1 for the mean test loss, or M with per_test (one column per test point).
+        """
+        if self._test_rows is None:
+            x, y = self.test
+            if per_test:
+                grads = self.objective.test_point_grads(points, x.expand(len(points), *x.shape), y)
+            else:
+                grads = self.objective.test_grads(points, self.test)[:, None]
+        else:
+            x, y = self._test_rows[hops, nodes], self.test.targets
+            if per_test:
+                grads = self.objective.test_point_grads(points, x, y)
+            else:
+                weights = torch.full(x.shape[:2], 1.0 / x.shape[1], dtype=points.dtype, device=points.device)
+                grads = self.objective.node_grads(points, x, y.expand(len(points), *y.shape), weights)[:, None]
+        return self.q[nodes, None, None] * grads
 
     def _damp(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
         rnd = self.rounds[index]
@@ -130,7 +149,8 @@ class Chain:
         reached = [torch.tensor([j], device=first.params.device)]
         reached += [d[:, 0].ne(0).any(dim=1).nonzero().flatten() for d in deltas]
         points = torch.cat([direct_point[None]] + [self.rounds[s].params[k] for s, k in enumerate(reached) if s > 0])
-        grads = self._scaled_test_grads(points, torch.cat(reached)).split([len(k) for k in reached])
+        hop_of = torch.cat([torch.full_like(k, s) for s, k in enumerate(reached)])
+        grads = self._scaled_test_grads(points, hop_of, torch.cat(reached))[:, 0].split([len(k) for k in reached])
 
         scores = first.params.new_zeros(self.hops + 1, n)
         scores[0, j] = grads[0][0] @ displacement
@@ -154,9 +174,9 @@ class Chain:
         """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean)."""
         n = self.rounds[0].params.shape[0]
         points = self._test_grad_points().flatten(0, 1)
-        grads = self.objective.test_point_grads(points, self.test) if per_test else self.objective.test_grads(points, self.test)[:, None]
-        q = self.q.repeat(self.hops + 1)
-        return (q[:, None, None] * grads).unflatten(0, (self.hops + 1, n))
+        hops = torch.arange(self.hops + 1, device=points.device).repeat_interleave(n)
+        nodes = torch.arange(n, device=points.device).repeat(self.hops + 1)
+        return self._scaled_test_grads(points, hops, nodes, per_test).unflatten(0, (self.hops + 1, n))
 
     def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
         """Scores of every sample of every node, (N, B); with per_hop a leading (hops+1,) axis,
@@ -169,7 +189,8 @@ class Chain:
         first = self.rounds[0]
         if per_test and not per_hop and self._one_launch is not None:
             points = self._test_grad_points()
-            return self._one_launch.adjoint_chain_per_test(self.objective, self.rounds, points, self.test, self.q, **self._kernel_flags())
+            test = self.test if self._test_rows is None else (self._test_rows, self.test.targets)
+            return self._one_launch.adjoint_chain_per_test(self.objective, self.rounds, points, test, self.q, **self._kernel_flags())
         scaled_test_grads = self._scaled_test_grads_all(per_test)  # (hops+1, N, O, D)
         lam = None  # (N, C, D): blocks of O columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):

@@ -14,6 +14,7 @@ import torch
 from dicekern import examples, reference
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e
+from dicekern.restrict import last_layer
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
     flow, t_cascade = _timed(lambda: cascade(traj, step, source, test, hops))
     walks, t_walks = _timed(lambda: reference.dice_e_walks(traj, step, source, test, hops))
     walk_error = _relative_error(flow, walks)
+    head_traj, head_test = last_layer(traj, test)
+    head_scores, t_head = _timed(lambda: dice_e(head_traj, step, head_test, hops))  # (N, B)
 
     estimate = per_hop[:, gt_nodes]  # (hops+1, len(gt_nodes), B)
     rows = []
@@ -100,7 +103,12 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
         "cascade_source": source,
         "cascade": flow.tolist(),
         "cascade_vs_walks_rel_error": walk_error,
-        "seconds": {"dice_e_all_samples": t_dice_e, "cascade_one_source": t_cascade,
+        "last_layer": {
+            "pearson_vs_full_dice_e": _pearson(head_scores, total),
+            "pearson_vs_dice_gt": _pearson(head_scores[gt_nodes], gt.sum(0)),
+            "rel_error_vs_full_dice_e": _relative_error(head_scores, total),
+        },
+        "seconds": {"dice_e_all_samples": t_dice_e, "dice_e_last_layer": t_head, "cascade_one_source": t_cascade,
                     "walk_reference_one_source": t_walks, "dice_gt_subset": t_gt},
         "samples": {"dice_e": int(total.numel()), "dice_gt": int(gt[0].numel())},
     }
@@ -121,6 +129,9 @@ def _print_table(results: dict, echo: Callable[[str], None]) -> None:
         echo(f"\n{title}:")
         for r in results[key]:
             echo(f"  node {r['node']:>2}  sample {r['sample']:>2}  label {r['label']}  DICE-E {r['dice_e']:+.3e}")
+    head = results["last_layer"]
+    echo(f"\nlast-layer approximation (dk.last_layer): Pearson {head['pearson_vs_full_dice_e']:.4f} with full DICE-E, "
+         f"{head['pearson_vs_dice_gt']:.4f} with DICE-GT; relative error {head['rel_error_vs_full_dice_e']:.2f} against full DICE-E")
     sec = results["seconds"]
     echo(f"\ntimes: dice_e (all samples) {sec['dice_e_all_samples']:.3f}s | cascade (node {results['cascade_source']}) "
          f"{sec['cascade_one_source']:.3f}s | walk reference (same) {sec['walk_reference_one_source']:.3f}s "

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dicekern import topology
+from dicekern.losses import softmax_cross_entropy
 from dicekern.checks import check_choice, check_int
 from dicekern.trajectory import Recorder, Trajectory
 
@@ -20,11 +21,6 @@ TOPOLOGIES: dict[str, Callable[[int, int], torch.Tensor]] = {
     "ring": lambda n, t: topology.ring(n),
     "complete": lambda n, t: topology.complete(n),
 }
-
-
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B,) per-sample softmax cross-entropy."""
-    return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
 def mlp(inputs: int = 64, hidden: int = 32, classes: int = 10) -> nn.Module:
@@ -102,7 +98,7 @@ def digits_run(
 
     torch.manual_seed(seed)
     model = mlp(hidden=hidden).to(dtype)
-    recorder = Recorder(model, cross_entropy)
+    recorder = Recorder(model, softmax_cross_entropy)
     objective = recorder.objective
     init = objective.layout.flatten({n: p.detach()[None] for n, p in model.named_parameters()})
     theta = init.expand(num_nodes, -1).clone()
@@ -115,4 +111,4 @@ def digits_run(
         _, theta = objective.gossip_round(theta, inputs, targets, lr, mixing)
     recorder.record(rounds, objective.layout.unflatten(theta))
     test = (x_all[test_indices], y_all[test_indices])
-    return DigitsRun(recorder.trajectory(), test, model, cross_entropy)
+    return DigitsRun(recorder.trajectory(), test, model, softmax_cross_entropy)

@@ -78,11 +78,10 @@ class NodeObjective:
         """(K, D) gradients of the mean test loss at thetas (K, D)."""
         return vmap(grad(self.mean_loss), in_dims=(0, None, None))(thetas, *test)
 
-    def test_point_grads(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(K, M, D) gradient of each test point's own loss at thetas (K, D)."""
-        x, y = test
+    def test_point_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(K, M, D) gradient of each test point's own loss at thetas (K, D); inputs (K, M, ...) per row."""
         per_point = vmap(grad(self.mean_loss), in_dims=(None, 0, 0))
-        return vmap(per_point, in_dims=(0, None, None))(thetas, x[:, None], y[:, None])
+        return vmap(per_point, in_dims=(0, 0, None))(thetas, inputs.unsqueeze(2), targets[:, None])
 
     def damped_curvature(
         self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature

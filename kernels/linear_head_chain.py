@@ -68,14 +68,15 @@ def _dot_flat(p_u, p_v, D, BLOCK_D: tl.constexpr):
 @triton.jit
 def linear_head_adjoint_chain_kernel(
     p_out, p_buf, p_scratch, p_thetas, p_theta0, p_x, p_y, p_coef, p_rowptr, p_col, p_val, p_q, p_xt, p_yt,
-    N, B, F, K, D, stride_xr, stride_yr, stride_yn, stride_yt,
+    N, B, F, K, D, stride_xr, stride_yr, stride_yn, stride_yt, stride_ts, stride_tn,
     HOPS: tl.constexpr, SENDER: tl.constexpr, CURVATURE: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
 ):
     """out[m, j, b] = Delta_j(z_b)^T (q_j g_{m,j}^{(0)} + ((W^t)^T lambda_m^{(1)})_j) for test point m.
 
     p_thetas (HOPS+1, N, D): [0] the direct point, [s] theta^{t+s}; p_x, p_y, p_coef (-lr/B) and the
-    CSR of (W^{t+s})^T (rowptr absolute into col/val) for rounds s = 0..max(HOPS,1)-1.
+    CSR of (W^{t+s})^T (rowptr absolute into col/val) for rounds s = 0..max(HOPS,1)-1. Test point m
+    at hop s and node k is p_xt + s stride_ts + k stride_tn + m F (strides 0 for a shared test set).
     """
     i_m = tl.program_id(0).to(tl.int64)
     p_a = p_buf + i_m * 2 * N * D
@@ -84,8 +85,9 @@ def linear_head_adjoint_chain_kernel(
     p_xm = p_xt + i_m * F
     p_ym = p_yt + i_m * stride_yt
     for k in range(0, N):  # lambda^{(HOPS)} = q g^{(HOPS)}, or the direct term alone when HOPS = 0
-        b_r = tl.load(p_q + k) * _point_residual(p_thetas + (HOPS * N + k) * D, p_xm, p_ym, F, K, LOSS, HAS_BIAS, BLOCK_F, K_PAD)
-        _add_outer(p_a + k * D, b_r, p_xm, F, K, False, HAS_BIAS, BLOCK_F, K_PAD)
+        p_xmk = p_xm + HOPS * stride_ts + k * stride_tn
+        b_r = tl.load(p_q + k) * _point_residual(p_thetas + (HOPS * N + k) * D, p_xmk, p_ym, F, K, LOSS, HAS_BIAS, BLOCK_F, K_PAD)
+        _add_outer(p_a + k * D, b_r, p_xmk, F, K, False, HAS_BIAS, BLOCK_F, K_PAD)
     for i in tl.static_range(HOPS, 0, -1):  # lambda^{(i-1)} from lambda^{(i)} through round i-1
         s = i - 1
         tl.debug_barrier()
@@ -102,8 +104,9 @@ def linear_head_adjoint_chain_kernel(
         for k in range(0, N):
             if CURVATURE and SENDER and s > 0:
                 _damp_node(p_b + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, coef, B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
-            b_r = tl.load(p_q + k) * _point_residual(p_theta_s + k * D, p_xm, p_ym, F, K, LOSS, HAS_BIAS, BLOCK_F, K_PAD)
-            _add_outer(p_b + k * D, b_r, p_xm, F, K, True, HAS_BIAS, BLOCK_F, K_PAD)
+            p_xmk = p_xm + s * stride_ts + k * stride_tn
+            b_r = tl.load(p_q + k) * _point_residual(p_theta_s + k * D, p_xmk, p_ym, F, K, LOSS, HAS_BIAS, BLOCK_F, K_PAD)
+            _add_outer(p_b + k * D, b_r, p_xmk, F, K, True, HAS_BIAS, BLOCK_F, K_PAD)
         p_a, p_b = p_b, p_a
     tl.debug_barrier()
     coef0 = tl.load(p_coef)

@@ -18,6 +18,7 @@ def test_run_demo_writes_results_and_plots(tmp_path) -> None:
     assert saved["per_hop"] == results["per_hop"] and len(saved["per_hop"]) == 3
     assert all(row["pearson_hop"] > 0.99 for row in saved["per_hop"])
     assert saved["cascade_vs_walks_rel_error"] < 1e-9
+    assert set(saved["last_layer"]) == {"pearson_vs_full_dice_e", "pearson_vs_dice_gt", "rel_error_vs_full_dice_e"}
     assert saved["samples"] == {"dice_e": 36, "dice_gt": 18}
     helpful, harmful = saved["most_helpful"], saved["most_harmful"]
     assert len(helpful) == 3 and helpful[0]["dice_e"] <= helpful[-1]["dice_e"] <= harmful[-1]["dice_e"]

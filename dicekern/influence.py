@@ -11,6 +11,10 @@ from dicekern.objective import Curvature
 from dicekern.trajectory import Trajectory
 
 
+def _chain(traj: Trajectory, step: int, test, hops: int, q, curvature, curvature_at, direct, backend: str) -> Chain:
+    return Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), resolve_backend(backend, traj.device))
+
+
 def dice_e(
     traj: Trajectory,
     step: int,
@@ -52,8 +56,7 @@ def dice_e(
         >>> dk.dice_e(run.trajectory, step=1, test=run.test, hops=1).shape
         torch.Size([4, 5])
     """
-    engine = resolve_backend(backend, traj.device)
-    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
+    chain = _chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
     return chain.adjoint(per_hop=bool(per_hop), per_test=bool(per_test))
 
 
@@ -87,8 +90,7 @@ def cascade(
         >>> dk.cascade(run.trajectory, step=0, source=2, test=run.test, hops=2, samples=[0, 3]).shape
         torch.Size([3, 4])
     """
-    engine = resolve_backend(backend, traj.device)
-    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
+    chain = _chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
     source = check_node("source", source, traj.num_nodes)
     mask = check_samples(samples, chain.batch_size, chain.q)
     return chain.cascade(source, mask)
@@ -118,6 +120,5 @@ def influence_matrix(
         >>> dk.influence_matrix(run.trajectory, step=0, test=run.test, hops=2).shape
         torch.Size([3, 4, 4])
     """
-    engine = resolve_backend(backend, traj.device)
-    chain = Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
+    chain = _chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
     return chain.influence_matrix()

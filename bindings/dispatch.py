@@ -5,21 +5,32 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 
 from dicekern.checks import check_choice
+from dicekern.losses import ClosedFormLoss
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"torch" or "triton": "auto" takes Triton on CUDA tensors and the torch engine elsewhere.
+def is_linear_head(model: nn.Module, loss_fn: object) -> bool:
+    """True for a single nn.Linear under a closed-form loss of ``dicekern.losses``: the kernels' models."""
+    if not isinstance(model, nn.Linear) or not isinstance(loss_fn, ClosedFormLoss):
+        return False
+    return loss_fn.kind != "binary_logistic" or model.out_features == 1
+
+
+def resolve_backend(backend: str, device: torch.device, supported: bool) -> str:
+    """"torch" or "triton": "auto" takes Triton on CUDA tensors for a supported model, torch otherwise.
+
+    With "triton", an unsupported model still mixes every hop with the Triton kernel.
 
     Raises:
         ValueError: backend="triton" on CPU tensors without TRITON_INTERPRET=1.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and supported else "torch"
     if backend == "triton":
         require_triton_device(device)
     return backend

@@ -10,26 +10,18 @@ import triton
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from dicekern.bindings.dispatch import check_operand, require_triton_device
+from dicekern.bindings.dispatch import check_operand, is_linear_head, require_triton_device
 from dicekern.bindings.gossip_mix import CSRMixing
 from dicekern.kernels import linear_head as kernel
 from dicekern.kernels import linear_head_chain as chain_kernel
-from dicekern.losses import ClosedFormLoss
 from dicekern.objective import Curvature, LossFn, NodeObjective
 
-BLOCK_B, BLOCK_F = 32, 64
+BLOCK_B, BLOCK_F, BLOCK_D = 32, 64, 128  # samples, features, flat-vector blocks
 LOSS_CODES = {
     "softmax_cross_entropy": kernel.LOSS_SOFTMAX_CE,
     "binary_logistic": kernel.LOSS_LOGISTIC,
     "squared_error": kernel.LOSS_SQUARED,
 }
-
-
-def is_linear_head(model: nn.Module, loss_fn: LossFn) -> bool:
-    """True for a single nn.Linear under a closed-form loss of ``dicekern.losses``."""
-    if not isinstance(model, nn.Linear) or not isinstance(loss_fn, ClosedFormLoss):
-        return False
-    return loss_fn.kind != "binary_logistic" or model.out_features == 1
 
 
 @triton_op("dicekern::linear_head", mutates_args={})
@@ -136,8 +128,6 @@ class LinearHeadObjective(NodeObjective):
     def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         return self._run(kernel.MODE_DOTS, thetas, inputs, targets, self._uniform(inputs, thetas), vectors)
 
-
-BLOCK_D = 128
 
 
 def _stacked_csr(mixings: list[torch.Tensor], transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -69,11 +69,11 @@ class Chain:
         self._one_launch = None  # the linear-head chain kernels, when they apply
         if backend == "triton":
             # imported only here: triton must not load before the user can choose its interpreter
-            from dicekern.bindings import linear_head
+            from dicekern.bindings import is_linear_head, linear_head
             from dicekern.bindings.gossip_mix import ColumnMixer
 
             self._kernel_mix = ColumnMixer([rnd.W for rnd in self.rounds])
-            if linear_head.is_linear_head(self.objective.model, self.objective.loss_fn):
+            if is_linear_head(self.objective.model, self.objective.loss_fn):
                 self.objective = linear_head.LinearHeadObjective(self.objective.model, self.objective.loss_fn)
                 self._one_launch = linear_head
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dicekern.bindings import resolve_backend
+from dicekern.bindings import is_linear_head, resolve_backend
 from dicekern.chain import Chain, ChainOptions
 from dicekern.checks import check_node, check_samples
 from dicekern.objective import Curvature
@@ -12,7 +12,8 @@ from dicekern.trajectory import Trajectory
 
 
 def _chain(traj: Trajectory, step: int, test, hops: int, q, curvature, curvature_at, direct, backend: str) -> Chain:
-    return Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), resolve_backend(backend, traj.device))
+    engine = resolve_backend(backend, traj.device, is_linear_head(traj.objective.model, traj.objective.loss_fn))
+    return Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
 
 
 def dice_e(
@@ -43,7 +44,8 @@ def dice_e(
         per_hop: return each hop's term separately.
         per_test: score against each test point's own loss instead of their mean.
         backend: "torch" (reference engine), "triton" (kernels; CPU tensors need
-            TRITON_INTERPRET=1), or "auto" (Triton on CUDA, torch elsewhere).
+            TRITON_INTERPRET=1), or "auto" (Triton on CUDA for a linear head under a
+            ``dicekern.losses`` loss, torch otherwise).
 
     Returns:
         (N, B) scores; per_hop adds a leading (hops+1,) axis that sums to the default; per_test

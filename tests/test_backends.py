@@ -115,6 +115,18 @@ def test_any_model_mixes_with_the_kernel() -> None:
         )
 
 
+def test_auto_takes_triton_only_for_supported_models_on_cuda() -> None:
+    from dicekern.bindings import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cuda, supported=True) == "triton"
+    assert resolve_backend("auto", cuda, supported=False) == "torch"
+    assert resolve_backend("auto", cpu, supported=True) == "torch"
+    assert dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.squared_error)
+    assert not dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
+    assert not dk.bindings.is_linear_head(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
+
+
 def test_backend_choice(monkeypatch) -> None:
     run = random_run(3, rounds=2, seed=1)
     auto = dk.dice_e(run.trajectory, 0, run.test, 1, backend="auto")

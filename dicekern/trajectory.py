@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,11 +58,12 @@ class Trajectory:
 
     def __init__(self, objective: NodeObjective, rounds: Mapping[int, Round]):
         self.objective = objective
-        self._rounds = dict(sorted(rounds.items()))
+        self._rounds = rounds  # a dict in memory, or rounds read lazily from disk
+        self._steps = tuple(sorted(rounds))
 
     @property
     def steps(self) -> tuple[int, ...]:
-        return tuple(self._rounds)
+        return self._steps
 
     @property
     def num_nodes(self) -> int:
@@ -77,9 +79,9 @@ class Trajectory:
 
     @property
     def _first(self) -> Round:
-        if not self._rounds:
+        if not self._steps:
             raise ValueError("the trajectory is empty: record at least one round")
-        return next(iter(self._rounds.values()))
+        return self._rounds[self._steps[0]]
 
     def __contains__(self, step: int) -> bool:
         return step in self._rounds
@@ -126,10 +128,10 @@ class Trajectory:
         if rtol is None:
             rtol = 1e-10 if self.dtype == torch.float64 else 1e-4
         checked, worst = 0, (-1.0, 0.0, 0, "")
-        for t, rnd in self._rounds.items():
-            nxt = self._rounds.get(t + 1)
-            if nxt is None or not rnd.has_batch:
+        for t in self._steps:
+            if t + 1 not in self._rounds or not self._rounds[t].has_batch:
                 continue
+            rnd, nxt = self._rounds[t], self._rounds[t + 1]
             _, replayed = self.objective.gossip_round(rnd.params, rnd.inputs, rnd.targets, rnd.lr, rnd.W)
             diff = (replayed - nxt.params).abs()
             scale = nxt.params.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
@@ -144,6 +146,30 @@ class Trajectory:
                 f"(recorded: {self._describe_steps()})"
             )
         return VerifyReport(worst[0], worst[1], worst[2], worst[3], checked, rtol)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write every round as safetensors plus a checksummed manifest (see dicekern.storage)."""
+        from dicekern.storage import save_trajectory  # storage builds on this module
+
+        save_trajectory(self, directory)
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, model: nn.Module, loss_fn: LossFn, *, device: torch.device | str = "cpu", cache_rounds: int = 8
+    ) -> Trajectory:
+        """Open a saved run lazily; model and loss_fn must be those it was recorded with.
+
+        Example:
+            >>> import tempfile, dicekern as dk
+            >>> run = dk.examples.digits_run(num_nodes=4, rounds=2, batch_size=3)
+            >>> folder = tempfile.mkdtemp()
+            >>> run.trajectory.save(folder)
+            >>> dk.Trajectory.load(folder, run.model, run.loss_fn).steps
+            (0, 1, 2)
+        """
+        from dicekern.storage import load_trajectory
+
+        return load_trajectory(directory, model, loss_fn, device=device, cache_rounds=cache_rounds)
 
     def _param_of_column(self, column: int) -> str:
         layout = self.objective.layout
@@ -249,7 +275,7 @@ class Recorder:
 
     def trajectory(self) -> Trajectory:
         """A snapshot of what is recorded so far."""
-        return Trajectory(self.objective, self._rounds)
+        return Trajectory(self.objective, dict(self._rounds))
 
     def _store(self, step: int, rnd: Round) -> None:
         self._rounds[step] = rnd

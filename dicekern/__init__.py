@@ -11,11 +11,13 @@ from dicekern import examples, losses, reference, topology
 from dicekern.chain import ChainOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
+from dicekern.online import OnlineDICE
 from dicekern.restrict import PerNodeTest, last_layer
 from dicekern.trajectory import Recorder, Round, Trajectory, VerifyReport
 
 __all__ = [
     "ChainOptions",
+    "OnlineDICE",
     "PerNodeTest",
     "Recorder",
     "Round",

@@ -53,11 +53,25 @@ class Chain:
         options: the linearisation.
         backend: "torch", or "triton": Triton mixing for every model, and the closed-form
             linear-head kernel for a single nn.Linear under a ``dicekern.losses`` loss.
+        test_grad_cache: step -> (N, D) q-scaled mean test gradients at theta^{step}, read and
+            filled by this chain (for windows that share rounds; one q and test per cache).
     """
 
-    def __init__(self, traj: Trajectory, step: int, test: object, hops: int, q: object, options: ChainOptions, backend: str = "torch"):
+    def __init__(
+        self,
+        traj: Trajectory,
+        step: int,
+        test: object,
+        hops: int,
+        q: object,
+        options: ChainOptions,
+        backend: str = "torch",
+        test_grad_cache: dict[int, torch.Tensor] | None = None,
+    ):
         self.rounds: tuple[Round, ...] = traj.window(step, hops)
+        self.step = step
         self.hops = hops
+        self._test_grad_cache = test_grad_cache
         self.objective = traj.objective
         self.options = options
         first = self.rounds[0]
@@ -171,12 +185,22 @@ class Chain:
         return dict(sender=self.options.curvature_at == "sender", curvature=self.options.curvature != "none")
 
     def _scaled_test_grads_all(self, per_test: bool) -> torch.Tensor:
-        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean)."""
+        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean).
+
+        With a cache (mean of a shared test set only), hops s >= 1 whose round is cached are reused
+        and the others stored; hop 0 is the window's own half step and is always computed.
+        """
         n = self.rounds[0].params.shape[0]
-        points = self._test_grad_points().flatten(0, 1)
-        hops = torch.arange(self.hops + 1, device=points.device).repeat_interleave(n)
-        nodes = torch.arange(n, device=points.device).repeat(self.hops + 1)
-        return self._scaled_test_grads(points, hops, nodes, per_test).unflatten(0, (self.hops + 1, n))
+        points = self._test_grad_points()  # (hops+1, N, D)
+        cache = self._test_grad_cache if not per_test and self._test_rows is None else None
+        needed = [s for s in range(self.hops + 1) if cache is None or s == 0 or self.step + s not in cache]
+        flat = points[needed].flatten(0, 1)
+        hops = torch.tensor(needed, device=flat.device).repeat_interleave(n)
+        nodes = torch.arange(n, device=flat.device).repeat(len(needed))
+        computed = dict(zip(needed, self._scaled_test_grads(flat, hops, nodes, per_test).unflatten(0, (len(needed), n))))
+        if cache is not None:
+            cache.update({self.step + s: grads[:, 0] for s, grads in computed.items() if s > 0})
+        return torch.stack([computed[s] if s in computed else cache[self.step + s][:, None] for s in range(self.hops + 1)])
 
     def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
         """Scores of every sample of every node, (N, B); with per_hop a leading (hops+1,) axis,

@@ -11,9 +11,12 @@ from dicekern.objective import Curvature
 from dicekern.trajectory import Trajectory
 
 
-def _chain(traj: Trajectory, step: int, test, hops: int, q, curvature, curvature_at, direct, backend: str) -> Chain:
+def build_chain(
+    traj: Trajectory, step: int, test, hops: int, q, curvature, curvature_at, direct, backend: str, test_grad_cache=None
+) -> Chain:
+    """The Chain of one query, on the engine ``backend`` resolves to (see Chain for the arguments)."""
     engine = resolve_backend(backend, traj.device, is_linear_head(traj.objective.model, traj.objective.loss_fn))
-    return Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine)
+    return Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine, test_grad_cache)
 
 
 def dice_e(
@@ -58,7 +61,7 @@ def dice_e(
         >>> dk.dice_e(run.trajectory, step=1, test=run.test, hops=1).shape
         torch.Size([4, 5])
     """
-    chain = _chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
+    chain = build_chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
     return chain.adjoint(per_hop=bool(per_hop), per_test=bool(per_test))
 
 
@@ -92,7 +95,7 @@ def cascade(
         >>> dk.cascade(run.trajectory, step=0, source=2, test=run.test, hops=2, samples=[0, 3]).shape
         torch.Size([3, 4])
     """
-    chain = _chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
+    chain = build_chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
     source = check_node("source", source, traj.num_nodes)
     mask = check_samples(samples, chain.batch_size, chain.q)
     return chain.cascade(source, mask)
@@ -122,5 +125,5 @@ def influence_matrix(
         >>> dk.influence_matrix(run.trajectory, step=0, test=run.test, hops=2).shape
         torch.Size([3, 4, 4])
     """
-    chain = _chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
+    chain = build_chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
     return chain.influence_matrix()

@@ -7,6 +7,7 @@ mix with W^{t+s-1} and damp with (I - eta H_i) at the sender i (or at the receiv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from dicekern.restrict import PerNodeTest
 from dicekern.objective import Curvature
 from dicekern.trajectory import Round, Trajectory
 
+Mixer = Callable[[int, torch.Tensor, bool], torch.Tensor]  # (round index, (rows, C, D), transpose) -> (rows, C, D)
 CURVATURES = ("exact", "ggn", "none")
 CURVATURE_AT = ("sender", "receiver")
 DIRECT = ("half_step", "paper")
@@ -55,6 +57,9 @@ class Chain:
             linear-head kernel for a single nn.Linear under a ``dicekern.losses`` loss.
         test_grad_cache: step -> (N, D) q-scaled mean test gradients at theta^{step}, read and
             filled by this chain (for windows that share rounds; one q and test per cache).
+        mixer: how W^{t+i} or its transpose acts on the node axis of (rows, C, D) vectors; the
+            default multiplies by W. ``dicekern.distributed`` passes one that exchanges rows.
+        nodes: the global node indices of the trajectory's rows (a block, across processes).
     """
 
     def __init__(
@@ -67,6 +72,8 @@ class Chain:
         options: ChainOptions,
         backend: str = "torch",
         test_grad_cache: dict[int, torch.Tensor] | None = None,
+        mixer: Mixer | None = None,
+        nodes: range | None = None,
     ):
         self.rounds: tuple[Round, ...] = traj.window(step, hops)
         self.step = step
@@ -75,18 +82,19 @@ class Chain:
         self.objective = traj.objective
         self.options = options
         first = self.rounds[0]
+        self.nodes = range(traj.num_nodes) if nodes is None else nodes
         self.q = check_node_weights(q, traj.num_nodes, first.params)
         # a PerNodeTest (last-layer mode) has features per round and node; anything else is one shared test set
         self.test = test if isinstance(test, PerNodeTest) else check_test(test, first.params)
         self._test_rows = self.test.rows([step + s for s in range(hops + 1)], first.params) if isinstance(test, PerNodeTest) else None
-        self._kernel_mix = None
+        self._mixer = mixer
         self._one_launch = None  # the linear-head chain kernels, when they apply
         if backend == "triton":
             # imported only here: triton must not load before the user can choose its interpreter
             from dicekern.bindings import is_linear_head, linear_head
             from dicekern.bindings.gossip_mix import ColumnMixer
 
-            self._kernel_mix = ColumnMixer([rnd.W for rnd in self.rounds])
+            self._mixer = ColumnMixer([rnd.W for rnd in self.rounds])
             if is_linear_head(self.objective.model, self.objective.loss_fn):
                 self.objective = linear_head.LinearHeadObjective(self.objective.model, self.objective.loss_fn)
                 self._one_launch = linear_head
@@ -123,8 +131,8 @@ class Chain:
 
     def _mix(self, index: int, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
         """W^{t+index} (or its transpose) applied to the node axis of vectors (N, C, D)."""
-        if self._kernel_mix is not None:
-            return self._kernel_mix(index, vectors, transpose)
+        if self._mixer is not None:
+            return self._mixer(index, vectors, transpose)
         W = self.rounds[index].W
         return torch.einsum("ki,icd->kcd", W.T if transpose else W, vectors)
 
@@ -143,31 +151,41 @@ class Chain:
         return mix_t(self._damp(index, vectors))
 
     def cascade(self, source: int, sample_mask: torch.Tensor) -> torch.Tensor:
-        """(hops+1, N) e[s, k] for the samples of ``source`` where sample_mask (B,) is 1.
+        """(hops+1, rows) e[s, k] for the samples of global node ``source`` where sample_mask (B,) is 1.
 
         Test gradients and curvature products are taken only where the perturbation has
-        arrived, so the cost follows the reach of the source, not N.
+        arrived, so the cost follows the reach of the source, not N. Only the rows that own
+        ``source`` compute its displacement; the first mix carries it to its receivers.
         """
-        first, j, n = self.rounds[0], source, self.rounds[0].params.shape[0]
-        full_batch = torch.ones_like(sample_mask)
-        weights = torch.stack([sample_mask, full_batch]) / self.batch_size
-        theta_j = first.params[j].expand(2, -1)
-        x_j, y_j = first.inputs[j].expand(2, *first.inputs.shape[1:]), first.targets[j].expand(2, *first.targets.shape[1:])
-        grads = self.objective.node_grads(theta_j, x_j, y_j, weights)
-        displacement = -first.lr * grads[0]  # Delta_j(z), (D,)
-        direct_point = first.params[j] - first.lr * grads[1] if self.options.direct == "half_step" else first.params[j]
-
-        deltas = [(first.W[:, j, None] * displacement)[:, None]] if self.hops else []  # delta^{(s)}, (N, 1, D)
-        for s in range(2, self.hops + 1):
-            deltas.append(self._forward_hop(s - 1, deltas[-1]))
-        reached = [torch.tensor([j], device=first.params.device)]
-        reached += [d[:, 0].ne(0).any(dim=1).nonzero().flatten() for d in deltas]
-        points = torch.cat([direct_point[None]] + [self.rounds[s].params[k] for s, k in enumerate(reached) if s > 0])
+        first, n = self.rounds[0], self.rounds[0].params.shape[0]
+        dim = first.params.shape[1]
+        owned = source in self.nodes
+        delta = first.params.new_zeros(n, 1, dim)  # delta^{(0)} = e_source Delta
+        reached = [torch.zeros(0, dtype=torch.long, device=first.params.device)]
+        points = [first.params.new_zeros(0, dim)]
+        if owned:
+            j = self.nodes.index(source)
+            weights = torch.stack([sample_mask, torch.ones_like(sample_mask)]) / self.batch_size
+            grads = self.objective.node_grads(
+                first.params[j].expand(2, -1), first.inputs[j].expand(2, *first.inputs.shape[1:]),
+                first.targets[j].expand(2, *first.targets.shape[1:]), weights,
+            )
+            displacement = -first.lr * grads[0]  # Delta_j(z), (D,)
+            delta[j, 0] = displacement
+            reached[0] = torch.tensor([j], device=first.params.device)
+            points[0] = (first.params[j] - first.lr * grads[1] if self.options.direct == "half_step" else first.params[j])[None]
+        deltas = []
+        for s in range(1, self.hops + 1):
+            delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+            deltas.append(delta)
+            reached.append(delta[:, 0].ne(0).any(dim=1).nonzero().flatten())
+            points.append(self.rounds[s].params[reached[-1]])
         hop_of = torch.cat([torch.full_like(k, s) for s, k in enumerate(reached)])
-        grads = self._scaled_test_grads(points, hop_of, torch.cat(reached))[:, 0].split([len(k) for k in reached])
+        grads = self._scaled_test_grads(torch.cat(points), hop_of, torch.cat(reached))[:, 0].split([len(k) for k in reached])
 
         scores = first.params.new_zeros(self.hops + 1, n)
-        scores[0, j] = grads[0][0] @ displacement
+        if owned:
+            scores[0, j] = grads[0][0] @ displacement
         for s in range(1, self.hops + 1):
             k = reached[s]
             scores[s, k] = (grads[s] * deltas[s - 1][k, 0]).sum(-1)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dicekern.checks import as_tensor, check_int, check_node_weights, check_test
+from dicekern.chain import Chain
 from dicekern.influence import build_chain
 from dicekern.objective import Curvature, LossFn
 from dicekern.storage import load_trajectory, save_trajectory
@@ -69,7 +70,7 @@ class OnlineDICE:
         backend: str = "auto",
     ):
         self.hops = check_int("hops", hops, minimum=0)
-        self.recorder = Recorder(model, loss_fn, window=self.hops + 1)
+        self.recorder = self._make_recorder(model, loss_fn)
         self.test = test
         self.q = q
         self.node_matrix = bool(node_matrix)
@@ -107,8 +108,7 @@ class OnlineDICE:
             return None
         if self.node_totals is None:
             self.test = check_test(self.test, traj[t].params)
-            self.q = check_node_weights(self.q, traj.num_nodes, traj[t].params)
-        chain = build_chain(traj, t, self.test, self.hops, self.q, test_grad_cache=self._test_grads, **self._options)
+        chain = self._chain(traj, t)
         scores = chain.adjoint(per_hop=False)  # (N, B)
         self.node_totals = scores.sum(1) if self.node_totals is None else self.node_totals + scores.sum(1)
         if self.node_matrix:
@@ -122,6 +122,14 @@ class OnlineDICE:
         for old in [s for s in self._test_grads if s <= t]:  # no later window reaches back to t
             del self._test_grads[old]
         return scores
+
+    def _make_recorder(self, model: nn.Module, loss_fn: LossFn) -> Recorder:
+        return Recorder(model, loss_fn, window=self.hops + 1)
+
+    def _chain(self, traj, t: int) -> Chain:
+        """The chain that scores round t, sharing this ledger's test-gradient cache."""
+        self.q = check_node_weights(self.q, traj.num_nodes, traj[t].params)
+        return build_chain(traj, t, self.test, self.hops, self.q, test_grad_cache=self._test_grads, **self._options)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the totals and what scoring the next rounds needs, to resume with identical totals."""
@@ -149,15 +157,16 @@ class OnlineDICE:
     @classmethod
     def load(
         cls, directory: str | os.PathLike, model: nn.Module, loss_fn: LossFn, test: tuple[torch.Tensor, torch.Tensor],
-        *, q: torch.Tensor | None = None, device: torch.device | str = "cpu",
+        *, q: torch.Tensor | None = None, device: torch.device | str = "cpu", **kwargs,
     ) -> OnlineDICE:
-        """Resume a ledger saved by :meth:`save`; pass the same model, loss, test and q as before."""
+        """Resume a ledger saved by :meth:`save`; pass the same model, loss, test and q as before
+        (and, for a subclass, its own constructor arguments as keywords)."""
         directory = Path(directory)
         try:
             state = json.loads((directory / LEDGER).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{directory / LEDGER} cannot be read: {error}") from None
-        ledger = cls(model, loss_fn, test, state["hops"], q=q, node_matrix=state["node_matrix"], **state["options"])
+        ledger = cls(model, loss_fn, test, state["hops"], q=q, node_matrix=state["node_matrix"], **state["options"], **kwargs)
         if state["pending"]:
             pending = load_trajectory(directory / "pending", model, loss_fn, device=device)
             for t in pending.steps:
@@ -169,7 +178,6 @@ class OnlineDICE:
                     ledger.recorder.record(t, params)
             like = pending[pending.steps[0]].params
             ledger.test = check_test(test, like)
-            ledger.q = check_node_weights(q, pending.num_nodes, like)
             to = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
             ledger.node_totals, ledger.matrix_totals = to(state["node_totals"]), to(state["matrix_totals"])
             grads = load_file(directory / "test_grads.safetensors")

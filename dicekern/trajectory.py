@@ -199,6 +199,8 @@ class Recorder:
             is their mean. It must work under ``torch.func.vmap`` (e.g. ``reduction="none"``).
         window: keep only the newest ``window`` rounds (None keeps all). A query with ``hops``
             hops needs ``hops + 1`` consecutive rounds.
+        total_nodes: the size of W when params hold only a block of the nodes (one process's share,
+            see ``dicekern.distributed``); None means params hold every node.
 
     Example:
         >>> import torch, dicekern as dk
@@ -212,9 +214,10 @@ class Recorder:
         (0,)
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, window: int | None = None):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, window: int | None = None, total_nodes: int | None = None):
         self.objective = NodeObjective(model, loss_fn)
         self.window = None if window is None else check_int("window", window, minimum=1)
+        self.total_nodes = None if total_nodes is None else check_int("total_nodes", total_nodes, minimum=1)
         self._rounds: dict[int, Round] = {}
         self._checked_loss_shape = False
 
@@ -268,7 +271,7 @@ class Recorder:
             raise ValueError("inputs hold an empty batch (B = 0)")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < float(lr) < float("inf")):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        mixing = check_mixing("W", W, n, flat)
+        mixing = check_mixing("W", W, n if self.total_nodes is None else self.total_nodes, flat)
         if not self._checked_loss_shape:
             self._check_loss_shape(flat[0], x[0], y[0])
         self._store(step, Round(flat, x, y, float(lr), mixing))

@@ -32,12 +32,22 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
                 rec.record(t, params, rnd.inputs[mine.start : mine.stop], rnd.targets[mine.start : mine.stop], rnd.lr, rnd.W)
             else:
                 rec.record(t, params)
-        ledger = dkd.DistributedOnlineDICE(traj.objective.model, traj.objective.loss_fn, run.test, 2, num_nodes=N, q=run.q)
+        model, loss_fn = traj.objective.model, traj.objective.loss_fn
+        ledger = dkd.DistributedOnlineDICE(model, loss_fn, run.test, 2, num_nodes=N, q=run.q)
+        stopped = dkd.DistributedOnlineDICE(model, loss_fn, run.test, 2, num_nodes=N, q=run.q)
+        checkpoint = f"{out_file}.rank{rank}"
         for t in traj.steps:
             rnd = traj[t]
             params = {k: v[mine.start : mine.stop] for k, v in traj.params(t).items()}
             batch = (rnd.inputs[mine.start : mine.stop], rnd.targets[mine.start : mine.stop], rnd.lr, rnd.W) if rnd.has_batch else ()
             ledger.record(t, params, *batch)
+            if t == 2:  # stop mid-run, save this rank's share, resume from it
+                stopped.record(t, params, *batch)
+                stopped.save(checkpoint)
+                stopped = dkd.DistributedOnlineDICE.load(checkpoint, model, loss_fn, run.test, q=run.q, num_nodes=N)
+            else:
+                stopped.record(t, params, *batch)
+        assert torch.equal(stopped.node_totals, ledger.node_totals) and stopped.scored_steps == ledger.scored_steps
         results = {"ledger": ledger.node_totals}
         for at in ("sender", "receiver"):
             results[f"dice_e-{at}"] = dkd.dice_e(rec, 0, run.test, HOPS, q=run.q, curvature_at=at, per_hop=True)

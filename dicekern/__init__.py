@@ -7,7 +7,7 @@
     (4, 5)
 """
 
-from dicekern import adapters, examples, losses, reference, topology
+from dicekern import adapters, analysis, examples, losses, reference, topology
 from dicekern.chain import ChainOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
@@ -24,6 +24,7 @@ __all__ = [
     "Trajectory",
     "VerifyReport",
     "adapters",
+    "analysis",
     "cascade",
     "dice_e",
     "dice_gt",

@@ -75,9 +75,14 @@ def digits_run(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     test_size: int = 200,
+    corrupt: dict[int, str] | None = None,
     progress: bool = False,
 ) -> DigitsRun:
     """Train a gossip run (adapt then combine, plain SGD) on non-IID digits and record every round.
+
+    Args:
+        corrupt: node -> "flip" (every label replaced by a wrong one) or "noise" (features drowned
+            in Gaussian noise of standard deviation 1): nodes whose data should hurt the others.
 
     Example:
         >>> import dicekern as dk
@@ -95,6 +100,16 @@ def digits_run(
         raise ValueError(f"batch_size {batch_size} exceeds the smallest node's {smallest} samples")
     x_all = torch.tensor(features, dtype=dtype)
     y_all = torch.tensor(labels, dtype=torch.long)
+    corruption = np.random.default_rng(seed + 2)
+    for node, kind in (corrupt or {}).items():
+        check_choice(f"corrupt[{node}]", kind, ["flip", "noise"])
+        if not 0 <= check_int("corrupted node", node) < num_nodes:
+            raise ValueError(f"corrupt names node {node}, but the nodes are 0..{num_nodes - 1}")
+        ix = torch.as_tensor(node_indices[node])
+        if kind == "flip":
+            y_all[ix] = (y_all[ix] + torch.as_tensor(corruption.integers(1, 10, len(ix)))) % 10
+        else:
+            x_all[ix] += torch.as_tensor(corruption.normal(size=(len(ix), x_all.shape[1])), dtype=dtype)
 
     torch.manual_seed(seed)
     model = mlp(hidden=hidden).to(dtype)

@@ -39,3 +39,43 @@ def test_reciprocity_by_hand() -> None:
     torch.testing.assert_close(r.node, torch.tensor([2 / 3, 0.25, 10 / 3], dtype=torch.float64))
     with pytest.raises(ValueError, match="square"):
         dk.analysis.reciprocity(torch.zeros(2, 3))
+
+
+def test_node_scores_sum_influence_on_other_nodes() -> None:
+    run = random_run(4, rounds=4, seed=29)
+    scores = dk.analysis.node_scores(run.trajectory, [0, 1], run.test, 2, q=run.q)
+    expected = torch.zeros(4, dtype=torch.float64)
+    for t in (0, 1):
+        m = dk.influence_matrix(run.trajectory, t, run.test, 2, q=run.q)
+        for j in range(4):
+            expected[j] += sum(m[s, j, k] for s in (1, 2) for k in range(4) if k != j)
+    assert_close(scores, expected, RTOL[torch.float64])
+    with pytest.raises(ValueError, match="hops >= 1"):
+        dk.analysis.node_scores(run.trajectory, [0], run.test, 0)
+
+
+def test_detection_auc_by_hand() -> None:
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.3])
+    assert dk.analysis.detection_auc(scores, [0, 2]) == 1.0
+    assert dk.analysis.detection_auc(scores, [1, 3]) == 0.0
+    assert dk.analysis.detection_auc(scores, [0, 3]) == 0.75
+    with pytest.raises(ValueError, match="both anomalous and normal"):
+        dk.analysis.detection_auc(scores, [0, 1, 2, 3])
+
+
+def test_anomaly_experiment_reports_an_auc_per_seed_and_hops() -> None:
+    results = dk.analysis.anomaly_experiment("flip", [0], num_nodes=6, corrupted=2, rounds=8, scored_from=3, hops=(1, 2))
+    assert set(results["auc"]) == {1, 2} and all(len(v) == 1 and 0 <= v[0] <= 1 for v in results["auc"].values())
+    assert len(results["runs"][0]["anomalous"]) == 2 and len(results["runs"][0]["scores"][2]) == 6
+
+
+def test_corrupted_digits() -> None:
+    clean = dk.examples.digits_run(num_nodes=4, rounds=1, batch_size=6, seed=3)
+    flipped = dk.examples.digits_run(num_nodes=4, rounds=1, batch_size=6, seed=3, corrupt={1: "flip"})
+    assert torch.equal(clean.trajectory[0].inputs, flipped.trajectory[0].inputs)
+    labels_clean, labels_flipped = clean.trajectory[0].targets, flipped.trajectory[0].targets
+    assert (labels_clean[1] != labels_flipped[1]).all() and torch.equal(labels_clean[0], labels_flipped[0])
+    with pytest.raises(ValueError, match="nodes are 0..3"):
+        dk.examples.digits_run(num_nodes=4, rounds=1, corrupt={4: "flip"})
+    with pytest.raises(ValueError, match="must be one of"):
+        dk.examples.digits_run(num_nodes=4, rounds=1, corrupt={0: "erase"})

@@ -7,7 +7,7 @@
     (4, 5)
 """
 
-from dicekern import adapters, analysis, examples, losses, reference, topology
+from dicekern import adapters, analysis, examples, losses, plots, reference, topology
 from dicekern.chain import ChainOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
@@ -33,6 +33,7 @@ __all__ = [
     "influence_matrix",
     "last_layer",
     "losses",
+    "plots",
     "reference",
     "topology",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicekern import examples, reference
+from dicekern import examples, plots, reference
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e
 from dicekern.restrict import last_layer
@@ -51,7 +51,7 @@ def _relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Run the demo, print its table, write ``results.json``, ``cascade.png`` and ``e_vs_gt.png``.
+    """Run the demo, print its table, write ``results.json``, ``cascade.png``, ``e_vs_gt.png`` and ``decay.png``.
 
     Returns:
         The numbers written to results.json.
@@ -113,9 +113,11 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
         "samples": {"dice_e": int(total.numel()), "dice_gt": int(gt[0].numel())},
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    _plot(out_dir, flow, source, estimate.sum(0), gt.sum(0), hops)
+    plots.cascade_on_graph(traj[step].W, flow, source, out_dir / "cascade.png")
+    plots.estimate_vs_truth(estimate.sum(0), gt.sum(0), out_dir / "e_vs_gt.png")
+    plots.decay_over_hops(per_hop, out_dir / "decay.png")
     _print_table(results, echo)
-    echo(f"wrote {out_dir / 'results.json'}, {out_dir / 'cascade.png'}, {out_dir / 'e_vs_gt.png'}")
+    echo(f"wrote {out_dir / 'results.json'}, cascade.png, e_vs_gt.png and decay.png there")
     return results
 
 
@@ -136,35 +138,3 @@ def _print_table(results: dict, echo: Callable[[str], None]) -> None:
     echo(f"\ntimes: dice_e (all samples) {sec['dice_e_all_samples']:.3f}s | cascade (node {results['cascade_source']}) "
          f"{sec['cascade_one_source']:.3f}s | walk reference (same) {sec['walk_reference_one_source']:.3f}s "
          f"(agrees to {results['cascade_vs_walks_rel_error']:.1e}) | DICE-GT ({n['dice_gt']} replays) {sec['dice_gt_subset']:.3f}s")
-
-
-def _plot(out_dir: Path, flow: torch.Tensor, source: int, estimate: torch.Tensor, truth: torch.Tensor, hops: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # one panel per hop with its own scale: the direct term is often 10x the later hops
-    fig, axes = plt.subplots(hops + 1, 1, figsize=(8, 1.3 + 1.3 * (hops + 1)), sharex=True, squeeze=False)
-    nodes = np.arange(flow.shape[1])
-    for s, ax in enumerate(axes[:, 0]):
-        values = flow[s].numpy()
-        ax.bar(nodes, values, color=np.where(values < 0, "tab:blue", "tab:red"))
-        ax.axhline(0, color="gray", linewidth=0.6)
-        ax.set_ylabel(f"hop {s}")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    axes[-1, 0].set(xlabel="receiving node k", xticks=nodes)
-    axes[0, 0].set_title(f"cascade of node {source}'s batch: e[s, k] (blue lowers k's test loss)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "cascade.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(truth.flatten().numpy(), estimate.flatten().numpy(), s=12)
-    lo, hi = min(truth.min(), estimate.min()).item(), max(truth.max(), estimate.max()).item()
-    ax.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8)
-    ax.set(xlabel="DICE-GT (replay)", ylabel="DICE-E (chain)",
-           title=f"{hops}-hop influence per sample\nPearson {_pearson(estimate, truth):.5f}")
-    fig.tight_layout()
-    fig.savefig(out_dir / "e_vs_gt.png", dpi=120)
-    plt.close(fig)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from dicekern.__main__ import main
 from dicekern.demo import DemoConfig, run_demo
 
 
@@ -22,17 +19,6 @@ def test_run_demo_writes_results_and_plots(tmp_path) -> None:
     assert saved["samples"] == {"dice_e": 36, "dice_gt": 18}
     helpful, harmful = saved["most_helpful"], saved["most_harmful"]
     assert len(helpful) == 3 and helpful[0]["dice_e"] <= helpful[-1]["dice_e"] <= harmful[-1]["dice_e"]
-    for name in ("cascade.png", "e_vs_gt.png"):
+    for name in ("cascade.png", "e_vs_gt.png", "decay.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert any("pearson" in line for line in lines)
-
-
-def test_command_line(tmp_path, capsys) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--nodes", "4", "--step", "2", "--hops", "1", "--no-progress"]) == 0
-    assert "DICE-E vs DICE-GT" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--hops", "-1"])
-    assert exit_info.value.code == 2
-    with pytest.raises(SystemExit) as exit_info:
-        main(["frobnicate"])
-    assert exit_info.value.code == 2

@@ -1,0 +1,56 @@
+"""The command line: every command, its --help, its outputs and its exit status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dicekern.__main__ import main
+from test_plots import is_png
+
+SMALL = ["--nodes", "5", "--no-progress"]
+
+
+@pytest.mark.parametrize("command", ["demo", "cascade", "validate", "detect"])
+def test_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_demo(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--step", "2", "--hops", "1", *SMALL]) == 0
+    assert "DICE-E vs DICE-GT" in capsys.readouterr().out and is_png(tmp_path / "cascade.png")
+
+
+def test_cascade(tmp_path, capsys) -> None:
+    assert main(["cascade", "--out", str(tmp_path), "--source", "3", "--step", "2", "--hops", "2", *SMALL]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["source"] == 3
+    assert is_png(tmp_path / "cascade.png") and "hop 2:" in capsys.readouterr().out
+
+
+def test_validate(tmp_path) -> None:
+    assert main(["validate", "--out", str(tmp_path), "--step", "2", "--hops", "2", "--gt-nodes", "2", *SMALL]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["per_hops"]
+    assert [r["hops"] for r in rows] == [0, 1, 2] and all(r["pearson"] > 0.99 for r in rows)
+    assert is_png(tmp_path / "e_vs_gt.png")
+
+
+def test_detect(tmp_path, capsys) -> None:
+    assert main(["detect", "--out", str(tmp_path), "--seeds", "1", "--corrupted", "2", "--hops", "1", "2", *SMALL]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["auc"]) == {"1", "2"} and is_png(tmp_path / "anomaly.png")
+    assert "ROC AUC" in capsys.readouterr().out
+
+
+def test_exit_status_for_bad_requests(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cascade", "--hops", "-1"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert main(["cascade", "--source", "9", "--step", "1", "--hops", "1", *SMALL]) == 1
+    assert "source must be a node index in [0, 5)" in capsys.readouterr().err
+    assert main(["detect", "--corrupted", "5", *SMALL]) == 1

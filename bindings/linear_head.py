@@ -14,7 +14,7 @@ from dicekern.bindings.dispatch import check_operand, is_linear_head, require_tr
 from dicekern.bindings.gossip_mix import CSRMixing
 from dicekern.kernels import linear_head as kernel
 from dicekern.kernels import linear_head_chain as chain_kernel
-from dicekern.objective import Curvature, LossFn, NodeObjective
+from dicekern.objective import Curvature, LossFn, NodeObjective, mean_weights
 
 BLOCK_B, BLOCK_F, BLOCK_D = 32, 64, 128  # samples, features, flat-vector blocks
 LOSS_CODES = {
@@ -109,24 +109,20 @@ class LinearHeadObjective(NodeObjective):
         operands = [t if t is None else t.contiguous() for t in (thetas, inputs, targets, weights, vectors)]
         return self._launch(mode, *operands, lr=lr, shared_data=shared_data)
 
-    @staticmethod
-    def _uniform(inputs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return torch.full(inputs.shape[:-1], 1.0 / inputs.shape[-2], dtype=like.dtype, device=like.device)
-
     def node_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._run(kernel.MODE_GRAD, thetas, inputs, targets, weights)
 
     def test_grads(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = test
-        return self._run(kernel.MODE_GRAD, thetas, x, y, self._uniform(x, thetas), shared_data=True)
+        return self._run(kernel.MODE_GRAD, thetas, x, y, mean_weights(x.shape[:-1], thetas), shared_data=True)
 
     def _damp_nodes(
         self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:
-        return self._run(kernel.MODE_DAMP, thetas, inputs, targets, self._uniform(inputs, thetas), vectors, lr)
+        return self._run(kernel.MODE_DAMP, thetas, inputs, targets, mean_weights(inputs.shape[:-1], thetas), vectors, lr)
 
     def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        return self._run(kernel.MODE_DOTS, thetas, inputs, targets, self._uniform(inputs, thetas), vectors)
+        return self._run(kernel.MODE_DOTS, thetas, inputs, targets, mean_weights(inputs.shape[:-1], thetas), vectors)
 
 
 

@@ -14,7 +14,7 @@ import torch
 
 from dicekern.checks import check_choice, check_node_weights, check_test
 from dicekern.restrict import PerNodeTest
-from dicekern.objective import Curvature
+from dicekern.objective import Curvature, mean_weights
 from dicekern.trajectory import Round, Trajectory
 
 Mixer = Callable[[int, torch.Tensor, bool], torch.Tensor]  # (round index, (rows, C, D), transpose) -> (rows, C, D)
@@ -119,8 +119,7 @@ class Chain:
             if per_test:
                 grads = self.objective.test_point_grads(points, x, y)
             else:
-                weights = torch.full(x.shape[:2], 1.0 / x.shape[1], dtype=points.dtype, device=points.device)
-                grads = self.objective.node_grads(points, x, y.expand(len(points), *y.shape), weights)[:, None]
+                grads = self.objective.node_grads(points, x, y.expand(len(points), *y.shape), mean_weights(x.shape[:2], points))[:, None]
         return self.q[nodes, None, None] * grads
 
     def _damp(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
@@ -266,7 +265,7 @@ class Chain:
         """
         first, n = self.rounds[0], self.rounds[0].params.shape[0]
         scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
-        uniform = torch.full(first.inputs.shape[:2], 1.0 / self.batch_size, dtype=first.params.dtype, device=first.params.device)
+        uniform = mean_weights(first.inputs.shape[:2], first.params)
         displacements = -first.lr * self.objective.node_grads(first.params, first.inputs, first.targets, uniform)  # (N, D)
         if self._one_launch is not None:
             points = torch.stack([rnd.params for rnd in self.rounds])

@@ -9,7 +9,7 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from dicekern.checks import check_node, check_node_weights, check_samples, check_test
-from dicekern.objective import NodeObjective
+from dicekern.objective import NodeObjective, mean_weights
 from dicekern.trajectory import Round, Trajectory
 
 
@@ -22,13 +22,12 @@ def _replay_test_losses(
     later round is replayed unchanged.
     """
     first = rounds[0]
-    batch = first.inputs.shape[1]
     num_replays = keep.shape[0]
+    uniform = mean_weights(tuple(keep.shape), keep)
     replay = vmap(objective.gossip_round, in_dims=(0, None, None, None, None, 0))
     half, theta = replay(
-        first.params.expand(num_replays, *first.params.shape), first.inputs, first.targets, first.lr, first.W, keep / batch
+        first.params.expand(num_replays, *first.params.shape), first.inputs, first.targets, first.lr, first.W, keep * uniform
     )
-    uniform = torch.full_like(keep, 1.0 / batch)
     states = [half, theta]
     for rnd in rounds[1:-1]:
         _, theta = replay(theta, rnd.inputs, rnd.targets, rnd.lr, rnd.W, uniform)

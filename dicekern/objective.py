@@ -19,6 +19,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Curvature = Literal["exact", "ggn", "none"]
 
 
+def mean_weights(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Weights 1/B along the last axis of shape (..., B): a batch mean written as a weighted sum."""
+    return torch.full(shape, 1.0 / shape[-1], dtype=like.dtype, device=like.device)
+
+
 class NodeObjective:
     """The losses of one architecture evaluated at many parameter vectors at once.
 
@@ -123,7 +128,7 @@ class NodeObjective:
         weights default to 1/B (the batch mean); a zero drops a sample but keeps B.
         """
         if weights is None:
-            weights = torch.full(inputs.shape[:2], 1.0 / inputs.shape[1], dtype=thetas.dtype, device=thetas.device)
+            weights = mean_weights(inputs.shape[:2], thetas)
         return thetas - lr * self.node_grads(thetas, inputs, targets, weights)
 
     def gossip_round(

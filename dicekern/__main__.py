@@ -86,7 +86,7 @@ def _validate(args) -> dict:
     print(f"{'hops 0..s':>9}  {'pearson':>9}  {'rel.err':>8}")
     for s in range(args.hops + 1):
         e, g = estimate[: s + 1].sum(0).flatten(), truth[: s + 1].sum(0).flatten()
-        rows.append({"hops": s, "pearson": float(np.corrcoef(e.numpy(), g.numpy())[0, 1]), "rel_error": float((e - g).norm() / g.norm())})
+        rows.append({"hops": s, "pearson": analysis.pearson(e, g), "rel_error": analysis.relative_error(e, g)})
         print(f"{s:>9}  {rows[-1]['pearson']:>9.6f}  {rows[-1]['rel_error']:>8.2e}")
     return {"nodes": nodes, "per_hops": rows}
 

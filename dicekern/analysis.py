@@ -16,6 +16,16 @@ from dicekern.influence import influence_matrix
 from dicekern.trajectory import Trajectory
 
 
+def pearson(estimate: torch.Tensor, truth: torch.Tensor) -> float:
+    """Pearson correlation of two score tensors of any equal shape, flattened."""
+    return float(np.corrcoef(estimate.detach().flatten().cpu().numpy(), truth.detach().flatten().cpu().numpy())[0, 1])
+
+
+def relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
+    """||estimate - truth|| / ||truth|| over all entries."""
+    return float((estimate - truth).norm() / truth.norm())
+
+
 def proximal_influence(traj: Trajectory, step: int, test: tuple[torch.Tensor, torch.Tensor], *, q=None, backend: str = "auto") -> torch.Tensor:
     """Definition 4 for every edge j -> k: -lr W[k, j] q_k grad L(theta_j^t; z_j^t)^T grad L(theta_k^{t+1}; z').
 

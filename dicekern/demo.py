@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dicekern import examples, plots, reference
+from dicekern.analysis import pearson, relative_error
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e
 from dicekern.restrict import last_layer
@@ -42,14 +42,6 @@ def _timed(fn: Callable[[], torch.Tensor], *, warmup: bool = True) -> tuple[torc
     return result, time.perf_counter() - start
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
-
-
-def _relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    return float((estimate - truth).norm() / truth.norm())
-
-
 def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Run the demo, print its table, write ``results.json``, ``cascade.png``, ``e_vs_gt.png`` and ``decay.png``.
 
@@ -72,7 +64,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
     source = gt_nodes[0]
     flow, t_cascade = _timed(lambda: cascade(traj, step, source, test, hops))
     walks, t_walks = _timed(lambda: reference.dice_e_walks(traj, step, source, test, hops))
-    walk_error = _relative_error(flow, walks)
+    walk_error = relative_error(flow, walks)
     head_traj, head_test = last_layer(traj, test)
     head_scores, t_head = _timed(lambda: dice_e(head_traj, step, head_test, hops))  # (N, B)
 
@@ -81,10 +73,10 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
     for s in range(hops + 1):
         rows.append({
             "hop": s,
-            "pearson_hop": _pearson(estimate[s], gt[s]),
-            "rel_error_hop": _relative_error(estimate[s], gt[s]),
-            "pearson_total": _pearson(estimate[: s + 1].sum(0), gt[: s + 1].sum(0)),
-            "rel_error_total": _relative_error(estimate[: s + 1].sum(0), gt[: s + 1].sum(0)),
+            "pearson_hop": pearson(estimate[s], gt[s]),
+            "rel_error_hop": relative_error(estimate[s], gt[s]),
+            "pearson_total": pearson(estimate[: s + 1].sum(0), gt[: s + 1].sum(0)),
+            "rel_error_total": relative_error(estimate[: s + 1].sum(0), gt[: s + 1].sum(0)),
         })
     total = per_hop.sum(0)  # (N, B)
     order = total.flatten().argsort()
@@ -104,9 +96,9 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
         "cascade": flow.tolist(),
         "cascade_vs_walks_rel_error": walk_error,
         "last_layer": {
-            "pearson_vs_full_dice_e": _pearson(head_scores, total),
-            "pearson_vs_dice_gt": _pearson(head_scores[gt_nodes], gt.sum(0)),
-            "rel_error_vs_full_dice_e": _relative_error(head_scores, total),
+            "pearson_vs_full_dice_e": pearson(head_scores, total),
+            "pearson_vs_dice_gt": pearson(head_scores[gt_nodes], gt.sum(0)),
+            "rel_error_vs_full_dice_e": relative_error(head_scores, total),
         },
         "seconds": {"dice_e_all_samples": t_dice_e, "dice_e_last_layer": t_head, "cascade_one_source": t_cascade,
                     "walk_reference_one_source": t_walks, "dice_gt_subset": t_gt},

@@ -9,6 +9,8 @@ import networkx as nx
 import numpy as np
 import torch
 
+from dicekern.analysis import pearson
+
 
 def _pyplot():
     import matplotlib
@@ -55,12 +57,12 @@ def estimate_vs_truth(estimate: torch.Tensor, truth: torch.Tensor, path: str | P
 
     plt = _pyplot()
     e, g = estimate.flatten().cpu().numpy(), truth.flatten().cpu().numpy()
-    pearson, spearman = np.corrcoef(e, g)[0, 1], spearmanr(e, g).statistic
+    correlation, spearman = pearson(estimate, truth), spearmanr(e, g).statistic
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(g, e, s=12)
     lo, hi = min(e.min(), g.min()), max(e.max(), g.max())
     ax.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8)
-    ax.set(xlabel="DICE-GT (exact replay)", ylabel=label, title=f"{label} vs DICE-GT\nPearson {pearson:.5f}, Spearman {spearman:.5f}")
+    ax.set(xlabel="DICE-GT (exact replay)", ylabel=label, title=f"{label} vs DICE-GT\nPearson {correlation:.5f}, Spearman {spearman:.5f}")
     fig.tight_layout()
     return _save(fig, path)
 

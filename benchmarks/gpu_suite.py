@@ -31,6 +31,7 @@ from torch import nn
 import dicekern as dk
 from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
 from dicekern.bindings.linear_head import LinearHeadObjective
+from dicekern.engine.step import gossip_round
 from dicekern.objective import NodeObjective
 
 
@@ -64,11 +65,12 @@ def linear_run(n: int, hops: int, features: int, classes: int, batch: int, tests
     obj = rec.objective
     theta = 0.1 * torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
     W = dk.topology.exponential(n).to(dtype)
+    lr = torch.full((n,), 0.1, dtype=dtype)
     for t in range(hops + 1):
         x = torch.randn(n, batch, features, generator=g, dtype=dtype)
         y = torch.randint(classes, (n, batch), generator=g)
         rec.record(t, obj.layout.unflatten(theta.to(device)), x.to(device), y.to(device), lr=0.1, W=W.to(device))
-        _, theta = obj.gossip_round(theta, x, y, 0.1, W)
+        _, theta, _ = gossip_round(obj, rec.optimizer, theta, {}, x, y, lr, W)
     rec.record(hops + 1, obj.layout.unflatten(theta.to(device)))
     test = (torch.randn(tests, features, generator=g, dtype=dtype).to(device), torch.randint(classes, (tests,), generator=g).to(device))
     return rec.trajectory(), test
@@ -101,8 +103,8 @@ def curvature_vs_torch_func(device, n: int, features: int, classes: int, batch: 
     x = torch.randn(n, batch, features, generator=g).to(device)
     y = torch.randint(classes, (n, batch), generator=g).to(device)
     V = torch.randn(n, columns, d, generator=g).to(device)
-    run_kernel = lambda: kernel.damped_curvature(thetas, x, y, 0.1, V, "exact")
-    run_torch = lambda: reference.damped_curvature(thetas, x, y, 0.1, V, "exact")
+    run_kernel = lambda: kernel.curvature_products(thetas, x, y, V, "exact")
+    run_torch = lambda: reference.curvature_products(thetas, x, y, V, "exact")
     error = check("linear-head curvature", run_kernel(), run_torch(), 1e-4)
     t_kernel, t_torch = bench(run_kernel, device, repeats), bench(run_torch, device, repeats)
     return {"N": n, "columns": columns, "rel_error": error, "kernel_s": t_kernel, "torch_func_s": t_torch, "speedup": t_torch / t_kernel}

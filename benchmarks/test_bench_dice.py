@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dicekern as dk
+from dicekern.engine.step import gossip_round
 
 HOPS, STEP = 3, 5  # rounds STEP..STEP+HOPS+1 are recorded
 
@@ -57,4 +58,4 @@ def test_all_samples_vs_training_round(benchmark, run, test_set, job) -> None:
     if job == "dice_e":
         benchmark(dk.dice_e, traj, STEP, test_set, HOPS)
     else:
-        benchmark(objective.gossip_round, rnd.params, rnd.inputs, rnd.targets, rnd.lr, rnd.W)
+        benchmark(gossip_round, objective, traj.optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr, rnd.W)

@@ -14,6 +14,7 @@ from dicekern.bindings.dispatch import check_operand, is_linear_head, require_tr
 from dicekern.bindings.gossip_mix import CSRMixing
 from dicekern.kernels import linear_head as kernel
 from dicekern.kernels import linear_head_chain as chain_kernel
+from dicekern.engine.chain import Chain
 from dicekern.objective import Curvature, LossFn, NodeObjective, mean_weights
 
 BLOCK_B, BLOCK_F, BLOCK_D = 32, 64, 128  # samples, features, flat-vector blocks
@@ -43,7 +44,7 @@ def _linear_head_op(
     columns = vectors.shape[1] if mode != kernel.MODE_GRAD else 1
     rows = n * columns
     k_pad = max(16, triton.next_power_of_2(num_outputs))
-    out_shape = (n, columns, batch) if mode == kernel.MODE_DOTS else ((n, columns, d) if mode == kernel.MODE_DAMP else (n, d))
+    out_shape = (n, columns, batch) if mode == kernel.MODE_DOTS else ((n, columns, d) if mode == kernel.MODE_HVP else (n, d))
     out = torch.empty(out_shape, dtype=thetas.dtype, device=thetas.device)
     scratch = torch.empty(0 if mode == kernel.MODE_DOTS else rows * batch * k_pad, dtype=thetas.dtype, device=thetas.device)
     per_node = lambda t: 0 if shared_data else t[0].numel()
@@ -82,7 +83,6 @@ class LinearHeadObjective(NodeObjective):
         targets: torch.Tensor,
         weights: torch.Tensor,
         vectors: torch.Tensor | None = None,
-        lr: float = 0.0,
         shared_data: bool = False,
     ) -> torch.Tensor:
         require_triton_device(thetas.device)
@@ -100,14 +100,14 @@ class LinearHeadObjective(NodeObjective):
         else:
             check_operand("vectors", vectors, thetas, (n, vectors.shape[1] if vectors.dim() == 3 else -1, d))
         return torch.ops.dicekern.linear_head(
-            thetas, inputs, targets, weights, vectors, thetas.new_full((1,), -lr / batch if mode == kernel.MODE_DAMP else 1.0), mode,
+            thetas, inputs, targets, weights, vectors, thetas.new_full((1,), 1.0 / batch if mode == kernel.MODE_HVP else 1.0), mode,
             self.loss_code, self.num_outputs, self.has_bias, shared_data,
         )
 
-    def _run(self, mode: int, thetas, inputs, targets, weights, vectors=None, lr: float = 0.0, shared_data: bool = False):
+    def _run(self, mode: int, thetas, inputs, targets, weights, vectors=None, shared_data: bool = False):
         """_launch on contiguous copies: the engine hands over views (slices, expands)."""
         operands = [t if t is None else t.contiguous() for t in (thetas, inputs, targets, weights, vectors)]
-        return self._launch(mode, *operands, lr=lr, shared_data=shared_data)
+        return self._launch(mode, *operands, shared_data=shared_data)
 
     def node_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._run(kernel.MODE_GRAD, thetas, inputs, targets, weights)
@@ -116,10 +116,10 @@ class LinearHeadObjective(NodeObjective):
         x, y = test
         return self._run(kernel.MODE_GRAD, thetas, x, y, mean_weights(x.shape[:-1], thetas), shared_data=True)
 
-    def _damp_nodes(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature
+    def _curvature_products(
+        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:
-        return self._run(kernel.MODE_DAMP, thetas, inputs, targets, mean_weights(inputs.shape[:-1], thetas), vectors, lr)
+        return self._run(kernel.MODE_HVP, thetas, inputs, targets, mean_weights(inputs.shape[:-1], thetas), vectors)
 
     def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         return self._run(kernel.MODE_DOTS, thetas, inputs, targets, mean_weights(inputs.shape[:-1], thetas), vectors)
@@ -188,7 +188,7 @@ def _forward_chain_op(
 
 
 def _chain_operands(objective: LinearHeadObjective, rounds, thetas: torch.Tensor, transpose: bool) -> tuple:
-    """Stacked batches, -lr/B per round and the rounds' CSR mixing, checked against thetas (hops+1, N, D)."""
+    """Stacked batches, -lr/B per round and node and the rounds' CSR mixing, checked against thetas (hops+1, N, D)."""
     require_triton_device(thetas.device)
     hops = thetas.shape[0] - 1
     damping = rounds[: max(hops, 1)]
@@ -197,7 +197,7 @@ def _chain_operands(objective: LinearHeadObjective, rounds, thetas: torch.Tensor
     n, batch = inputs.shape[1:3]
     check_operand("thetas", thetas.contiguous(), thetas, (hops + 1, n, objective.layout.dim))
     check_operand("inputs", inputs, thetas, (len(damping), n, batch, objective.num_features))
-    coefs = torch.tensor([-r.lr / batch for r in damping], dtype=thetas.dtype, device=thetas.device)
+    coefs = torch.stack([-r.lr / batch for r in damping]).to(dtype=thetas.dtype, device=thetas.device).contiguous()  # (rounds, N)
     return (inputs, targets, coefs) + _stacked_csr([r.W for r in damping], transpose=transpose)
 
 
@@ -242,3 +242,25 @@ def forward_chain(
         thetas.contiguous(), *operands, displacements.contiguous(), scaled_test_grads.contiguous(),
         objective.loss_code, objective.num_outputs, objective.has_bias, sender, curvature,
     )
+
+
+class FusedLinearHeadChain(Chain):
+    """The chain of a linear head under plain SGD, with the queries the one-launch kernels cover
+    (``dice_e(per_test=True)`` and ``influence_matrix``) run as one launch each."""
+
+    def _kernel_flags(self) -> dict:
+        return dict(sender=self.options.curvature_at == "sender", curvature=self.options.curvature != "none")
+
+    def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
+        if not per_test or per_hop:
+            return super().adjoint(per_hop, per_test)
+        return adjoint_chain_per_test(
+            self.steps[0].objective, self.rounds, self._test_grad_points(), self.tests.kernel_operands(), self.q, **self._kernel_flags()
+        )
+
+    def influence_matrix(self) -> torch.Tensor:
+        first = self.steps[0]
+        scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
+        displacements = first.displacement(first.grads)[:, 0, 0]  # (N, D): -lr grad, every whole batch
+        points = torch.stack([rnd.params for rnd in self.rounds])
+        return forward_chain(first.objective, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags())

@@ -7,8 +7,8 @@
     (4, 5)
 """
 
-from dicekern import adapters, analysis, examples, losses, plots, reference, topology
-from dicekern.chain import ChainOptions
+from dicekern import adapters, analysis, examples, losses, optim, plots, reference, topology
+from dicekern.engine.options import DiceOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
 from dicekern.online import OnlineDICE
@@ -16,7 +16,7 @@ from dicekern.restrict import PerNodeTest, last_layer
 from dicekern.trajectory import Recorder, Round, Trajectory, VerifyReport
 
 __all__ = [
-    "ChainOptions",
+    "DiceOptions",
     "OnlineDICE",
     "PerNodeTest",
     "Recorder",
@@ -33,6 +33,7 @@ __all__ = [
     "influence_matrix",
     "last_layer",
     "losses",
+    "optim",
     "plots",
     "reference",
     "topology",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dicekern.engine.options import DiceOptions
 from dicekern.influence import influence_matrix
 from dicekern.trajectory import Trajectory
 
@@ -26,8 +27,11 @@ def relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
     return float((estimate - truth).norm() / truth.norm())
 
 
-def proximal_influence(traj: Trajectory, step: int, test: tuple[torch.Tensor, torch.Tensor], *, q=None, backend: str = "auto") -> torch.Tensor:
-    """Definition 4 for every edge j -> k: -lr W[k, j] q_k grad L(theta_j^t; z_j^t)^T grad L(theta_k^{t+1}; z').
+def proximal_influence(
+    traj: Trajectory, step: int, test: tuple[torch.Tensor, torch.Tensor], *, options: DiceOptions | None = None, **option_fields
+) -> torch.Tensor:
+    """Definition 4 for every edge j -> k: W[k, j] q_k grad L(theta_k^{t+1}; z')^T Delta_j, where
+    Delta_j = -lr grad L(theta_j^t; z_j^t) under SGD (the optimizer's step of j's batch otherwise).
 
     Returns:
         (N_source, N_receiver); 0 where W[k, j] = 0. It is hop 1 of ``influence_matrix``.
@@ -38,7 +42,7 @@ def proximal_influence(traj: Trajectory, step: int, test: tuple[torch.Tensor, to
         >>> dk.analysis.proximal_influence(run.trajectory, 0, run.test).shape
         torch.Size([4, 4])
     """
-    return influence_matrix(traj, step, test, 1, q=q, backend=backend)[1]
+    return influence_matrix(traj, step, test, 1, options=options, **option_fields)[1]
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ def reciprocity(influence: torch.Tensor) -> Reciprocity:
 
 
 def node_scores(
-    traj: Trajectory, steps: Sequence[int], test: tuple[torch.Tensor, torch.Tensor], hops: int, *, q=None, backend: str = "auto"
+    traj: Trajectory, steps: Sequence[int], test: tuple[torch.Tensor, torch.Tensor], hops: int, *,
+    options: DiceOptions | None = None, **option_fields,
 ) -> torch.Tensor:
     """(N,) how much each node's data changed the *other* nodes' test loss over hops 1..hops,
     summed over the rounds ``steps``; positive means it hurt them (a candidate anomaly).
@@ -87,7 +92,7 @@ def node_scores(
         raise ValueError("node_scores needs hops >= 1: hop 0 is a node's effect on itself")
     total = None
     for step in steps:
-        matrix = influence_matrix(traj, step, test, hops, q=q, backend=backend)[1:].sum(0)
+        matrix = influence_matrix(traj, step, test, hops, options=options, **option_fields)[1:].sum(0)
         matrix = matrix - torch.diag(matrix.diagonal())
         total = matrix.sum(1) if total is None else total + matrix.sum(1)
     if total is None:

@@ -8,15 +8,19 @@ ever holds another rank's parameters: what crosses is one perturbation or adjoin
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dicekern.chain import Chain, ChainOptions
-from dicekern.checks import check_int, check_node, check_node_weights, check_samples
-from dicekern.objective import Curvature, LossFn
+from dicekern.checks import check_flag, check_int, check_node, check_samples
+from dicekern.engine.builder import build_chain
+from dicekern.engine.chain import Chain
+from dicekern.engine.options import DiceOptions
+from dicekern.objective import LossFn
 from dicekern.online import OnlineDICE
-from dicekern.trajectory import Recorder
+from dicekern.trajectory import Mismatch, Recorder, Round, replay_mismatch
 
 
 def node_block(num_nodes: int, rank: int, world_size: int) -> range:
@@ -69,64 +73,70 @@ class BlockMixer:
 
 
 class DistributedRecorder(Recorder):
-    """A Recorder for this rank's block of nodes: params, inputs and targets hold its rows only.
+    """A Recorder for this rank's block of nodes: params, inputs, targets, lr and state hold its rows only.
+
+    Every rank records every round, in the same order (the replay check exchanges rows).
 
     Args:
-        model, loss_fn, window: as for Recorder.
+        model, loss_fn, optimizer, mix_state, window, replay_check: as for Recorder.
         num_nodes: N, the number of nodes of the whole run (W is N x N).
         group: the process group (default: the world).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, num_nodes: int, *, window: int | None = None, group=None):
-        super().__init__(model, loss_fn, window=window, total_nodes=num_nodes)
+    def __init__(self, model: nn.Module, loss_fn: LossFn, num_nodes: int, *, group=None, **recorder_options):
+        super().__init__(model, loss_fn, total_nodes=num_nodes, **recorder_options)
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.blocks = [node_block(num_nodes, r, self.world_size) for r in range(self.world_size)]
         self.nodes = self.blocks[self.rank]
 
-    def record(self, step, params, inputs=None, targets=None, lr=None, W=None) -> None:
+    def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None) -> None:
         """As Recorder.record with this rank's rows (len(self.nodes), ...) and the full (N, N) W."""
         rows = {name: p.shape[0] for name, p in params.items() if isinstance(p, torch.Tensor) and p.dim() > 0}
         if any(r != len(self.nodes) for r in rows.values()):
             raise ValueError(f"rank {self.rank} owns nodes {self.nodes.start}..{self.nodes.stop - 1}: params must hold {len(self.nodes)} rows, got {rows}")
-        super().record(step, params, inputs, targets, lr, W)
+        super().record(step, params, inputs, targets, lr, W, state=state)
+
+    def _replay_mismatch(self, previous: Round, rnd: Round) -> Mismatch:
+        """The worst mismatch over every rank's rows: half steps cross to the ranks that mix them."""
+        mix = lambda W, rows: BlockMixer([W], self.blocks, self.rank, self.group)(0, rows[:, None], False)[:, 0]
+        mine = replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, mix)
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, (mine.relative, mine.absolute, mine.name), group=self.group)
+        return max((Mismatch(*m) for m in everyone), key=lambda m: m.relative)
 
 
-def _chain(
-    recorder: DistributedRecorder, step, test, hops, q, curvature, curvature_at, direct, test_grad_cache=None, traj=None
-) -> Chain:
+def _chain(recorder: DistributedRecorder, step: int, test, hops: int, options: DiceOptions, test_grad_cache=None, traj=None) -> Chain:
+    if options.backend not in ("auto", "torch"):
+        raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
     traj = recorder.trajectory() if traj is None else traj
-    like = traj[traj.steps[0]].params
-    q_all = check_node_weights(q, recorder.total_nodes, like)
     mixer = BlockMixer([traj[step + s].W for s in range(max(hops, 1)) if step + s in traj], recorder.blocks, recorder.rank, recorder.group)
-    return Chain(traj, step, test, hops, q_all[recorder.nodes.start : recorder.nodes.stop],
-                 ChainOptions(curvature, curvature_at, direct), test_grad_cache=test_grad_cache, mixer=mixer, nodes=recorder.nodes)
+    return build_chain(traj, step, test, hops, replace(options, backend="torch"), test_grad_cache=test_grad_cache, mixer=mixer,
+                       nodes=recorder.nodes, total_nodes=recorder.total_nodes)
 
 
 def dice_e(
     recorder: DistributedRecorder, step: int, test: tuple[torch.Tensor, torch.Tensor], hops: int, *,
-    q: torch.Tensor | None = None, curvature: Curvature = "exact", curvature_at: str = "sender",
-    direct: str = "half_step", per_hop: bool = False,
+    per_hop: bool = False, options: DiceOptions | None = None, **option_fields,
 ) -> torch.Tensor:
     """:func:`dicekern.dice_e` for this rank's nodes: (rows, B), or (hops+1, rows, B) with per_hop.
 
     Every rank must call it with the same arguments (it exchanges chain vectors). q is the (N,)
     weight vector of the whole run.
     """
-    chain = _chain(recorder, step, test, hops, q, curvature, curvature_at, direct)
-    return chain.adjoint(per_hop=bool(per_hop))
+    chain = _chain(recorder, step, test, hops, DiceOptions.of(options, **option_fields))
+    return chain.adjoint(per_hop=check_flag("per_hop", per_hop))
 
 
 def cascade(
     recorder: DistributedRecorder, step: int, source: int, test: tuple[torch.Tensor, torch.Tensor], hops: int, *,
-    samples: object = None, q: torch.Tensor | None = None, curvature: Curvature = "exact",
-    curvature_at: str = "sender", direct: str = "half_step",
+    samples: object = None, options: DiceOptions | None = None, **option_fields,
 ) -> torch.Tensor:
     """:func:`dicekern.cascade` of global node ``source``, received by this rank's nodes: (hops+1, rows).
 
     Every rank must call it with the same arguments; only the owner of ``source`` reads its batch.
     """
-    chain = _chain(recorder, step, test, hops, q, curvature, curvature_at, direct)
+    chain = _chain(recorder, step, test, hops, DiceOptions.of(options, **option_fields))
     source = check_node("source", source, recorder.total_nodes)
     return chain.cascade(source, check_samples(samples, chain.batch_size, chain.q))
 
@@ -146,12 +156,11 @@ class DistributedOnlineDICE(OnlineDICE):
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
         self._num_nodes, self._group = num_nodes, group
         super().__init__(model, loss_fn, test, hops, **options)
-        if self._options["backend"] not in ("auto", "torch"):
+        if self.options.backend not in ("auto", "torch"):
             raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
 
-    def _make_recorder(self, model: nn.Module, loss_fn: LossFn) -> DistributedRecorder:
-        return DistributedRecorder(model, loss_fn, self._num_nodes, window=self.hops + 1, group=self._group)
+    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, optimizer: object, mix_state: bool) -> DistributedRecorder:
+        return DistributedRecorder(model, loss_fn, self._num_nodes, optimizer=optimizer, mix_state=mix_state, window=self.hops + 1, group=self._group)
 
     def _chain(self, traj, t: int) -> Chain:
-        options = {k: v for k, v in self._options.items() if k != "backend"}
-        return _chain(self.recorder, t, self.test, self.hops, self.q, test_grad_cache=self._test_grads, traj=traj, **options)
+        return _chain(self.recorder, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads, traj=traj)

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from dicekern import topology
 from dicekern.losses import softmax_cross_entropy
 from dicekern.checks import check_choice, check_int
+from dicekern.engine.step import gossip_round
+from dicekern.optim import OptimizerSpec
 from dicekern.trajectory import Recorder, Trajectory
 
 TOPOLOGIES: dict[str, Callable[[int, int], torch.Tensor]] = {
@@ -76,13 +78,15 @@ def digits_run(
     dtype: torch.dtype = torch.float64,
     test_size: int = 200,
     corrupt: dict[int, str] | None = None,
+    optimizer: OptimizerSpec | None = None,
     progress: bool = False,
 ) -> DigitsRun:
-    """Train a gossip run (adapt then combine, plain SGD) on non-IID digits and record every round.
+    """Train a gossip run (adapt then combine) on non-IID digits and record every round.
 
     Args:
         corrupt: node -> "flip" (every label replaced by a wrong one) or "noise" (features drowned
             in Gaussian noise of standard deviation 1): nodes whose data should hurt the others.
+        optimizer: every node's local optimizer (default plain SGD), its state kept per node.
 
     Example:
         >>> import dicekern as dk
@@ -113,17 +117,19 @@ def digits_run(
 
     torch.manual_seed(seed)
     model = mlp(hidden=hidden).to(dtype)
-    recorder = Recorder(model, softmax_cross_entropy)
-    objective = recorder.objective
+    recorder = Recorder(model, softmax_cross_entropy, optimizer=optimizer)
+    objective, spec = recorder.objective, recorder.optimizer
     init = objective.layout.flatten({n: p.detach()[None] for n, p in model.named_parameters()})
     theta = init.expand(num_nodes, -1).clone()
+    state = spec.initial_state(num_nodes, objective.layout.dim, theta)
+    rates = torch.full((num_nodes,), lr, dtype=dtype)
     rng = np.random.default_rng(seed + 1)
     for t in tqdm(range(rounds), desc="gossip training", disable=not progress):
         batch = torch.tensor(np.stack([rng.choice(ix, batch_size, replace=False) for ix in node_indices]))
         inputs, targets = x_all[batch], y_all[batch]
         mixing = TOPOLOGIES[graph](num_nodes, t).to(dtype)
-        recorder.record(t, objective.layout.unflatten(theta), inputs, targets, lr=lr, W=mixing)
-        _, theta = objective.gossip_round(theta, inputs, targets, lr, mixing)
-    recorder.record(rounds, objective.layout.unflatten(theta))
+        recorder.record(t, objective.layout.unflatten(theta), inputs, targets, lr=rates, W=mixing, state=state)
+        _, theta, state = gossip_round(objective, spec, theta, state, inputs, targets, rates, mixing)
+    recorder.record(rounds, objective.layout.unflatten(theta), state=state)
     test = (x_all[test_indices], y_all[test_indices])
     return DigitsRun(recorder.trajectory(), test, model, softmax_cross_entropy)

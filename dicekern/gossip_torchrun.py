@@ -20,7 +20,9 @@ import torch.distributed as dist
 from dicekern import examples, topology
 from dicekern.distributed import BlockMixer, DistributedOnlineDICE, node_block
 from dicekern.losses import softmax_cross_entropy
+from dicekern.engine.step import local_update
 from dicekern.objective import NodeObjective
+from dicekern.optim import SGD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         W = topology.exponential(n)
         gossip = BlockMixer([W], [node_block(n, r, n) for r in range(n)], rank)
         ledger = DistributedOnlineDICE(model, softmax_cross_entropy, test, args.hops, num_nodes=n)
+        lr = torch.full((1,), args.lr, dtype=theta.dtype)
         rng = np.random.default_rng(rank)
         for t in range(args.rounds):
             batch = torch.tensor(rng.choice(node_indices[rank], args.batch_size, replace=False))
             x, y = x_all[batch][None], y_all[batch][None]  # this node's (1, B, ...)
             ledger.record(t, objective.layout.unflatten(theta), x, y, args.lr, W)
-            half = objective.local_step(theta, x, y, args.lr)
+            half, _ = local_update(objective, SGD(), theta, {}, x, y, lr)
             theta = gossip(0, half[:, None], transpose=False)[:, 0]
         ledger.record(args.rounds, objective.layout.unflatten(theta))
         totals = [None] * n

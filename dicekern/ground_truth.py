@@ -3,46 +3,55 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch.func import vmap
 from tqdm.auto import tqdm
 
 from dicekern.checks import check_node, check_node_weights, check_samples, check_test
-from dicekern.objective import NodeObjective, mean_weights
+from dicekern.engine.step import gossip_round
+from dicekern.objective import mean_weights
 from dicekern.trajectory import Round, Trajectory
 
 
-def _replay_test_losses(
-    objective: NodeObjective, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor
-) -> torch.Tensor:
+def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
     """(K, hops+1, N) test losses at theta^{t+1/2}, theta^{t+1}, ..., theta^{t+hops} of K replays.
 
     keep (K, N, B): 0 drops a sample from round t's batch sum (the denominator stays B); every
-    later round is replayed unchanged.
+    later round is replayed unchanged, from the recorded params and optimizer state of round t.
     """
     first = rounds[0]
     num_replays = keep.shape[0]
     uniform = mean_weights(tuple(keep.shape), keep)
-    replay = vmap(objective.gossip_round, in_dims=(0, None, None, None, None, 0))
-    half, theta = replay(
-        first.params.expand(num_replays, *first.params.shape), first.inputs, first.targets, first.lr, first.W, keep * uniform
+    round_of = partial(gossip_round, traj.objective, traj.optimizer, mix_state=traj.mix_state)
+    replay = vmap(round_of, in_dims=(0, 0, None, None, None, None, 0))
+    state = {name: value.expand(num_replays, *value.shape) for name, value in first.state.items()}
+    half, theta, state = replay(
+        first.params.expand(num_replays, *first.params.shape), state, first.inputs, first.targets, first.lr, first.W, keep * uniform
     )
     states = [half, theta]
     for rnd in rounds[1:-1]:
-        _, theta = replay(theta, rnd.inputs, rnd.targets, rnd.lr, rnd.W, uniform)
+        _, theta, state = replay(theta, state, rnd.inputs, rnd.targets, rnd.lr, rnd.W, uniform)
         states.append(theta)
     states = states[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
     stacked = torch.stack(states, dim=1)  # (K, hops+1, N, D)
-    return objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3])
+    return traj.objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3])
 
 
-def _reachable(rounds: Sequence[Round]) -> torch.Tensor:
-    """(hops+1, N, N) bool: reach[s, k, j] is True when a walk of s mixes takes j to k (s=0: k=j)."""
+def _reachable(rounds: Sequence[Round], stateful: bool) -> torch.Tensor:
+    """(hops+1, N, N) bool: reach[s, k, j] is True when removing a sample of j can change theta_k^{t+s}.
+
+    s = 0: k = j. A node's step is perturbed where its params are, and with optimizer state also
+    wherever its state was perturbed before (the state keeps the perturbation at the node).
+    """
     n = rounds[0].params.shape[0]
-    reach = [torch.eye(n, dtype=torch.bool, device=rounds[0].params.device)]
+    perturbed = torch.eye(n, dtype=torch.bool, device=rounds[0].params.device)  # whose half step moves, per source
+    reach = [perturbed]
     for rnd in rounds[:-1]:
-        reach.append(((rnd.W != 0).double() @ reach[-1].double()) > 0)
+        params_reach = ((rnd.W != 0).double() @ perturbed.double()) > 0
+        reach.append(params_reach)
+        perturbed = params_reach | perturbed if stateful else params_reach
     return torch.stack(reach)
 
 
@@ -65,8 +74,9 @@ def dice_gt(
 ) -> torch.Tensor:
     """gt[s, k] of DICE.md: the change of q_k L(theta_k^{t+s}; z') when samples are removed.
 
-    Replays rounds step..step+hops-1 from the recorded params at ``step`` with and without the
-    chosen samples of node ``source`` (same batches, W and lr otherwise).
+    Replays rounds step..step+hops-1 from the recorded params and optimizer state at ``step``,
+    with the recorded optimizer, with and without the chosen samples of node ``source`` (same
+    batches, W and lr otherwise).
 
     Returns:
         (hops+1, N); row 0 is the direct term at theta^{t+1/2}, nonzero only at ``source``;
@@ -86,8 +96,8 @@ def dice_gt(
     test = check_test(test, like)
     keep = torch.ones(2, *rounds[0].inputs.shape[:2], dtype=like.dtype, device=like.device)
     keep[1, source] -= mask
-    losses = _replay_test_losses(traj.objective, rounds, test, keep)
-    return _gt_from_losses(losses[0], losses[1], q, _reachable(rounds)[:, :, source])
+    losses = _replay_test_losses(traj, rounds, test, keep)
+    return _gt_from_losses(losses[0], losses[1], q, _reachable(rounds, not traj.optimizer.stateless)[:, :, source])
 
 
 def dice_gt_samples(
@@ -129,9 +139,9 @@ def dice_gt_samples(
         raise ValueError("nodes must name at least one node")
     q = check_node_weights(q, n, like)
     test = check_test(test, like)
-    reach = _reachable(rounds)
+    reach = _reachable(rounds, not traj.optimizer.stateless)
     ones = torch.ones(1, n, batch, dtype=like.dtype, device=like.device)
-    factual = _replay_test_losses(traj.objective, rounds, test, ones)[0]
+    factual = _replay_test_losses(traj, rounds, test, ones)[0]
     removals = [(j, b) for j in nodes for b in range(batch)]
     totals = []
     for start in tqdm(range(0, len(removals), chunk_size), desc="DICE-GT replays", disable=not progress, unit="chunk"):
@@ -139,7 +149,7 @@ def dice_gt_samples(
         keep = ones.repeat(len(chunk), 1, 1)
         for i, (j, b) in enumerate(chunk):
             keep[i, j, b] = 0.0
-        losses = _replay_test_losses(traj.objective, rounds, test, keep)
+        losses = _replay_test_losses(traj, rounds, test, keep)
         sources = torch.tensor([j for j, _ in chunk], device=like.device)
         gt = _gt_from_losses(factual, losses, q, reach[:, :, sources].permute(2, 0, 1))
         totals.append(gt.sum(-1))  # (chunk, hops+1)

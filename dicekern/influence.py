@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dicekern.bindings import is_linear_head, resolve_backend
-from dicekern.chain import Chain, ChainOptions
-from dicekern.checks import check_node, check_samples
-from dicekern.objective import Curvature
+from dicekern.checks import check_flag, check_node, check_samples
+from dicekern.engine.builder import build_chain
+from dicekern.engine.options import DiceOptions
 from dicekern.trajectory import Trajectory
-
-
-def build_chain(
-    traj: Trajectory, step: int, test, hops: int, q, curvature, curvature_at, direct, backend: str, test_grad_cache=None
-) -> Chain:
-    """The Chain of one query, on the engine ``backend`` resolves to (see Chain for the arguments)."""
-    engine = resolve_backend(backend, traj.device, is_linear_head(traj.objective.model, traj.objective.loss_fn))
-    return Chain(traj, step, test, hops, q, ChainOptions(curvature, curvature_at, direct), engine, test_grad_cache)
 
 
 def dice_e(
@@ -25,13 +16,10 @@ def dice_e(
     test: tuple[torch.Tensor, torch.Tensor],
     hops: int,
     *,
-    q: torch.Tensor | None = None,
-    curvature: Curvature = "exact",
-    curvature_at: str = "sender",
-    direct: str = "half_step",
     per_hop: bool = False,
     per_test: bool = False,
-    backend: str = "auto",
+    options: DiceOptions | None = None,
+    **option_fields,
 ) -> torch.Tensor:
     """DICE-E^(hops) of every sample of every node at round ``step``, all in one adjoint chain.
 
@@ -39,21 +27,17 @@ def dice_e(
         traj: the recorded run; needs rounds step..step+hops (the last may be params only).
         step: the round t whose samples are scored.
         test: (inputs (M, ...), targets (M, ...)); the objective is their mean loss.
-        hops: r >= 0 communication hops after the local step.
-        q: (N,) node weights of the global objective, default 1/N.
-        curvature: "exact", "ggn" or "none".
-        curvature_at: "sender" (DICE.md) or "receiver" (the theorem as printed).
-        direct: "half_step" (gradient at theta^{t+1/2}) or "paper" (at theta^t) for hop 0.
+        hops: r >= 0 rounds after the local step (hop s reads theta^{t+s}).
         per_hop: return each hop's term separately.
         per_test: score against each test point's own loss instead of their mean.
-        backend: "torch" (reference engine), "triton" (kernels; CPU tensors need
-            TRITON_INTERPRET=1), or "auto" (Triton on CUDA for a linear head under a
-            ``dicekern.losses`` loss, torch otherwise).
+        options: a :class:`DiceOptions` (q, curvature, curvature_at, direct, backend); its fields
+            may also be given as keywords, e.g. ``q=weights, curvature="ggn"``.
 
     Returns:
-        (N, B) scores; per_hop adds a leading (hops+1,) axis that sums to the default; per_test
-        adds an (M,) axis before N whose mean is the default: (hops+1, M, N, B) with both.
-        Loss with the sample minus loss without it: a helpful sample is negative.
+        Scores with the fixed rank rule ``[hops+1,] [M,] N, B``: (N, B) by default; per_hop adds
+        a leading (hops+1,) axis that sums to the default; per_test adds an (M,) axis before N
+        whose mean is the default. Loss with the sample minus loss without it: a helpful sample
+        is negative.
 
     Example:
         >>> import dicekern as dk
@@ -61,8 +45,8 @@ def dice_e(
         >>> dk.dice_e(run.trajectory, step=1, test=run.test, hops=1).shape
         torch.Size([4, 5])
     """
-    chain = build_chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
-    return chain.adjoint(per_hop=bool(per_hop), per_test=bool(per_test))
+    chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
+    return chain.adjoint(per_hop=check_flag("per_hop", per_hop), per_test=check_flag("per_test", per_test))
 
 
 def cascade(
@@ -73,11 +57,8 @@ def cascade(
     hops: int,
     *,
     samples: object = None,
-    q: torch.Tensor | None = None,
-    curvature: Curvature = "exact",
-    curvature_at: str = "sender",
-    direct: str = "half_step",
-    backend: str = "auto",
+    options: DiceOptions | None = None,
+    **option_fields,
 ) -> torch.Tensor:
     """How the chosen samples of node ``source`` reach every node, hop by hop (one forward chain).
 
@@ -87,7 +68,8 @@ def cascade(
         The other arguments are those of :func:`dice_e`.
 
     Returns:
-        (hops+1, N): e[s, k] of DICE.md; row 0 is nonzero only at ``source``.
+        (hops+1, N): e[s, k] of DICE.md; row 0 is nonzero only at ``source``. With an optimizer
+        that keeps state, the source's own later rows carry what lingers in its state.
 
     Example:
         >>> import dicekern as dk
@@ -95,7 +77,7 @@ def cascade(
         >>> dk.cascade(run.trajectory, step=0, source=2, test=run.test, hops=2, samples=[0, 3]).shape
         torch.Size([3, 4])
     """
-    chain = build_chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
+    chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
     source = check_node("source", source, traj.num_nodes)
     mask = check_samples(samples, chain.batch_size, chain.q)
     return chain.cascade(source, mask)
@@ -107,11 +89,8 @@ def influence_matrix(
     test: tuple[torch.Tensor, torch.Tensor],
     hops: int,
     *,
-    q: torch.Tensor | None = None,
-    curvature: Curvature = "exact",
-    curvature_at: str = "sender",
-    direct: str = "half_step",
-    backend: str = "auto",
+    options: DiceOptions | None = None,
+    **option_fields,
 ) -> torch.Tensor:
     """Node-to-node influence of every node's whole batch at round ``step``, all sources in one chain.
 
@@ -125,5 +104,5 @@ def influence_matrix(
         >>> dk.influence_matrix(run.trajectory, step=0, test=run.test, hops=2).shape
         torch.Size([3, 4, 4])
     """
-    chain = build_chain(traj, step, test, hops, q, curvature, curvature_at, direct, backend)
+    chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
     return chain.influence_matrix()

@@ -33,6 +33,13 @@ class ParamLayout:
         """D, the number of scalar parameters of one node's model."""
         return sum(self.sizes)
 
+    def slices(self) -> list[tuple[str, slice]]:
+        """(name, columns) of every parameter inside the flat vector."""
+        ends = [0]
+        for size in self.sizes:
+            ends.append(ends[-1] + size)
+        return [(name, slice(a, b)) for name, a, b in zip(self.names, ends, ends[1:])]
+
     def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Stack a mapping name -> (N, *shape) into one (N, D) tensor (a copy).
 

@@ -24,6 +24,29 @@ def mean_weights(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.full(shape, 1.0 / shape[-1], dtype=like.dtype, device=like.device)
 
 
+def check_replayable_model(model: nn.Module) -> None:
+    """Refuse what a per-node replay cannot reproduce: batch norm, dropout in train mode, buffers.
+
+    A node's model is its recorded flat parameters and nothing else, so buffers (batch-norm
+    running statistics, for example) would silently be the template module's for every node.
+    """
+    for name, module in model.named_modules():
+        where = f"module {name or '(the model itself)'!r} ({type(module).__name__})"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            mode = "in train mode normalises by batch statistics, so a sample's loss depends on its batch," if module.training else "keeps running statistics in buffers,"
+            raise ValueError(
+                f"{where} {mode} which DICE cannot replay per node: use GroupNorm or LayerNorm instead"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
+            raise ValueError(f"{where} is in train mode and draws random masks DICE cannot replay: call model.eval() (or drop the layer)")
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(
+            f"the model has buffers {buffers[:4]}{' ...' if len(buffers) > 4 else ''}: dicekern scores each node with its own "
+            f"recorded parameters and would use the template's buffers for all of them; make them parameters or remove them"
+        )
+
+
 class NodeObjective:
     """The losses of one architecture evaluated at many parameter vectors at once.
 
@@ -37,6 +60,7 @@ class NodeObjective:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_replayable_model(model)
         self.model = model
         self.loss_fn = loss_fn
         self.layout = ParamLayout.of(model)
@@ -45,6 +69,14 @@ class NodeObjective:
 
     def outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, self.layout.unflatten(theta), (x,))
+
+    def check_deterministic(self, theta: torch.Tensor, x: torch.Tensor) -> None:
+        """Refuse a model whose outputs differ between two identical calls (randomness in forward)."""
+        if not torch.equal(self.outputs(theta, x), self.outputs(theta, x)):
+            raise ValueError(
+                "the model's outputs differ between two calls on the same inputs and parameters: dicekern cannot replay "
+                "random layers (dropout or noise in train mode); call model.eval() or remove the randomness"
+            )
 
     def per_sample_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B,) losses of one node's batch."""
@@ -88,26 +120,30 @@ class NodeObjective:
         per_point = vmap(grad(self.mean_loss), in_dims=(None, 0, 0))
         return vmap(per_point, in_dims=(0, 0, None))(thetas, inputs.unsqueeze(2), targets[:, None])
 
-    def damped_curvature(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature
+    def curvature_products(
+        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:
-        """(I - lr H_k) V_k for every node k: thetas (N, D), vectors (N, C, D) -> (N, C, D)."""
+        """H_k V_k for every node k, H_k the curvature of node k's batch loss at thetas[k]: (N, C, D).
+
+        kind "exact" (Hessian), "ggn" (Gauss-Newton) or "none" (zero).
+        """
         if kind == "none":
-            return vectors
+            return torch.zeros_like(vectors)
         # a perturbation that has not reached node k yet is exactly zero there: skip k
         active = vectors.flatten(1).ne(0).any(dim=1)
         if active.all():
-            return self._damp_nodes(thetas, inputs, targets, lr, vectors, kind)
+            return self._curvature_products(thetas, inputs, targets, vectors, kind)
         nodes = active.nonzero().flatten()
-        damped = vectors.clone()
-        damped[nodes] = self._damp_nodes(thetas[nodes], inputs[nodes], targets[nodes], lr, vectors[nodes], kind)
-        return damped
+        products = torch.zeros_like(vectors)
+        if len(nodes):
+            products[nodes] = self._curvature_products(thetas[nodes], inputs[nodes], targets[nodes], vectors[nodes], kind)
+        return products
 
-    def _damp_nodes(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, vectors: torch.Tensor, kind: Curvature
+    def _curvature_products(
+        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:
-        """(I - lr H_k) V_k for the given nodes, without the zero-row skip: (N', C, D)."""
-        return vectors - lr * _over_columns(self._curvature_vp, thetas, inputs, targets, vectors, kind)
+        """H_k V_k for the given nodes, without the zero-row skip: (N', C, D)."""
+        return _over_columns(self._curvature_vp, thetas, inputs, targets, vectors, kind)
 
     def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C, B) grad loss_b(theta_k)^T V[k, c] for every sample b, by one JVP per vector.
@@ -119,30 +155,6 @@ class NodeObjective:
             return jvp(lambda th: self.per_sample_losses(th, x, y), (theta,), (v,))[1]
 
         return _over_columns(dots, thetas, inputs, targets, vectors)
-
-    def local_step(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, lr: float, weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(N, D) theta^{t+1/2} = theta - lr grad(sum_b weights[k, b] loss_b), weights (N, B).
-
-        weights default to 1/B (the batch mean); a zero drops a sample but keeps B.
-        """
-        if weights is None:
-            weights = mean_weights(inputs.shape[:2], thetas)
-        return thetas - lr * self.node_grads(thetas, inputs, targets, weights)
-
-    def gossip_round(
-        self,
-        thetas: torch.Tensor,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        lr: float,
-        mixing: torch.Tensor,
-        weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One round of adapt-then-combine: returns (theta^{t+1/2}, theta^{t+1}), each (N, D)."""
-        half = self.local_step(thetas, inputs, targets, lr, weights)
-        return half, mixing @ half
 
 
 def _over_columns(fn: Callable[..., torch.Tensor], thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, *extra) -> torch.Tensor:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dicekern.checks import as_tensor, check_int, check_node_weights, check_test
-from dicekern.chain import Chain
-from dicekern.influence import build_chain
-from dicekern.objective import Curvature, LossFn
+from dicekern.checks import as_tensor, check_int, check_test
+from dicekern.engine.builder import build_chain
+from dicekern.engine.chain import Chain
+from dicekern.engine.options import DiceOptions
+from dicekern.objective import LossFn
+from dicekern.optim import spec_from_dict
 from dicekern.storage import load_trajectory, save_trajectory
 from dicekern.trajectory import Recorder
 
@@ -30,12 +33,12 @@ class OnlineDICE:
     """Records a run like :class:`Recorder` and keeps DICE-E totals of every node and sample.
 
     Args:
-        model, loss_fn: as for Recorder.
+        model, loss_fn, optimizer, mix_state: as for Recorder.
         test: (inputs (M, ...), targets (M, ...)), the objective every round is scored against.
         hops: DICE-E^(hops) of each round; round t is scored when round t + hops is recorded.
-        q: (N,) node weights, default 1/N.
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
-        curvature, curvature_at, direct, backend: as for :func:`dicekern.dice_e`.
+        options: a :class:`DiceOptions` (q, curvature, curvature_at, direct, backend), or its
+            fields as keywords, as for :func:`dicekern.dice_e`.
 
     Attributes:
         node_totals: (N,) how much each node's data changed the q-weighted test loss over the scored
@@ -62,19 +65,17 @@ class OnlineDICE:
         test: tuple[torch.Tensor, torch.Tensor],
         hops: int,
         *,
-        q: torch.Tensor | None = None,
+        optimizer: object = None,
+        mix_state: bool = False,
         node_matrix: bool = False,
-        curvature: Curvature = "exact",
-        curvature_at: str = "sender",
-        direct: str = "half_step",
-        backend: str = "auto",
+        options: DiceOptions | None = None,
+        **option_fields,
     ):
         self.hops = check_int("hops", hops, minimum=0)
-        self.recorder = self._make_recorder(model, loss_fn)
+        self.recorder = self._make_recorder(model, loss_fn, optimizer, mix_state)
         self.test = test
-        self.q = q
+        self.options = DiceOptions.of(options, **option_fields)
         self.node_matrix = bool(node_matrix)
-        self._options = dict(curvature=curvature, curvature_at=curvature_at, direct=direct, backend=backend)
         self.node_totals: torch.Tensor | None = None
         self.matrix_totals: torch.Tensor | None = None
         self.sample_totals: dict[int, float] = {}
@@ -83,7 +84,7 @@ class OnlineDICE:
         self._test_grads: dict[int, torch.Tensor] = {}  # step -> (N, D) q-scaled test gradients
 
     def record(
-        self, step: int, params: Mapping[str, torch.Tensor], inputs=None, targets=None, lr=None, W=None, *, sample_ids=None
+        self, step: int, params: Mapping[str, torch.Tensor], inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None
     ) -> torch.Tensor | None:
         """Record round ``step`` (arguments of Recorder.record); returns the (N, B) scores of round
         step - hops if that round became complete, else None.
@@ -97,7 +98,7 @@ class OnlineDICE:
             if inputs is None or ids.is_floating_point() or tuple(ids.shape) != tuple(inputs.shape[:2]):
                 shape = "(N, B) of the batch" if inputs is None else f"(N, B) = {tuple(inputs.shape[:2])}"
                 raise ValueError(f"sample_ids must be integer ids of shape {shape}")
-        self.recorder.record(step, params, inputs, targets, lr, W)
+        self.recorder.record(step, params, inputs, targets, lr, W, state=state)
         if ids is not None:
             self._sample_ids[step] = ids.cpu()
         return self._score(step - self.hops)
@@ -123,13 +124,12 @@ class OnlineDICE:
             del self._test_grads[old]
         return scores
 
-    def _make_recorder(self, model: nn.Module, loss_fn: LossFn) -> Recorder:
-        return Recorder(model, loss_fn, window=self.hops + 1)
+    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, optimizer: object, mix_state: bool) -> Recorder:
+        return Recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, window=self.hops + 1)
 
     def _chain(self, traj, t: int) -> Chain:
         """The chain that scores round t, sharing this ledger's test-gradient cache."""
-        self.q = check_node_weights(self.q, traj.num_nodes, traj[t].params)
-        return build_chain(traj, t, self.test, self.hops, self.q, test_grad_cache=self._test_grads, **self._options)
+        return build_chain(traj, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the totals and what scoring the next rounds needs, to resume with identical totals."""
@@ -142,7 +142,9 @@ class OnlineDICE:
         state = {
             "hops": self.hops,
             "node_matrix": self.node_matrix,
-            "options": self._options,
+            "optimizer": self.recorder.optimizer.to_dict(),
+            "mix_state": self.recorder.mix_state,
+            "options": {f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "q"},
             "scored_steps": self.scored_steps,
             "node_totals": None if self.node_totals is None else self.node_totals.tolist(),
             "matrix_totals": None if self.matrix_totals is None else self.matrix_totals.tolist(),
@@ -166,16 +168,17 @@ class OnlineDICE:
             state = json.loads((directory / LEDGER).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{directory / LEDGER} cannot be read: {error}") from None
-        ledger = cls(model, loss_fn, test, state["hops"], q=q, node_matrix=state["node_matrix"], **state["options"], **kwargs)
+        ledger = cls(model, loss_fn, test, state["hops"], optimizer=spec_from_dict(state["optimizer"]), mix_state=state["mix_state"],
+                     node_matrix=state["node_matrix"], q=q, **state["options"], **kwargs)
         if state["pending"]:
             pending = load_trajectory(directory / "pending", model, loss_fn, device=device)
             for t in pending.steps:
                 rnd = pending[t]
                 params = pending.params(t)
                 if rnd.has_batch:
-                    ledger.recorder.record(t, params, rnd.inputs, rnd.targets, rnd.lr, rnd.W)
+                    ledger.recorder.record(t, params, rnd.inputs, rnd.targets, rnd.lr, rnd.W, state=rnd.state)
                 else:
-                    ledger.recorder.record(t, params)
+                    ledger.recorder.record(t, params, state=rnd.state)
             like = pending[pending.steps[0]].params
             ledger.test = check_test(test, like)
             to = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)

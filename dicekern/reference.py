@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from dicekern.chain import ChainOptions
 from dicekern.checks import check_node, check_node_weights, check_samples, check_test
+from dicekern.engine.options import DiceOptions
 from dicekern.objective import Curvature, NodeObjective
 from dicekern.trajectory import Trajectory
 
@@ -55,15 +55,14 @@ def dice_e_walks(
     hops: int,
     *,
     samples: object = None,
-    q: torch.Tensor | None = None,
-    curvature: Curvature = "exact",
-    curvature_at: str = "sender",
-    direct: str = "half_step",
+    options: DiceOptions | None = None,
+    **option_fields,
 ) -> torch.Tensor:
     """e[s, k] of DICE.md summed over the walks P_j^{(s)} ending at k, one walk at a time.
 
-    Same arguments and result (hops+1, N) as :func:`dicekern.cascade`; cost grows with the
-    number of walks, about degree^hops.
+    Same arguments and result (hops+1, N) as :func:`dicekern.cascade` (the backend option is
+    ignored); cost grows with the number of walks, about degree^hops. The paper's walks are
+    those of plain SGD: other optimizers are refused.
 
     Example:
         >>> import dicekern as dk
@@ -71,22 +70,24 @@ def dice_e_walks(
         >>> dk.reference.dice_e_walks(run.trajectory, 0, 1, run.test, hops=2).shape
         torch.Size([3, 4])
     """
-    options = ChainOptions(curvature, curvature_at, direct)
+    options = DiceOptions.of(options, **option_fields)
+    if not traj.optimizer.is_plain_sgd:
+        raise ValueError(f"the walk reference evaluates the paper's plain-SGD walks; the run used {traj.optimizer}: use dk.cascade")
     rounds = traj.window(step, hops)
     first = rounds[0]
     n, batch = first.inputs.shape[:2]
     j = check_node("source", source, n)
     like = first.params
     mask = check_samples(samples, batch, like)
-    q = check_node_weights(q, n, like)
+    q = check_node_weights(options.q, n, like)
     x_test, y_test = check_test(test, like)
     ag = _Autograd(traj.objective)
 
     theta_j = first.params[j]
-    displacement = -first.lr * ag.grad(theta_j, first.inputs[j], first.targets[j], mask / batch)
+    displacement = -first.lr[j] * ag.grad(theta_j, first.inputs[j], first.targets[j], mask / batch)
     direct_point = theta_j
     if options.direct == "half_step":
-        direct_point = theta_j - first.lr * ag.grad(theta_j, first.inputs[j], first.targets[j])
+        direct_point = theta_j - first.lr[j] * ag.grad(theta_j, first.inputs[j], first.targets[j])
     scores = like.new_zeros(hops + 1, n)
     scores[0, j] = q[j] * (ag.grad(direct_point, x_test, y_test) @ displacement)
 
@@ -101,7 +102,7 @@ def dice_e_walks(
                 rnd = rounds[hop - 1]
                 if hop >= 2 and options.curvature != "none":
                     node = walk[hop - 1] if options.curvature_at == "sender" else walk[hop]
-                    v = v - rnd.lr * ag.curvature_product(
+                    v = v - rnd.lr[node] * ag.curvature_product(
                         rnd.params[node], rnd.inputs[node], rnd.targets[node], v, options.curvature
                     )
                 v = rnd.W[walk[hop], walk[hop - 1]] * v

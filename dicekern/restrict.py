@@ -73,7 +73,10 @@ def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tup
     extractor, head = model[:-1], model[-1]
     head_prefix = f"{len(model) - 1}."
     x_test, y_test = check_test(test, traj[traj.steps[0]].params)
-    recorder = Recorder(head, traj.objective.loss_fn)
+    # features move between rounds, which this mode deliberately ignores: no replay check
+    recorder = Recorder(head, traj.objective.loss_fn, optimizer=traj.optimizer, mix_state=traj.mix_state, replay_check="off")
+    head_columns = torch.cat([torch.arange(c.start, c.stop) for name, c in traj.objective.layout.slices() if name.startswith(head_prefix)])
+    blocks = traj.optimizer.state_blocks
     features: dict[int, torch.Tensor] = {}
 
     def embed(extractor_params: dict[str, torch.Tensor], x: torch.Tensor, per_node: bool) -> torch.Tensor:
@@ -85,12 +88,13 @@ def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tup
 
     for t in traj.steps:
         params = traj.params(t)
+        rnd = traj[t]
+        state = None if rnd.state is None else {k: v[:, head_columns] if k in blocks else v for k, v in rnd.state.items()}
         head_params = {n.removeprefix(head_prefix): p for n, p in params.items() if n.startswith(head_prefix)}
         extractor_params = {n: p for n, p in params.items() if not n.startswith(head_prefix)}
         features[t] = embed(extractor_params, x_test, per_node=False)
-        rnd = traj[t]
         if rnd.has_batch:
-            recorder.record(t, head_params, embed(extractor_params, rnd.inputs, per_node=True), rnd.targets, lr=rnd.lr, W=rnd.W)
+            recorder.record(t, head_params, embed(extractor_params, rnd.inputs, per_node=True), rnd.targets, lr=rnd.lr, W=rnd.W, state=state)
         else:
-            recorder.record(t, head_params)
+            recorder.record(t, head_params, state=state)
     return recorder.trajectory(), PerNodeTest(features, y_test)

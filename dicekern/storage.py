@@ -20,11 +20,13 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dicekern.objective import LossFn, NodeObjective
+from dicekern.optim import spec_from_dict
 from dicekern.trajectory import Round, Trajectory
 
 FORMAT = "dicekern-trajectory"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
+STATE_PREFIX = "state."
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -44,16 +46,17 @@ def save_trajectory(traj: Trajectory, directory: str | os.PathLike) -> None:
     rounds = {}
     for step in traj.steps:
         rnd = traj[step]
-        tensors = {"params": rnd.params.contiguous().cpu()}
+        tensors = {"params": rnd.params}
         if rnd.has_batch:
-            tensors.update(inputs=rnd.inputs.contiguous().cpu(), targets=rnd.targets.contiguous().cpu(), W=rnd.W.contiguous().cpu())
+            tensors.update(inputs=rnd.inputs, targets=rnd.targets, lr=rnd.lr, W=rnd.W)
+        tensors.update({STATE_PREFIX + name: value for name, value in (rnd.state or {}).items()})
+        tensors = {name: value.contiguous().cpu() for name, value in tensors.items()}
         data = save_tensors(tensors)
         name = f"round_{step:09d}.safetensors"
         _write_atomic(directory / name, data)
         rounds[str(step)] = {
             "file": name,
             "sha256": hashlib.sha256(data).hexdigest(),
-            "lr": rnd.lr,
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
         }
@@ -62,6 +65,8 @@ def save_trajectory(traj: Trajectory, directory: str | os.PathLike) -> None:
         "version": VERSION,
         "parameters": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes)],
         "num_nodes": traj.num_nodes,
+        "optimizer": traj.optimizer.to_dict(),
+        "mix_state": traj.mix_state,
         "dtype": str(traj.dtype).removeprefix("torch."),
         "rounds": rounds,
     }
@@ -75,8 +80,9 @@ class RoundFiles(Mapping):
     round by round.
     """
 
-    def __init__(self, directory: Path, manifest: dict, device: torch.device | str, cache_rounds: int):
+    def __init__(self, directory: Path, manifest: dict, device: torch.device | str, cache_rounds: int, stateless: bool):
         self._directory = directory
+        self._stateless = stateless  # a stateless optimizer's rounds all carry the empty state
         self._entries = {int(step): entry for step, entry in manifest["rounds"].items()}
         self._device = torch.device(device)
         self._cache: OrderedDict[int, Round] = OrderedDict()
@@ -122,9 +128,10 @@ class RoundFiles(Mapping):
         if shapes != entry["shapes"] or dtypes != entry["dtypes"]:
             raise ValueError(f"{where} does not match the manifest: {shapes} {dtypes}, expected {entry['shapes']} {entry['dtypes']}")
         tensors = {k: v.to(self._device) for k, v in tensors.items()}
+        state = {k.removeprefix(STATE_PREFIX): v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
         if "inputs" not in tensors:
-            return Round(tensors["params"])
-        return Round(tensors["params"], tensors["inputs"], tensors["targets"], entry["lr"], tensors["W"])
+            return Round(tensors["params"], state=state if state or self._stateless else None)
+        return Round(tensors["params"], tensors["inputs"], tensors["targets"], tensors["lr"], tensors["W"], state)
 
 
 def load_trajectory(
@@ -151,4 +158,6 @@ def load_trajectory(
         raise ValueError(f"the model's parameters {expected} do not match the saved ones {manifest['parameters']}")
     if not manifest["rounds"]:
         raise ValueError(f"{directory / MANIFEST} lists no rounds")
-    return Trajectory(objective, RoundFiles(directory, manifest, device, cache_rounds))
+    optimizer = spec_from_dict(manifest["optimizer"])
+    rounds = RoundFiles(directory, manifest, device, cache_rounds, optimizer.stateless)
+    return Trajectory(objective, rounds, optimizer, mix_state=manifest["mix_state"])

@@ -1,16 +1,32 @@
-"""Recording a gossip training run: what DICE needs of every round, and nothing more."""
+"""Recording a gossip training run: what DICE needs of every round, and nothing more.
+
+A round t holds every node's params at its start, and when its local step is to be explained, the
+batch, learning rate, optimizer state (at the start of the round) and the W applied after the step.
+The recorder checks that recorded rounds follow from each other under the declared optimizer.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dicekern.checks import check_batch, check_finite, check_int, check_mixing
+from dicekern.checks import check_batch, check_choice, check_finite, check_int, check_mixing
+from dicekern.engine.step import local_update
 from dicekern.objective import LossFn, NodeObjective
+from dicekern.optim import SGD, OptimizerSpec, State, check_lr, from_torch
+
+
+REPLAY_CHECKS = ("sampled", "every", "off")
+SAMPLE_EVERY = 16  # after the first two, one transition in SAMPLE_EVERY is replayed by record()
+LIKELY_CAUSES = (
+    "the optimizer differs from the declared one (momentum, weight decay, Adam: pass optimizer= to the Recorder), "
+    "gradient clipping or scaling, dropout or batch norm in train mode, a learning rate other than the recorded lr, "
+    "a W other than the one applied, or state recorded after instead of before the step"
+)
 
 
 @dataclass(frozen=True)
@@ -21,15 +37,18 @@ class Round:
         params: (N, D) every node's flat model at the start of round t.
         inputs: (N, B, ...) the mini-batch each node used in round t, or None for params only.
         targets: (N, B, ...) matching targets, or None.
-        lr: the SGD learning rate of round t, or None.
+        lr: (N,) every node's learning rate in round t, or None.
         W: (N, N) row-stochastic mixing matrix applied after the local update, or None.
+        state: the optimizer state at the start of round t (blocks (N, D), counters (N,)); empty
+            for a stateless optimizer, None when not recorded.
     """
 
     params: torch.Tensor
     inputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
-    lr: float | None = None
+    lr: torch.Tensor | None = None
     W: torch.Tensor | None = None
+    state: State | None = None
 
     @property
     def has_batch(self) -> bool:
@@ -37,8 +56,21 @@ class Round:
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """How far recorded round t+1 is from the replay of round t, relative to that round's update.
+
+    ``relative`` is max |recorded - replayed| over a parameter (or state block), divided by the
+    largest change the replayed update made to it (plus 8 rounding units of its largest value).
+    """
+
+    relative: float
+    absolute: float
+    name: str
+
+
+@dataclass(frozen=True)
 class VerifyReport:
-    """Largest difference between recorded params at t+1 and a replay of round t."""
+    """Largest mismatch between recorded rounds t+1 and replays of rounds t (see :class:`Mismatch`)."""
 
     max_abs_mismatch: float
     max_rel_mismatch: float
@@ -49,15 +81,59 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        """True when the run is plain SGD + gossip up to rtol (relative to the largest parameter)."""
+        """True when every checked round is the declared optimizer's step plus gossip, up to rtol."""
         return self.max_rel_mismatch <= self.rtol
 
 
-class Trajectory:
-    """The recorded rounds of one run, keyed by step. Built by ``Recorder.trajectory()``."""
+def default_rtol(dtype: torch.dtype) -> float:
+    """Tolerance of the update-relative mismatch: 1e-6 in float64, 0.05 in float32 (rounding of
+    theta is then up to a few percent of a small Adam update)."""
+    return max(1e-6, min(0.5, 4e5 * torch.finfo(dtype).eps))
 
-    def __init__(self, objective: NodeObjective, rounds: Mapping[int, Round]):
+
+def replay_mismatch(
+    objective: NodeObjective, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, mix=None,
+) -> Mismatch:
+    """The worst :class:`Mismatch` of round ``following`` (t+1) against the replay of round ``rnd`` (t).
+
+    mix(W, rows) mixes the half-step rows (default W @ rows; across processes an exchange).
+    """
+    mix = mix or (lambda W, rows: W @ rows)
+    half, state = local_update(objective, optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr)
+    pairs = [(following.params, mix(rnd.W, half), mix(rnd.W, rnd.params), objective.layout.slices())]
+    if following.state is not None:
+        for name in optimizer.state_blocks:
+            replayed = mix(rnd.W, state[name]) if mix_state else state[name]
+            before = mix(rnd.W, rnd.state[name]) if mix_state else rnd.state[name]
+            pairs.append((following.state[name], replayed, before, [(f"state[{name!r}]", slice(None))]))
+        for name in optimizer.state_counters:
+            if not torch.equal(following.state[name], state[name]):
+                return Mismatch(float("inf"), float("inf"), f"state[{name!r}]")
+    worst = Mismatch(0.0, 0.0, "")
+    for recorded, replayed, before, parts in pairs:
+        for name, columns in parts:
+            rec, rep, old = recorded[:, columns], replayed[:, columns], before[:, columns]
+            error = (rec - rep).abs().max().item()
+            scale = (rep - old).abs().max().item() + 8 * torch.finfo(rep.dtype).eps * rep.abs().max().item()
+            relative = error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
+            if relative > worst.relative or not worst.name:
+                worst = Mismatch(relative, error, name)
+    return worst
+
+
+class Trajectory:
+    """The recorded rounds of one run, keyed by step. Built by ``Recorder.trajectory()``.
+
+    Attributes:
+        objective: the model and loss of every node.
+        optimizer: the spec of every node's local step.
+        mix_state: whether the optimizer state is gossiped with the params.
+    """
+
+    def __init__(self, objective: NodeObjective, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *, mix_state: bool = False):
         self.objective = objective
+        self.optimizer = SGD() if optimizer is None else optimizer
+        self.mix_state = bool(mix_state)
         self._rounds = rounds  # a dict in memory, or rounds read lazily from disk
         self._steps = tuple(sorted(rounds))
 
@@ -98,7 +174,7 @@ class Trajectory:
     def window(self, step: int, hops: int) -> tuple[Round, ...]:
         """Rounds step..step+hops, checked to hold what a hops-hop query from ``step`` needs.
 
-        Rounds step..step+hops-1 (and step itself when hops=0) need their batch, lr and W;
+        Rounds step..step+hops-1 (and step itself when hops=0) need their batch, lr, W and state;
         round step+hops needs params only.
         """
         step = check_int("step", step)
@@ -120,32 +196,27 @@ class Trajectory:
         return tuple(rounds)
 
     def verify(self, rtol: float | None = None) -> VerifyReport:
-        """Replay every round t whose successor t+1 is recorded and compare with params at t+1.
+        """Replay every round t whose successor t+1 is recorded and compare with round t+1.
 
-        A trainer that is not plain SGD + gossip (momentum, weight decay, clipping, another W)
-        shows up as a large mismatch. rtol defaults to 1e-10 in float64, 1e-4 otherwise.
+        The mismatch is relative to the size of each round's update (see :class:`Mismatch`), so
+        an optimizer other than the declared one (momentum, weight decay, Adam), clipping or
+        another W shows up even when the update is small. rtol defaults to ``default_rtol``.
         """
-        if rtol is None:
-            rtol = 1e-10 if self.dtype == torch.float64 else 1e-4
-        checked, worst = 0, (-1.0, 0.0, 0, "")
+        rtol = default_rtol(self.dtype) if rtol is None else rtol
+        checked, worst, worst_step = 0, Mismatch(-1.0, 0.0, ""), -1
         for t in self._steps:
             if t + 1 not in self._rounds or not self._rounds[t].has_batch:
                 continue
-            rnd, nxt = self._rounds[t], self._rounds[t + 1]
-            _, replayed = self.objective.gossip_round(rnd.params, rnd.inputs, rnd.targets, rnd.lr, rnd.W)
-            diff = (replayed - nxt.params).abs()
-            scale = nxt.params.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
-            abs_err = diff.max().item()
-            if abs_err > worst[0]:
-                column = int(diff.max(dim=0).values.argmax())
-                worst = (abs_err, (abs_err / scale).item(), t, self._param_of_column(column))
+            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, self._rounds[t], self._rounds[t + 1])
+            if mismatch.relative > worst.relative:
+                worst, worst_step = mismatch, t + 1
             checked += 1
         if checked == 0:
             raise ValueError(
                 "nothing to verify: no round t with its batch is followed by a recorded round t+1 "
                 f"(recorded: {self._describe_steps()})"
             )
-        return VerifyReport(worst[0], worst[1], worst[2], worst[3], checked, rtol)
+        return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write every round as safetensors plus a checksummed manifest (see dicekern.storage)."""
@@ -171,15 +242,6 @@ class Trajectory:
 
         return load_trajectory(directory, model, loss_fn, device=device, cache_rounds=cache_rounds)
 
-    def _param_of_column(self, column: int) -> str:
-        layout = self.objective.layout
-        end = 0
-        for name, size in zip(layout.names, layout.sizes):
-            end += size
-            if column < end:
-                return name
-        raise IndexError(column)
-
     def _describe_steps(self) -> str:
         steps = self.steps
         if not steps:
@@ -189,18 +251,40 @@ class Trajectory:
         return ", ".join(map(str, steps))
 
 
+def as_spec(optimizer: object) -> OptimizerSpec:
+    """A spec from a spec, a torch.optim optimizer, or a sequence of per-node torch optimizers (one spec)."""
+    if optimizer is None:
+        return SGD()
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if isinstance(optimizer, Sequence) and not isinstance(optimizer, str) and optimizer:
+        specs = {from_torch(opt) for opt in optimizer}
+        if len(specs) > 1:
+            raise ValueError(f"the nodes' optimizers differ: {sorted(map(str, specs))}")
+        return specs.pop()
+    return from_torch(optimizer)
+
+
 class Recorder:
     """Records a gossip run round by round, for ``dice_e``, ``cascade`` and ``dice_gt``.
 
     Args:
-        model: the architecture (its own parameter values are ignored). Must be deterministic:
-            put dropout or batch-norm layers in eval mode.
+        model: the architecture (its own parameter values are ignored). Must be deterministic and
+            hold no buffers: dropout in eval mode, no batch norm (GroupNorm or LayerNorm instead).
         loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses; a node's batch loss
             is their mean. It must work under ``torch.func.vmap`` (e.g. ``reduction="none"``).
+        optimizer: every node's local optimizer: a ``dk.optim`` spec, a torch.optim SGD, Adam or
+            AdamW instance, or the per-node list of them. Default: plain SGD.
+        mix_state: the run gossips the optimizer state with the params (torch.optim-per-node
+            trainers do not: default False).
         window: keep only the newest ``window`` rounds (None keeps all). A query with ``hops``
             hops needs ``hops + 1`` consecutive rounds.
         total_nodes: the size of W when params hold only a block of the nodes (one process's share,
             see ``dicekern.distributed``); None means params hold every node.
+        replay_check: "sampled" (default) replays the first two transitions t -> t+1 recorded and
+            then one in 16 (each replay costs about one training round, so about 6% on top of
+            training), "every" replays all, "off" none. A recorded round t+1 that is not the
+            declared optimizer's step of round t plus gossip raises a ValueError.
 
     Example:
         >>> import torch, dicekern as dk
@@ -214,12 +298,21 @@ class Recorder:
         (0,)
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, window: int | None = None, total_nodes: int | None = None):
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, *, optimizer: object = None, mix_state: bool = False,
+        window: int | None = None, total_nodes: int | None = None, replay_check: str = "sampled",
+    ):
         self.objective = NodeObjective(model, loss_fn)
+        self.optimizer = as_spec(optimizer)
+        if not isinstance(mix_state, bool):
+            raise TypeError(f"mix_state must be a bool, got {type(mix_state).__name__}")
+        self.mix_state = mix_state
         self.window = None if window is None else check_int("window", window, minimum=1)
         self.total_nodes = None if total_nodes is None else check_int("total_nodes", total_nodes, minimum=1)
+        self.replay_check = check_choice("replay_check", replay_check, REPLAY_CHECKS)
         self._rounds: dict[int, Round] = {}
-        self._checked_loss_shape = False
+        self._checked_first_batch = False
+        self._transitions_seen = 0
 
     def record(
         self,
@@ -227,19 +320,27 @@ class Recorder:
         params: Mapping[str, torch.Tensor],
         inputs: object = None,
         targets: object = None,
-        lr: float | None = None,
+        lr: object = None,
         W: object = None,
+        *,
+        state: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record round ``step``: every node's params at its start, and the batch, lr and W it used.
+        """Record round ``step``: every node's params at its start, and the batch, lr, W and state it used.
 
         Args:
             step: the round index t.
             params: name -> (N, *shape), names as in ``model.named_parameters()``.
             inputs: (N, B, ...) mini-batch of every node in round t.
             targets: (N, B, ...) targets of that batch.
-            lr: SGD learning rate of round t.
+            lr: learning rate of round t: a number, or an (N,) tensor (one per node).
             W: (N, N) row-stochastic, W[k, j] = weight node k gives node j's half-step model.
+            state: the optimizer state at the start of round t, as ``dk.optim.stack_state``
+                gives it (needed with a batch for an optimizer with state; optional otherwise).
                 The last round a query needs may carry params only.
+
+        Raises:
+            ValueError: bad input, or (see ``replay_check``) a round that does not follow from
+                the previous one under the declared optimizer.
         """
         step = check_int("step", step)
         if step in self._rounds:
@@ -252,33 +353,55 @@ class Recorder:
             raise ValueError(f"params hold N={flat.shape[0]} nodes, earlier rounds hold N={self._node_count()}")
         if self._rounds and (flat.dtype, flat.device) != self._dtype_device():
             raise ValueError(f"params are {flat.dtype} on {flat.device}, earlier rounds {self._dtype_device()}")
+        n = flat.shape[0]
 
         given = {"inputs": inputs is not None, "targets": targets is not None, "lr": lr is not None, "W": W is not None}
         if any(given.values()) and not all(given.values()):
             missing = [k for k, v in given.items() if not v]
             raise ValueError(f"round {step}: give inputs, targets, lr and W together, or params only; missing {missing}")
         if not all(given.values()):
-            self._store(step, Round(flat))
-            return
-
-        n = flat.shape[0]
-        x, y = check_batch(inputs, targets, flat, prefix="")
-        if x.shape[0] != n or x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
-            raise ValueError(
-                f"inputs {tuple(x.shape)} and targets {tuple(y.shape)} must be (N, B, ...) with N={n}"
-            )
-        if x.shape[1] == 0:
-            raise ValueError("inputs hold an empty batch (B = 0)")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < float(lr) < float("inf")):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        mixing = check_mixing("W", W, n if self.total_nodes is None else self.total_nodes, flat)
-        if not self._checked_loss_shape:
-            self._check_loss_shape(flat[0], x[0], y[0])
-        self._store(step, Round(flat, x, y, float(lr), mixing))
+            recorded = state is not None or self.optimizer.stateless
+            rnd = Round(flat, state=self.optimizer.check_state(state, n, flat) if recorded else None)
+        else:
+            x, y = check_batch(inputs, targets, flat, prefix="")
+            if x.shape[0] != n or x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
+                raise ValueError(
+                    f"inputs {tuple(x.shape)} and targets {tuple(y.shape)} must be (N, B, ...) with N={n}"
+                )
+            if x.shape[1] == 0:
+                raise ValueError("inputs hold an empty batch (B = 0)")
+            rates = check_lr(lr, n, flat)
+            mixing = check_mixing("W", W, n if self.total_nodes is None else self.total_nodes, flat)
+            rnd = Round(flat, x, y, rates, mixing, self.optimizer.check_state(state, n, flat))
+            if not self._checked_first_batch:
+                self._check_first_batch(flat[0], x[0], y[0])
+        self._check_replay(step, rnd)
+        self._store(step, rnd)
 
     def trajectory(self) -> Trajectory:
         """A snapshot of what is recorded so far."""
-        return Trajectory(self.objective, dict(self._rounds))
+        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state)
+
+    def _check_replay(self, step: int, rnd: Round) -> None:
+        """Replay round step-1 and compare with rnd when the policy samples this transition."""
+        previous = self._rounds.get(step - 1)
+        if previous is None or not previous.has_batch or self.replay_check == "off":
+            return
+        seen, self._transitions_seen = self._transitions_seen, self._transitions_seen + 1
+        if self.replay_check == "sampled" and seen >= 2 and seen % SAMPLE_EVERY:
+            return
+        mismatch = self._replay_mismatch(previous, rnd)
+        rtol = default_rtol(rnd.params.dtype)
+        if not mismatch.relative <= rtol:
+            raise ValueError(
+                f"round {step} is not the replay of round {step - 1} under {self.optimizer} plus gossip: "
+                f"{mismatch.name} differs by {mismatch.relative:.3g} of that round's update (tolerance {rtol:g}). "
+                f"Likely causes: {LIKELY_CAUSES}. Nothing was recorded for round {step}; "
+                f"replay_check='off' records without this check"
+            )
+
+    def _replay_mismatch(self, previous: Round, rnd: Round) -> Mismatch:
+        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd)
 
     def _store(self, step: int, rnd: Round) -> None:
         self._rounds[step] = rnd
@@ -294,7 +417,8 @@ class Recorder:
         p = next(iter(self._rounds.values())).params
         return p.dtype, p.device
 
-    def _check_loss_shape(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_first_batch(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Per-sample losses of shape (B,) and a deterministic forward, checked on the first batch."""
         losses = self.objective.per_sample_losses(theta, x, y)
         if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -302,4 +426,5 @@ class Recorder:
                 f"loss_fn must return per-sample losses of shape (B,) = ({x.shape[0]},), got {shape}; "
                 f"use reduction='none'"
             )
-        self._checked_loss_shape = True
+        self.objective.check_deterministic(theta, x)
+        self._checked_first_batch = True

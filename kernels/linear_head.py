@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 MODE_GRAD = 0  # out = sum_b w_b grad loss_b(theta)
-MODE_DAMP = 1  # out = v - lr/B H(theta) v
+MODE_HVP = 1  # out = coef sum_b J_b^T H_o J_b v (coef = 1/B: the batch-mean Hessian times v)
 MODE_DOTS = 2  # out_b = grad loss_b(theta)^T v
 LOSS_SOFTMAX_CE = 0
 LOSS_LOGISTIC = 1
@@ -80,7 +80,7 @@ def _sample_vectors(
     MODE: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """Phase 1, one node: a K-vector per sample into scratch [B, K_PAD] (GRAD: w_b r_b; DAMP:
+    """Phase 1, one node: a K-vector per sample into scratch [B, K_PAD] (GRAD: w_b r_b; HVP:
     coef H_o J v), or DOTS: coef r_b^T J v into p_dots [B]."""
     o_k = tl.arange(0, K_PAD)
     for b0 in range(0, B, BLOCK_B):
@@ -154,10 +154,10 @@ def linear_head_fwd_kernel(
     MODE: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """Row r = (node r // C, column r % C): GRAD, DAMP or DOTS of that node's theta and data.
+    """Row r = (node r // C, column r % C): GRAD, HVP or DOTS of that node's theta and data.
 
-    coef (DAMP: -lr/B, DOTS: a scale) comes through a pointer: a Python float argument would
-    arrive as float32.
+    coef (HVP: 1/B, DOTS: a scale) comes through a pointer: a Python float argument would arrive
+    as float32.
     """
     i_r = tl.program_id(0).to(tl.int64)
     i_n = i_r // C
@@ -170,4 +170,4 @@ def linear_head_fwd_kernel(
     _sample_vectors(p_scratch, p_out + i_r * B, p_theta, p_v, p_x, p_y, p_w, tl.load(p_coef), B, F, K, MODE, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
     if MODE != 2:
         tl.debug_barrier()  # phase 1's scratch writes must be visible to the whole program
-        _pullback(p_out + i_r * D, p_v, p_scratch, p_x, B, F, K, MODE == 1, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+        _pullback(p_out + i_r * D, p_v, p_scratch, p_x, B, F, K, False, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)

@@ -74,8 +74,8 @@ def linear_head_adjoint_chain_kernel(
 ):
     """out[m, j, b] = Delta_j(z_b)^T (q_j g_{m,j}^{(0)} + ((W^t)^T lambda_m^{(1)})_j) for test point m.
 
-    p_thetas (HOPS+1, N, D): [0] the direct point, [s] theta^{t+s}; p_x, p_y, p_coef (-lr/B) and the
-    CSR of (W^{t+s})^T (rowptr absolute into col/val) for rounds s = 0..max(HOPS,1)-1. Test point m
+    p_thetas (HOPS+1, N, D): [0] the direct point, [s] theta^{t+s}; p_x, p_y, p_coef (-lr_k/B per
+    round and node) and the CSR of (W^{t+s})^T (rowptr absolute into col/val) for rounds s = 0..max(HOPS,1)-1. Test point m
     at hop s and node k is p_xt + s stride_ts + k stride_tn + m F (strides 0 for a shared test set).
     """
     i_m = tl.program_id(0).to(tl.int64)
@@ -94,25 +94,24 @@ def linear_head_adjoint_chain_kernel(
         p_theta_s = p_thetas + s * N * D
         p_xs = p_x + s * stride_xr
         p_ys = p_y + s * stride_yr
-        coef = tl.load(p_coef + s)
+        p_coef_s = p_coef + s * N
         p_rowptr_s = p_rowptr + s * (N + 1)
         if CURVATURE and not SENDER and s > 0:
             for k in range(0, N):
-                _damp_node(p_a + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, coef, B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+                _damp_node(p_a + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, tl.load(p_coef_s + k), B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
         _mix_nodes(p_b, p_a, p_rowptr_s, p_col, p_val, N, D, BLOCK_D)
         tl.debug_barrier()
         for k in range(0, N):
             if CURVATURE and SENDER and s > 0:
-                _damp_node(p_b + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, coef, B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+                _damp_node(p_b + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, tl.load(p_coef_s + k), B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
             p_xmk = p_xm + s * stride_ts + k * stride_tn
             b_r = tl.load(p_q + k) * _point_residual(p_theta_s + k * D, p_xmk, p_ym, F, K, LOSS, HAS_BIAS, BLOCK_F, K_PAD)
             _add_outer(p_b + k * D, b_r, p_xmk, F, K, True, HAS_BIAS, BLOCK_F, K_PAD)
         p_a, p_b = p_b, p_a
     tl.debug_barrier()
-    coef0 = tl.load(p_coef)
     for j in range(0, N):
         _sample_vectors(p_scratch, p_out + (i_m * N + j) * B, p_theta0 + j * D, p_a + j * D, p_x + j * B * F,
-                        p_y + j * stride_yn, p_y, coef0, B, F, K, 2, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+                        p_y + j * stride_yn, p_y, tl.load(p_coef + j), B, F, K, 2, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
 
 
 @triton.jit
@@ -143,14 +142,14 @@ def linear_head_forward_chain_kernel(
         p_theta_s = p_thetas + s * N * D
         p_xs = p_x + s * stride_xr
         p_ys = p_y + s * stride_yr
-        coef = tl.load(p_coef + s)
+        p_coef_s = p_coef + s * N
         if CURVATURE and SENDER and s > 0:
             for k in range(0, N):
-                _damp_node(p_a + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, coef, B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+                _damp_node(p_a + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, tl.load(p_coef_s + k), B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
         _mix_nodes(p_b, p_a, p_rowptr + s * (N + 1), p_col, p_val, N, D, BLOCK_D)
         tl.debug_barrier()
         for k in range(0, N):
             if CURVATURE and not SENDER and s > 0:
-                _damp_node(p_b + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, coef, B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
+                _damp_node(p_b + k * D, p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, p_scratch, tl.load(p_coef_s + k), B, F, K, LOSS, HAS_BIAS, BLOCK_B, BLOCK_F, K_PAD)
             tl.store(p_out + ((s + 1) * N + i_j) * N + k, _dot_flat(p_g + ((s + 1) * N + k) * D, p_b + k * D, D, BLOCK_D))
         p_a, p_b = p_b, p_a

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from torch import nn
 
 import dicekern as dk
+from dicekern.engine.step import gossip_round
 
 # relative tolerance of engine-vs-reference comparisons, by dtype
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -40,17 +41,27 @@ def random_mixing(n: int, generator: torch.Generator, density: float = 0.4) -> t
 
 
 def recast(traj: dk.Trajectory, test: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype):
-    """The same recorded values in another floating dtype: (trajectory, test)."""
-    rec = dk.Recorder(traj.objective.model, traj.objective.loss_fn)
+    """The same recorded values in another floating dtype: (trajectory, test).
+
+    Rounded float64 values are not a float32 run, so the recorder's replay check is off.
+    """
+    rec = dk.Recorder(traj.objective.model, traj.objective.loss_fn, optimizer=traj.optimizer, replay_check="off")
     cast = lambda t: t.to(dtype) if t.is_floating_point() else t
     for t in traj.steps:
         rnd = traj[t]
         params = {k: v.to(dtype) for k, v in traj.params(t).items()}
+        state = None if rnd.state is None else {k: cast(v) for k, v in rnd.state.items()}
         if rnd.has_batch:
-            rec.record(t, params, cast(rnd.inputs), cast(rnd.targets), lr=rnd.lr, W=rnd.W.to(dtype))
+            rec.record(t, params, cast(rnd.inputs), cast(rnd.targets), lr=rnd.lr, W=rnd.W.to(dtype), state=state)
         else:
-            rec.record(t, params)
+            rec.record(t, params, state=state)
     return rec.trajectory(), (cast(test[0]), cast(test[1]))
+
+
+def sgd_round(objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lr: float, W: torch.Tensor) -> torch.Tensor:
+    """theta^{t+1} of one plain-SGD gossip round with one learning rate for every node."""
+    rates = torch.full((theta.shape[0],), lr, dtype=theta.dtype, device=theta.device)
+    return gossip_round(objective, dk.optim.SGD(), theta, {}, x, y, rates, W)[1]
 
 
 @dataclass
@@ -61,28 +72,103 @@ class RandomRun:
 
 
 def random_run(
-    n: int, rounds: int, *, seed: int, batch: int = 5, dtype: torch.dtype = torch.float64, model: nn.Module | None = None
+    n: int, rounds: int, *, seed: int, batch: int = 5, dtype: torch.dtype = torch.float64, model: nn.Module | None = None,
+    optimizer: dk.optim.OptimizerSpec | None = None, lr: float = 0.2, mix_state: bool = False,
 ) -> RandomRun:
     """A recorded run on random data with a small tanh MLP and a fresh directed W every round.
 
-    Params follow plain SGD + gossip from random (different) per-node starting points.
+    Every node takes ``optimizer``'s step (default plain SGD) with its own learning rate, drawn
+    each round from [lr, 2.5 lr), from random (different) per-node starting points.
     """
     g = torch.Generator().manual_seed(seed)
     model = model or nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    rec = dk.Recorder(model, cross_entropy)
-    obj = rec.objective
+    rec = dk.Recorder(model, cross_entropy, optimizer=optimizer, mix_state=mix_state, replay_check="every")
+    obj, spec = rec.objective, rec.optimizer
     theta = torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
+    state = spec.initial_state(n, obj.layout.dim, theta)
     for t in range(rounds):
         x = torch.randn(n, batch, 3, generator=g, dtype=dtype)
         y = torch.randint(3, (n, batch), generator=g)
         W = random_mixing(n, g).to(dtype)
-        lr = 0.2 + 0.3 * torch.rand(1, generator=g).item()
-        rec.record(t, obj.layout.unflatten(theta), x, y, lr=lr, W=W)
-        _, theta = obj.gossip_round(theta, x, y, lr, W)
-    rec.record(rounds, obj.layout.unflatten(theta))
+        rates = lr * (1 + 1.5 * torch.rand(n, generator=g, dtype=dtype))
+        rec.record(t, obj.layout.unflatten(theta), x, y, lr=rates, W=W, state=state)
+        _, theta, state = gossip_round(obj, spec, theta, state, x, y, rates, W, mix_state=mix_state)
+    rec.record(rounds, obj.layout.unflatten(theta), state=state)
     test = (torch.randn(6, 3, generator=g, dtype=dtype), torch.randint(3, (6,), generator=g))
     q = torch.rand(n, generator=g, dtype=dtype) + 0.2
     return RandomRun(rec.trajectory(), test, q / q.sum())
+
+
+@dataclass
+class TorchOptimRun:
+    """A run trained the way users train: one model and one torch.optim optimizer per node."""
+
+    trajectory: dk.Trajectory
+    test: tuple[torch.Tensor, torch.Tensor]
+    q: torch.Tensor
+    models: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+
+
+def stacked_params(models: list[nn.Module]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]) for name, _ in models[0].named_parameters()}
+
+
+def torch_optim_steps(models, optimizers, x, y, lr, weights=None) -> None:
+    """Each node steps its own optimizer on sum_b weights[k, b] loss_b (default the batch mean)."""
+    for k, (model, opt) in enumerate(zip(models, optimizers)):
+        opt.param_groups[0]["lr"] = float(lr[k])
+        opt.zero_grad()
+        losses = cross_entropy(model(x[k]), y[k])
+        (losses.mean() if weights is None else (weights[k] * losses).sum()).backward()
+        opt.step()
+
+
+def torch_optim_gossip(models, optimizers, W, mix_state: bool = False) -> None:
+    """theta_k <- sum_j W[k, j] theta_j in place (and every float optimizer state with mix_state)."""
+    with torch.no_grad():
+        named = [dict(m.named_parameters()) for m in models]
+        for name in named[0]:
+            tensors = [[named[k][name]] for k in range(len(models))]
+            if mix_state:
+                keys = [key for key, value in optimizers[0].state[named[0][name]].items() if key != "step"]
+                for k in range(len(models)):
+                    tensors[k] += [optimizers[k].state[named[k][name]][key] for key in keys]
+            for i in range(len(tensors[0])):
+                mixed = torch.einsum("kj,j...->k...", W, torch.stack([t[i] for t in tensors]))
+                for k, t in enumerate(tensors):
+                    t[i].copy_(mixed[k])
+
+
+def torch_optim_run(
+    make_optimizer, n: int = 4, rounds: int = 3, *, seed: int, batch: int = 5, lr: float = 0.1, declared: object = "same",
+    replay_check: str = "every", dtype: torch.dtype = torch.float64, mix_state: bool = False,
+) -> TorchOptimRun:
+    """Per-node tanh MLPs stepped by make_optimizer(params), recorded with dk.optim.stack_state.
+
+    declared: the recorder's optimizer ("same": the per-node torch optimizers themselves).
+    mix_state: the run gossips the optimizer state too.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    models = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype) for _ in range(n)]
+    optimizers = [make_optimizer(m.parameters()) for m in models]
+    with_state = declared == "same" or not declared.stateless
+    rec = dk.Recorder(models[0], cross_entropy, optimizer=optimizers if declared == "same" else declared, replay_check=replay_check,
+                      mix_state=mix_state)
+    state = lambda: dk.optim.stack_state(optimizers, models) if with_state else None
+    for t in range(rounds):
+        x = torch.randn(n, batch, 3, generator=g, dtype=dtype)
+        y = torch.randint(3, (n, batch), generator=g)
+        W = random_mixing(n, g).to(dtype)
+        rates = lr * (1 + torch.rand(n, generator=g, dtype=dtype))
+        rec.record(t, stacked_params(models), x, y, lr=rates, W=W, state=state())
+        torch_optim_steps(models, optimizers, x, y, rates)
+        torch_optim_gossip(models, optimizers, W, mix_state)
+    rec.record(rounds, stacked_params(models), state=state())
+    test = (torch.randn(6, 3, generator=g, dtype=dtype), torch.randint(3, (6,), generator=g))
+    q = torch.rand(n, generator=g, dtype=dtype) + 0.2
+    return TorchOptimRun(rec.trajectory(), test, q / q.sum(), models, optimizers)
 
 
 @pytest.fixture(scope="session")

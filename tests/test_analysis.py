@@ -25,7 +25,7 @@ def test_proximal_influence_is_definition_4() -> None:
         local = grad(r0.params[j], r0.inputs[j], r0.targets[j])
         for k in range(5):
             if r0.W[k, j] != 0:
-                expected[j, k] = -r0.lr * r0.W[k, j] * q[k] * local @ grad(r1.params[k], *run.test)
+                expected[j, k] = -r0.lr[j] * r0.W[k, j] * q[k] * local @ grad(r1.params[k], *run.test)
     assert_close(dk.analysis.proximal_influence(traj, 0, run.test, q=q), expected, RTOL[torch.float64])
 
 

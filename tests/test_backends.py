@@ -8,6 +8,7 @@ from torch import nn
 
 import dicekern as dk
 from conftest import assert_close, random_mixing, random_run, recast
+from dicekern.engine.step import gossip_round
 
 pytestmark = pytest.mark.kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,8 +36,9 @@ def assert_matches(run_kernel, traj, test) -> None:
         assert_close(result.cpu().double(), exact, FLOAT32_END_TO_END)
 
 
-def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, dtype: torch.dtype, bias: bool = True):
-    """A recorded gossip run of one nn.Linear(13, K) under a closed-form loss, fresh directed W each round."""
+def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, dtype: torch.dtype, bias: bool = True, optimizer=None):
+    """A recorded gossip run of one nn.Linear(13, K) under a closed-form loss, fresh directed W and
+    per-node learning rates each round."""
     g = torch.Generator().manual_seed(seed)
     features, batch = 13, 7
     outputs = 1 if loss.kind == "binary_logistic" else 3
@@ -48,16 +50,19 @@ def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, 
             return torch.rand(*lead, generator=g, dtype=dtype).round()
         return torch.randn(*lead, outputs, generator=g, dtype=dtype)
 
-    rec = dk.Recorder(nn.Linear(features, outputs, bias=bias), loss)
-    obj = rec.objective
+    rec = dk.Recorder(nn.Linear(features, outputs, bias=bias), loss, optimizer=optimizer, replay_check="off")
+    obj, spec = rec.objective, rec.optimizer
     theta = 0.5 * torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
+    state = spec.initial_state(n, obj.layout.dim, theta)
+    on_device = lambda st: {k: v.to(DEVICE) for k, v in st.items()}
     for t in range(hops + 1):
         x = torch.randn(n, batch, features, generator=g, dtype=dtype)
         y = targets(n, batch)
         W = random_mixing(n, g).to(dtype)
-        rec.record(t, obj.layout.unflatten(theta.to(DEVICE)), x.to(DEVICE), y.to(DEVICE), lr=0.3, W=W.to(DEVICE))
-        _, theta = obj.gossip_round(theta, x, y, 0.3, W)
-    rec.record(hops + 1, obj.layout.unflatten(theta.to(DEVICE)))
+        lr = 0.2 + 0.2 * torch.rand(n, generator=g, dtype=dtype)
+        rec.record(t, obj.layout.unflatten(theta.to(DEVICE)), x.to(DEVICE), y.to(DEVICE), lr=lr, W=W.to(DEVICE), state=on_device(state))
+        _, theta, state = gossip_round(obj, spec, theta, state, x, y, lr, W)
+    rec.record(hops + 1, obj.layout.unflatten(theta.to(DEVICE)), state=on_device(state))
     test = (torch.randn(5, features, generator=g, dtype=dtype).to(DEVICE), targets(5).to(DEVICE))
     return rec.trajectory(), test
 
@@ -103,6 +108,18 @@ def test_one_launch_chains_match_torch(loss, hops: int, dtype: torch.dtype, curv
         opts = dict(curvature=curvature, curvature_at=curvature_at)
         assert_matches(lambda tr, te, backend, o=opts: dk.dice_e(tr, 0, te, hops, q=q.to(tr.dtype), per_test=True, backend=backend, **o), traj, test)
         assert_matches(lambda tr, te, backend, o=opts: dk.influence_matrix(tr, 0, te, hops, q=q.to(tr.dtype), backend=backend, **o), traj, test)
+
+
+@pytest.mark.parametrize("optimizer", [dk.optim.SGD(0.9, nesterov=True, weight_decay=0.01), dk.optim.AdamW(weight_decay=0.1)], ids=["nesterov", "adamw"])
+def test_linear_head_kernels_serve_every_optimizer(optimizer) -> None:
+    """The kernels give gradients, curvature products and per-sample dots; the optimizer's
+    linearisation composes with them (the one-launch chains cover plain SGD only)."""
+    traj, test = linear_run(dk.losses.softmax_cross_entropy, 5, 3, seed=3, dtype=torch.float64, optimizer=optimizer)
+    q = torch.rand(5, dtype=torch.float64, device=DEVICE) + 0.1
+    assert_matches(lambda tr, te, backend: dk.dice_e(tr, 0, te, 3, q=q, per_hop=True, backend=backend), traj, test)
+    assert_matches(lambda tr, te, backend: dk.dice_e(tr, 0, te, 2, q=q, per_test=True, backend=backend), traj, test)
+    assert_matches(lambda tr, te, backend: dk.influence_matrix(tr, 0, te, 3, q=q, backend=backend), traj, test)
+    assert_matches(lambda tr, te, backend: dk.cascade(tr, 0, 2, te, 3, q=q, samples=[0, 6], backend=backend), traj, test)
 
 
 def test_any_model_mixes_with_the_kernel() -> None:

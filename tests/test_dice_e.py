@@ -74,12 +74,12 @@ def test_dice_e_one_hop_is_proposition_1() -> None:
     rnd, nxt = traj[step], traj[step + 1]
     n, b = rnd.inputs.shape[:2]
     per_sample = _per_sample_grads(traj, step)
-    half = rnd.params - rnd.lr * per_sample.mean(1)
+    half = rnd.params - rnd.lr[:, None] * per_sample.mean(1)
     expected = torch.empty(n, b, dtype=torch.float64)
     for j in range(n):
         direct = run.q[j] * _test_grad(traj, half[j], run.test)
         spread = sum(run.q[k] * rnd.W[k, j] * _test_grad(traj, nxt.params[k], run.test) for k in range(n))
-        expected[j] = -(rnd.lr / b) * per_sample[j] @ (direct + spread)
+        expected[j] = -(rnd.lr[j] / b) * per_sample[j] @ (direct + spread)
     assert_close(dk.dice_e(traj, step, run.test, 1, q=run.q), expected, RTOL[torch.float64])
 
 
@@ -89,8 +89,8 @@ def test_dice_e_without_curvature_is_first_order_sum() -> None:
     traj, step, hops = run.trajectory, 1, 3
     rnd = traj[step]
     n, b = rnd.inputs.shape[:2]
-    displacements = -(rnd.lr / b) * _per_sample_grads(traj, step)  # (N, B, D)
-    half = rnd.params - rnd.lr * _per_sample_grads(traj, step).mean(1)
+    displacements = -(rnd.lr[:, None, None] / b) * _per_sample_grads(traj, step)  # (N, B, D)
+    half = rnd.params - rnd.lr[:, None] * _per_sample_grads(traj, step).mean(1)
     test_grads = [torch.stack([_test_grad(traj, half[k], run.test) for k in range(n)])]
     test_grads += [torch.stack([_test_grad(traj, traj[step + s].params[k], run.test) for k in range(n)]) for s in range(1, hops + 1)]
     expected = torch.einsum("j,jd,jbd->jb", run.q, test_grads[0], displacements)

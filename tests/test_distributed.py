@@ -18,53 +18,57 @@ from conftest import assert_close, random_run
 N, HOPS, SOURCE = 7, 3, 5
 
 
-def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+OPTIMIZERS = {"sgd": dk.optim.SGD(), "momentum": dk.optim.SGD(momentum=0.9, weight_decay=0.01)}
+
+
+def worker(rank: int, world: int, optimizer: str, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        run = random_run(N, rounds=HOPS + 1, seed=17)  # every rank builds the same run ...
+        run = random_run(N, rounds=HOPS + 1, seed=17, optimizer=OPTIMIZERS[optimizer])  # every rank builds the same run ...
         traj = run.trajectory
-        rec = dkd.DistributedRecorder(traj.objective.model, traj.objective.loss_fn, N)
-        mine = rec.nodes
-        for t in traj.steps:  # ... and records only its own nodes
+        model, loss_fn, spec = traj.objective.model, traj.objective.loss_fn, traj.optimizer
+        rec = dkd.DistributedRecorder(model, loss_fn, N, optimizer=spec)
+        mine = slice(rec.nodes.start, rec.nodes.stop)
+
+        def rows(t: int) -> tuple[dict, tuple, dict]:
+            """... and records only its own nodes: (params, batch arguments, keywords)."""
             rnd = traj[t]
-            params = {k: v[mine.start : mine.stop] for k, v in traj.params(t).items()}
-            if rnd.has_batch:
-                rec.record(t, params, rnd.inputs[mine.start : mine.stop], rnd.targets[mine.start : mine.stop], rnd.lr, rnd.W)
-            else:
-                rec.record(t, params)
-        model, loss_fn = traj.objective.model, traj.objective.loss_fn
-        ledger = dkd.DistributedOnlineDICE(model, loss_fn, run.test, 2, num_nodes=N, q=run.q)
-        stopped = dkd.DistributedOnlineDICE(model, loss_fn, run.test, 2, num_nodes=N, q=run.q)
+            params = {k: v[mine] for k, v in traj.params(t).items()}
+            batch = (rnd.inputs[mine], rnd.targets[mine], rnd.lr[mine], rnd.W) if rnd.has_batch else ()
+            return params, batch, {"state": {k: v[mine] for k, v in rnd.state.items()}}
+
+        for t in traj.steps:
+            params, batch, keywords = rows(t)
+            rec.record(t, params, *batch, **keywords)
+        ledger = dkd.DistributedOnlineDICE(model, loss_fn, run.test, 2, num_nodes=N, q=run.q, optimizer=spec)
+        stopped = dkd.DistributedOnlineDICE(model, loss_fn, run.test, 2, num_nodes=N, q=run.q, optimizer=spec)
         checkpoint = f"{out_file}.rank{rank}"
         for t in traj.steps:
-            rnd = traj[t]
-            params = {k: v[mine.start : mine.stop] for k, v in traj.params(t).items()}
-            batch = (rnd.inputs[mine.start : mine.stop], rnd.targets[mine.start : mine.stop], rnd.lr, rnd.W) if rnd.has_batch else ()
-            ledger.record(t, params, *batch)
+            params, batch, keywords = rows(t)
+            ledger.record(t, params, *batch, **keywords)
+            stopped.record(t, params, *batch, **keywords)
             if t == 2:  # stop mid-run, save this rank's share, resume from it
-                stopped.record(t, params, *batch)
                 stopped.save(checkpoint)
                 stopped = dkd.DistributedOnlineDICE.load(checkpoint, model, loss_fn, run.test, q=run.q, num_nodes=N)
-            else:
-                stopped.record(t, params, *batch)
         assert torch.equal(stopped.node_totals, ledger.node_totals) and stopped.scored_steps == ledger.scored_steps
+        conventions = ("sender", "receiver") if spec.stateless else ("sender",)
         results = {"ledger": ledger.node_totals}
-        for at in ("sender", "receiver"):
+        for at in conventions:
             results[f"dice_e-{at}"] = dkd.dice_e(rec, 0, run.test, HOPS, q=run.q, curvature_at=at, per_hop=True)
         results["cascade"] = dkd.cascade(rec, 0, SOURCE, run.test, HOPS, q=run.q, samples=[1, 3])
         gathered = [None] * world
         dist.all_gather_object(gathered, {k: v.tolist() for k, v in results.items()})
         if rank == 0:
             errors = {}
-            for at in ("sender", "receiver"):
+            for at in conventions:
                 whole = torch.cat([torch.tensor(g[f"dice_e-{at}"], dtype=torch.float64) for g in gathered], dim=1)
                 expected = dk.dice_e(traj, 0, run.test, HOPS, q=run.q, curvature_at=at, per_hop=True)
                 assert_close(whole, expected, 1e-10)
                 errors[at] = (whole - expected).abs().max().item()
-            single = dk.OnlineDICE(traj.objective.model, traj.objective.loss_fn, run.test, 2, q=run.q)
+            single = dk.OnlineDICE(model, loss_fn, run.test, 2, q=run.q, optimizer=spec)
             for t in traj.steps:
                 rnd = traj[t]
-                single.record(t, traj.params(t), *((rnd.inputs, rnd.targets, rnd.lr, rnd.W) if rnd.has_batch else ()))
+                single.record(t, traj.params(t), *((rnd.inputs, rnd.targets, rnd.lr, rnd.W) if rnd.has_batch else ()), state=rnd.state)
             totals = torch.cat([torch.tensor(g["ledger"], dtype=torch.float64) for g in gathered])
             assert_close(totals, single.node_totals, 1e-10)
             flow = torch.cat([torch.tensor(g["cascade"], dtype=torch.float64) for g in gathered], dim=1)
@@ -75,11 +79,37 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"{w}ranks")
-def test_distributed_matches_single_process(world: int, tmp_path) -> None:
+@pytest.mark.parametrize("world, optimizer", [(2, "sgd"), (4, "momentum")], ids=["2ranks-sgd", "4ranks-momentum"])
+def test_distributed_matches_single_process(world: int, optimizer: str, tmp_path) -> None:
     out_file = tmp_path / "result.json"
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(out_file)), nprocs=world, join=True)
-    assert json.loads(out_file.read_text()).keys() == {"sender", "receiver"}
+    mp.spawn(worker, args=(world, optimizer, str(tmp_path / "init"), str(out_file)), nprocs=world, join=True)
+    expected = {"sender", "receiver"} if optimizer == "sgd" else {"sender"}
+    assert json.loads(out_file.read_text()).keys() == expected
+
+
+def test_a_rank_whose_round_does_not_replay_stops_every_rank(tmp_path) -> None:
+    """The replay check compares every rank's rows after the exchange, and every rank raises."""
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.glob("out.*")) == ["out.0", "out.1"]
+
+
+def _mismatch_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        run = random_run(N, rounds=2, seed=5)
+        traj = run.trajectory
+        rec = dkd.DistributedRecorder(traj.objective.model, traj.objective.loss_fn, N)
+        mine = slice(rec.nodes.start, rec.nodes.stop)
+        rnd = traj[0]
+        rec.record(0, {k: v[mine] for k, v in traj.params(0).items()}, rnd.inputs[mine], rnd.targets[mine], rnd.lr[mine], rnd.W)
+        following = {k: v[mine].clone() for k, v in traj.params(1).items()}
+        if rank == 1:
+            following["0.weight"][0] += 1e-3  # only rank 1's rows are off
+        with pytest.raises(ValueError, match="round 1 is not the replay of round 0"):
+            rec.record(1, following)
+        open(f"{out_file}.{rank}", "w").close()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_node_blocks_cover_every_node_once() -> None:

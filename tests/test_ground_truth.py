@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from conftest import RTOL, assert_close, random_mixing, random_run
+from conftest import RTOL, assert_close, random_mixing, random_run, sgd_round
 
 
 def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def least_squares_run(lr: float, *, n: int = 5, rounds: int = 4, batch: int = 6,
         y = torch.randn(n, batch, generator=g, dtype=torch.float64)
         W = random_mixing(n, g, density=0.5)
         rec.record(t, obj.layout.unflatten(theta), x, y, lr=lr, W=W)
-        _, theta = obj.gossip_round(theta, x, y, lr, W)
+        theta = sgd_round(obj, theta, x, y, lr, W)
     rec.record(rounds, obj.layout.unflatten(theta))
     test = (torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64))
     return rec.trajectory(), test
@@ -46,7 +46,7 @@ def test_least_squares_gap_is_exactly_the_second_order_term() -> None:
     rnd = traj[step]
     x = augmented(rnd.inputs[source, samples])
     residual = x @ rnd.params[source] - rnd.targets[source, samples]
-    displacement = -(rnd.lr / 6) * (2 * residual[:, None] * x).sum(0)
+    displacement = -(rnd.lr[source] / 6) * (2 * residual[:, None] * x).sum(0)
     x_test = augmented(test[0])
     h_test = 2 * x_test.T @ x_test / len(x_test)
     expected_gap = [torch.zeros(5, dtype=torch.float64)]
@@ -57,7 +57,7 @@ def test_least_squares_gap_is_exactly_the_second_order_term() -> None:
             r = traj[step + s - 1]
             xs = augmented(r.inputs)
             hessians = 2 * xs.transpose(1, 2) @ xs / xs.shape[1]  # (N, 5, 5)
-            delta = r.W @ (delta - r.lr * torch.einsum("nij,nj->ni", hessians, delta))
+            delta = r.W @ (delta - r.lr[:, None] * torch.einsum("nij,nj->ni", hessians, delta))
         expected_gap.append(-0.5 * q * torch.einsum("ni,ij,nj->n", delta, h_test, delta))
     gap = dk.dice_gt(traj, step, source, test, hops, samples=samples, q=q) - dk.cascade(
         traj, step, source, test, hops, samples=samples, q=q
@@ -110,7 +110,7 @@ def test_unreachable_nodes_get_exactly_zero() -> None:
     for t in range(3):
         x, y = torch.randn(n, 4, 3, generator=g, dtype=torch.float64), torch.randint(3, (n, 4), generator=g)
         rec.record(t, obj.layout.unflatten(theta), x, y, lr=0.3, W=W)
-        _, theta = obj.gossip_round(theta, x, y, 0.3, W)
+        theta = sgd_round(obj, theta, x, y, 0.3, W)
     rec.record(3, obj.layout.unflatten(theta))
     test = (torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(3, (5,), generator=g))
     reach = torch.tensor([[k <= s for k in range(n)] for s in range(4)])

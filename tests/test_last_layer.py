@@ -32,12 +32,12 @@ def test_last_layer_equals_the_head_block_of_the_full_model() -> None:
     expected = torch.empty(n, b, dtype=torch.float64)
     for j in range(n):
         half = r0.params[j].clone()
-        half[head] -= r0.lr * head_grad(r0.params[j], r0.inputs[j], r0.targets[j])
+        half[head] -= r0.lr[j] * head_grad(r0.params[j], r0.inputs[j], r0.targets[j])
         direct = q[j] * head_grad(half, *run.test)
         for i in range(b):
-            delta0 = -(r0.lr / b) * head_grad(r0.params[j], r0.inputs[j, i : i + 1], r0.targets[j, i : i + 1])
+            delta0 = -(r0.lr[j] / b) * head_grad(r0.params[j], r0.inputs[j, i : i + 1], r0.targets[j, i : i + 1])
             delta1 = [r0.W[k, j] * delta0 for k in range(n)]
-            damped = [d - r1.lr * head_hvp(r1.params[k], r1.inputs[k], r1.targets[k], d) for k, d in enumerate(delta1)]
+            damped = [d - r1.lr[k] * head_hvp(r1.params[k], r1.inputs[k], r1.targets[k], d) for k, d in enumerate(delta1)]
             delta2 = [sum(r1.W[k, m] * damped[m] for m in range(n)) for k in range(n)]
             score = direct @ delta0
             score += sum(q[k] * head_grad(r1.params[k], *run.test) @ delta1[k] for k in range(n))

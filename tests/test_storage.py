@@ -24,15 +24,20 @@ def load(run, path, **kwargs) -> dk.Trajectory:
     return dk.Trajectory.load(path, run.trajectory.objective.model, cross_entropy, **kwargs)
 
 
-def test_round_trip_gives_identical_rounds_and_scores(saved) -> None:
-    run, path = saved
-    loaded = load(run, path)
+@pytest.mark.parametrize("optimizer", [None, dk.optim.Adam(weight_decay=0.1)], ids=["sgd", "adam"])
+def test_round_trip_gives_identical_rounds_and_scores(optimizer, tmp_path) -> None:
+    run = random_run(4, rounds=3, seed=3, optimizer=optimizer, lr=0.05, mix_state=optimizer is not None)
+    run.trajectory.save(tmp_path)
+    loaded = load(run, tmp_path)
     assert loaded.steps == run.trajectory.steps
+    assert loaded.optimizer == run.trajectory.optimizer and loaded.mix_state == run.trajectory.mix_state
     for t in loaded.steps:
         a, b = loaded[t], run.trajectory[t]
-        assert torch.equal(a.params, b.params) and a.lr == b.lr and a.has_batch == b.has_batch
+        assert torch.equal(a.params, b.params) and a.has_batch == b.has_batch
+        assert a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
         if a.has_batch:
             assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets) and torch.equal(a.W, b.W)
+            assert torch.equal(a.lr, b.lr)
     torch.testing.assert_close(dk.dice_e(loaded, 0, run.test, 2), dk.dice_e(run.trajectory, 0, run.test, 2), rtol=0, atol=0)
     assert loaded.verify().ok
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import dicekern as dk
-from conftest import random_run
+from conftest import cross_entropy, random_run, torch_optim_run
 
 
 def test_recorder_keeps_only_its_window() -> None:
@@ -37,23 +39,112 @@ def test_verify_accepts_plain_gossip_sgd() -> None:
     assert report.ok and report.rounds_checked == 3 and report.max_rel_mismatch < 1e-14
 
 
-def test_verify_reports_a_trainer_that_is_not_plain_sgd() -> None:
-    """Momentum from round 1 on: the replay of round 2 misses the recorded round 3."""
-    run = random_run(4, rounds=4, seed=3)
+MISDECLARED = [
+    pytest.param(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 0.1, "momentum", id="momentum"),
+    pytest.param(lambda p: torch.optim.Adam(p, lr=1e-5), 1e-5, "adam-lr1e-5", id="adam-lr1e-5"),
+    pytest.param(lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=5e-4), 0.05, "sgd-wd5e-4", id="weight-decay"),
+]
+
+
+@pytest.mark.parametrize("make, lr, name", MISDECLARED)
+def test_a_run_recorded_as_plain_sgd_is_refused_at_record(make, lr, name) -> None:
+    """Per-node torch optimizers that are not plain SGD: record() of the next round raises, naming
+    the parameter, the mismatch relative to the round's update, and the likely causes."""
+    with pytest.raises(ValueError, match=r"round [12] is not the replay of round [01] under SGD\(momentum=0.0.*: "
+                                         r"'?[0-9a-z.]+'? differs by [0-9.e+-]+ of that round's update .*Likely causes: .*momentum, weight decay, Adam"):
+        torch_optim_run(make, rounds=3, seed=4, lr=lr, declared=dk.optim.SGD())
+
+
+@pytest.mark.parametrize("make, lr, name", MISDECLARED)
+def test_verify_measures_against_the_update(make, lr, name) -> None:
+    """The same runs recorded without the check: verify() reports them; declared correctly they pass."""
+    wrong = torch_optim_run(make, rounds=3, seed=4, lr=lr, declared=dk.optim.SGD(), replay_check="off").trajectory.verify()
+    assert not wrong.ok and wrong.rounds_checked == 3 and wrong.max_rel_mismatch > 1e-3
+    right = torch_optim_run(make, rounds=3, seed=4, lr=lr).trajectory.verify()
+    assert right.ok and right.max_rel_mismatch < 1e-9
+
+
+def test_record_replays_the_first_two_transitions_then_one_in_sixteen(monkeypatch) -> None:
+    import dicekern.trajectory as trajectory
+
+    run = random_run(3, rounds=40, seed=6)
+    replayed = []
+    real = trajectory.replay_mismatch
+    monkeypatch.setattr(trajectory, "replay_mismatch", lambda *a, **k: replayed.append(1) or real(*a, **k))
+    for check, expected in (("sampled", 2 + 2), ("every", 40), ("off", 0)):
+        replayed.clear()
+        rec = dk.Recorder(run.trajectory.objective.model, cross_entropy, replay_check=check)
+        for t in run.trajectory.steps:
+            r = run.trajectory[t]
+            rec.record(t, run.trajectory.params(t), *((r.inputs, r.targets, r.lr, r.W) if r.has_batch else ()))
+        assert len(replayed) == expected, check  # transitions 0, 1, 16, 32 when sampled
+
+
+def test_record_compares_the_optimizer_state_too() -> None:
+    """A momentum buffer recorded after the step instead of before: the params replay, the state does not."""
+    run = torch_optim_run(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), rounds=2, seed=1)
     traj = run.trajectory
-    obj = traj.objective
-    rec = dk.Recorder(obj.model, obj.loss_fn)
-    theta, velocity = traj[0].params, torch.zeros_like(traj[0].params)
-    for t in range(4):
-        rnd = traj[t]
-        rec.record(t, obj.layout.unflatten(theta), rnd.inputs, rnd.targets, lr=rnd.lr, W=rnd.W)
-        weights = torch.full(rnd.inputs.shape[:2], 1 / rnd.inputs.shape[1], dtype=theta.dtype)
-        velocity = (0.9 if t >= 2 else 0.0) * velocity + obj.node_grads(theta, rnd.inputs, rnd.targets, weights)
-        theta = rnd.W @ (theta - rnd.lr * velocity)
-    rec.record(4, obj.layout.unflatten(theta))
-    report = rec.trajectory().verify()
-    assert not report.ok
-    assert report.worst_step == 3 and report.max_abs_mismatch > 1e-3
+    rec = dk.Recorder(run.models[0], cross_entropy, optimizer=traj.optimizer)
+    r0 = traj[0]
+    rec.record(0, traj.params(0), r0.inputs, r0.targets, r0.lr, r0.W, state=r0.state)
+    bad = dict(traj[1].state, momentum_buffer=traj[1].state["momentum_buffer"] * 1.01)
+    with pytest.raises(ValueError, match="state\\['momentum_buffer'\\] differs"):
+        rec.record(1, traj.params(1), state=bad)
+    with pytest.raises(ValueError, match="state\\['has_buffer'\\] differs"):
+        rec.record(1, traj.params(1), state=dict(traj[1].state, has_buffer=torch.zeros(4, dtype=torch.bool)))
+
+
+class Noisy(nn.Module):
+    def forward(self, x):
+        return x + 0.01 * torch.randn_like(x)
+
+
+class WithBuffer(nn.Linear):
+    def __init__(self):
+        super().__init__(3, 3)
+        self.register_buffer("scale", torch.ones(3))
+
+
+@pytest.mark.parametrize("model, match", [
+    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "module '1' \\(BatchNorm1d\\) in train mode .* GroupNorm or LayerNorm"),
+    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval(), "module '1' \\(BatchNorm1d\\) keeps running statistics"),
+    (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.Linear(4, 3)), "module '1' \\(Dropout\\) is in train mode .* model.eval\\(\\)"),
+    (nn.Sequential(nn.Linear(3, 4), nn.Dropout2d(0.2), nn.Linear(4, 3)), "module '1' \\(Dropout2d\\) is in train mode"),
+    (WithBuffer(), "buffers \\['scale'\\]"),
+], ids=["batchnorm-train", "batchnorm-eval", "dropout-train", "dropout2d-train", "buffer"])
+def test_models_dicekern_cannot_replay_are_refused(model, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        dk.Recorder(model, cross_entropy)
+
+
+def test_dropout_in_eval_mode_is_accepted_and_random_forwards_are_refused() -> None:
+    run = random_run(3, rounds=1, seed=0)
+    r = run.trajectory[0]
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Dropout(0.3)).double().eval()
+    dk.Recorder(model, cross_entropy).record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W)
+    noisy = dk.Recorder(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), Noisy()), cross_entropy)
+    with pytest.raises(ValueError, match="outputs differ between two calls .* random"):
+        noisy.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W)
+    assert noisy.trajectory().steps == ()
+
+
+def test_recorder_takes_any_form_of_learning_rate() -> None:
+    run = random_run(3, rounds=1, seed=0)
+    r = run.trajectory[0]
+    for lr in (0.1, np.float32(0.1), torch.tensor(0.1), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64), np.array([0.1, 0.2, 0.3])):
+        rec = dk.Recorder(run.trajectory.objective.model, cross_entropy)
+        rec.record(0, run.trajectory.params(0), r.inputs, r.targets, lr=lr, W=r.W)
+        assert rec.trajectory()[0].lr.shape == (3,)
+
+
+def test_a_stateful_optimizer_needs_its_state() -> None:
+    run = random_run(3, rounds=1, seed=0)
+    r = run.trajectory[0]
+    rec = dk.Recorder(run.trajectory.objective.model, cross_entropy, optimizer=dk.optim.Adam())
+    with pytest.raises(ValueError, match="state is missing: Adam.* keeps optimizer state; .*stack_state"):
+        rec.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W)
+    with pytest.raises(ValueError, match="exactly the keys \\['exp_avg', 'exp_avg_sq', 'step'\\]"):
+        rec.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W, state={"exp_avg": torch.zeros(3, 31)})
 
 
 def test_verify_needs_two_consecutive_rounds() -> None:

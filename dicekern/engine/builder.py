@@ -1,0 +1,74 @@
+"""build_chain: the one place that inspects the run, the device and the options to pick the parts."""
+
+from __future__ import annotations
+
+import torch
+
+from dicekern.bindings.dispatch import is_linear_head, resolve_backend
+from dicekern.checks import check_node_weights, check_test
+from dicekern.engine.chain import Chain
+from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
+from dicekern.engine.mixing import DenseMixer, Mixer
+from dicekern.engine.options import DiceOptions
+from dicekern.engine.step import LocalStep
+from dicekern.optim import OptimizerSpec
+from dicekern.restrict import PerNodeTest
+from dicekern.trajectory import Trajectory
+
+
+def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
+    """curvature_at="receiver" and direct="paper" are conventions of the paper's SGD analysis."""
+    if optimizer.stateless:
+        return
+    if options.curvature_at == "receiver":
+        raise ValueError(
+            f"curvature_at='receiver' needs an optimizer without state (SGD without momentum); {optimizer} keeps "
+            f"state at each node, so its step's Jacobian acts where the state is: use curvature_at='sender'"
+        )
+    if options.direct == "paper":
+        raise ValueError(f"direct='paper' is the SGD analysis's convention (SGD without momentum); with {optimizer} use direct='half_step'")
+
+
+def build_chain(
+    traj: Trajectory, step: int, test: object, hops: int, options: DiceOptions, *,
+    test_grad_cache: dict[int, torch.Tensor] | None = None, mixer: Mixer | None = None, nodes: range | None = None,
+    total_nodes: int | None = None,
+) -> Chain:
+    """The chain of one query from round ``step``, ``hops`` hops, against ``test``.
+
+    Args:
+        test: (inputs (M, ...), targets (M, ...)), or a PerNodeTest (last-layer mode).
+        mixer, nodes, total_nodes: across processes, the exchange of rows, the global indices of
+            this trajectory's rows, and N of the whole run (default: one process holds all).
+    """
+    if not isinstance(options, DiceOptions):
+        raise TypeError(f"options must be a dk.DiceOptions, got {type(options).__name__}")
+    rounds = traj.window(step, hops)
+    check_options_for(traj.optimizer, options)
+    first = rounds[0]
+    nodes = range(traj.num_nodes) if nodes is None else nodes
+    q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
+    model, loss_fn = traj.objective.model, traj.objective.loss_fn
+    linear_head = is_linear_head(model, loss_fn)
+    kernels = resolve_backend(options.backend, traj.device, linear_head) == "triton"
+    objective = traj.objective
+    stepping = rounds[: max(hops, 1)]
+    if kernels:
+        # imported only here: triton must not load before the user can choose its interpreter
+        from dicekern.bindings import linear_head as head_kernels
+        from dicekern.bindings.gossip_mix import ColumnMixer
+
+        mixer = mixer or ColumnMixer([rnd.W for rnd in stepping])
+        if linear_head:
+            objective = head_kernels.LinearHeadObjective(model, loss_fn)
+    mixer = mixer or DenseMixer([rnd.W for rnd in stepping])
+    steps = [LocalStep(objective, traj.optimizer, r.params, r.inputs, r.targets, r.lr, r.state, options.curvature) for r in stepping]
+    if isinstance(test, PerNodeTest):
+        tests = PerNodeTestSet(objective, test, [step + s for s in range(hops + 1)], first.params)
+    else:
+        tests = SharedTestSet(objective, check_test(test, first.params))
+    chain_class = Chain
+    if kernels and linear_head and traj.optimizer.is_plain_sgd:
+        chain_class = head_kernels.FusedLinearHeadChain  # one launch for the queries it covers
+    return chain_class(rounds, steps, mixer, tests, q, options, mix_state=traj.mix_state, nodes=nodes,
+                       test_grad_cache=test_grad_cache, step=step)

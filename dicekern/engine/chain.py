@@ -1,0 +1,207 @@
+"""The DICE-E chain: a composition of per-round local steps J, mixers and a test objective.
+
+Notation of DICE.md. A hop s >= 2 moves a perturbation of every node's state (N, C, S, D) through
+round t+s-1: J (the linearised local step, at the sender) then the mix with W^{t+s-1} (theta
+block; every block with mix_state). The forward ("cascade") direction follows sources as columns;
+the adjoint direction carries objectives as columns and scores every sample at once. Scores read
+only the theta block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
+from dicekern.engine.mixing import Mixer
+from dicekern.engine.options import DiceOptions
+from dicekern.engine.step import LocalStep
+from dicekern.trajectory import Round
+
+
+class Chain:
+    """DICE-E over rounds step..step+hops of a run, for one test objective.
+
+    Args:
+        rounds: the rounds step..step+hops (``Trajectory.window``).
+        steps: the local steps of rounds step..step+max(hops, 1)-1.
+        mixer: W^{step+i} (or its transpose) on the node axis of (rows, C, D) vectors.
+        tests: the test objective.
+        q: (rows,) node weights of the rows this chain holds.
+        options: the linearisation (curvature_at, direct).
+        mix_state: whether the optimizer state is gossiped with theta.
+        nodes: the global node indices of the rows (a block, across processes).
+        test_grad_cache: step -> (rows, D) q-scaled mean test gradients at theta^{step}, read and
+            filled by this chain (for windows that share rounds; one q and test set per cache).
+    """
+
+    def __init__(
+        self, rounds: Sequence[Round], steps: Sequence[LocalStep], mixer: Mixer, tests: SharedTestSet | PerNodeTestSet,
+        q: torch.Tensor, options: DiceOptions, *, mix_state: bool, nodes: range, test_grad_cache: dict[int, torch.Tensor] | None = None,
+        step: int = 0,
+    ):
+        self.rounds, self.steps, self.mixer, self.tests, self.q = tuple(rounds), tuple(steps), mixer, tests, q
+        self.options, self.mix_state, self.nodes, self.step = options, mix_state, nodes, step
+        self.hops = len(self.rounds) - 1
+        self._test_grad_cache = test_grad_cache
+
+    @property
+    def batch_size(self) -> int:
+        return self.steps[0].batch_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.steps[0].num_blocks
+
+    # ---- the parts of a hop ----
+
+    def _mix(self, index: int, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """W^{t+index} (or its transpose) on the node axis of (N, C, S, D): every block, or theta only."""
+        n, c, s, d = vectors.shape
+        if self.mix_state or s == 1:
+            return self.mixer(index, vectors.reshape(n, c * s, d), transpose).view(n, c, s, d)
+        mixed = vectors.clone()
+        mixed[:, :, 0] = self.mixer(index, vectors[:, :, 0], transpose)
+        return mixed
+
+    def _forward_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
+        """delta^{(s)} from delta^{(s-1)} through round t+index, index = s-1 >= 1."""
+        if self.options.curvature_at == "sender":
+            return self._mix(index, self.steps[index].jacobian(vectors), transpose=False)
+        return self.steps[index].jacobian(self._mix(index, vectors, transpose=False))
+
+    def _adjoint_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
+        """The transpose of _forward_hop."""
+        if self.options.curvature_at == "sender":
+            return self.steps[index].jacobian_t(self._mix(index, vectors, transpose=True))
+        return self._mix(index, self.steps[index].jacobian_t(vectors), transpose=True)
+
+    def _as_state(self, theta: torch.Tensor) -> torch.Tensor:
+        """(N, C, D) theta vectors as (N, C, S, D) state vectors with zero optimizer blocks."""
+        state = theta.new_zeros(*theta.shape[:2], self.num_blocks, theta.shape[-1])
+        state[:, :, 0] = theta
+        return state
+
+    # ---- test gradients ----
+
+    def _direct_points(self) -> torch.Tensor:
+        """(N, D) where the hop-0 test gradient is taken: theta^{t+1/2} ("half_step") or theta^t ("paper")."""
+        first = self.steps[0]
+        return first.half_step if self.options.direct == "half_step" else first.params
+
+    def _test_grad_points(self) -> torch.Tensor:
+        """(hops+1, N, D): where the test gradients are taken; [0] the direct points, [s] theta^{t+s}."""
+        return torch.stack([self._direct_points()] + [rnd.params for rnd in self.rounds[1:]])
+
+    def _scaled_test_grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool = False) -> torch.Tensor:
+        """(R, O, D) q_k grad L(theta; z') at points (R, D) of (hop, node) pairs (R,) each."""
+        return self.q[nodes, None, None] * self.tests.grads(points, hops, nodes, per_test)
+
+    def _scaled_test_grads_all(self, per_test: bool) -> torch.Tensor:
+        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean).
+
+        With a cache (the mean of a shared test set only), hops s >= 1 whose round is cached are
+        reused and the others stored; hop 0 is the window's own half step and is always computed.
+        """
+        n = self.rounds[0].params.shape[0]
+        points = self._test_grad_points()
+        cache = self._test_grad_cache if not per_test and self.tests.cacheable else None
+        needed = [s for s in range(self.hops + 1) if cache is None or s == 0 or self.step + s not in cache]
+        flat = points[needed].flatten(0, 1)
+        hops = torch.tensor(needed, device=flat.device).repeat_interleave(n)
+        nodes = torch.arange(n, device=flat.device).repeat(len(needed))
+        computed = dict(zip(needed, self._scaled_test_grads(flat, hops, nodes, per_test).unflatten(0, (len(needed), n))))
+        if cache is not None:
+            cache.update({self.step + s: grads[:, 0] for s, grads in computed.items() if s > 0})
+        return torch.stack([computed[s] if s in computed else cache[self.step + s][:, None] for s in range(self.hops + 1)])
+
+    # ---- the three queries ----
+
+    def cascade(self, source: int, sample_mask: torch.Tensor) -> torch.Tensor:
+        """(hops+1, rows) e[s, k] for the samples of global node ``source`` where sample_mask (B,) is 1.
+
+        Test gradients and curvature products are taken only where the perturbation has
+        arrived, so the cost follows the reach of the source, not N. Only the rows that own
+        ``source`` compute its displacement; the first mix carries it to its receivers.
+        """
+        first = self.steps[0]
+        n, dim = first.params.shape
+        device = first.params.device
+        delta = first.params.new_zeros(n, 1, self.num_blocks, dim)
+        reached = [torch.zeros(0, dtype=torch.long, device=device)]
+        points = [first.params.new_zeros(0, dim)]
+        owned = source in self.nodes
+        if owned:
+            j = self.nodes.index(source)
+            removed = first.params.new_zeros(n, dim)  # sum over the removed samples of grad loss_b / B, at row j
+            removed[j] = first.objective.node_grads(
+                first.params[j : j + 1], first.inputs[j : j + 1], first.targets[j : j + 1], (sample_mask / self.batch_size)[None]
+            )[0]
+            delta = first.displacement(removed)  # delta^{(0)}: Delta_j(z) at row j
+            reached[0] = torch.tensor([j], device=device)
+            points[0] = self._direct_points()[j][None]
+        deltas = [delta]
+        for s in range(1, self.hops + 1):
+            delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+            deltas.append(delta)
+            reached.append(delta.flatten(1).ne(0).any(dim=1).nonzero().flatten())
+            points.append(self.rounds[s].params[reached[-1]])
+        hop_of = torch.cat([torch.full_like(k, s) for s, k in enumerate(reached)])
+        grads = self._scaled_test_grads(torch.cat(points), hop_of, torch.cat(reached))[:, 0].split([len(k) for k in reached])
+        scores = first.params.new_zeros(self.hops + 1, n)
+        for s in range(self.hops + 1):
+            k = reached[s]
+            scores[s, k] = (grads[s] * deltas[s][k, 0, 0]).sum(-1)
+        return scores
+
+    def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
+        """Scores of every sample of every node: (N, B), with per_hop a leading (hops+1,) axis,
+        with per_test an (M,) axis before N (one objective per test point).
+
+        lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + adjoint_hop(lambda^{(s+1)}) (theta
+        blocks), and a sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j).
+        Each objective is a column; with per_hop each hop's term travels in its own block of columns.
+        """
+        scaled_test_grads = self._scaled_test_grads_all(per_test)  # (hops+1, N, O, D)
+        lam = None  # (N, C, S, D): blocks of O columns for hops r, r-1, ... when per_hop
+        for s in range(self.hops, 0, -1):
+            injected = self._as_state(scaled_test_grads[s])
+            if lam is None:
+                lam = injected
+            else:
+                lam = self._adjoint_hop(s, lam)
+                lam = torch.cat([lam, injected], dim=1) if per_hop else lam + injected
+        direct = self._as_state(scaled_test_grads[0])
+        objectives = direct.shape[1]
+        if lam is None:
+            vectors = direct
+        else:
+            to_sources = self._mix(0, lam, transpose=True)
+            if per_hop:  # hop blocks r..1 -> 1..r
+                to_sources = to_sources.unflatten(1, (self.hops, objectives)).flip(1).flatten(1, 2)
+                vectors = torch.cat([direct, to_sources], dim=1)
+            else:
+                vectors = direct + to_sources
+        scores = self.steps[0].sample_scores(vectors)  # Delta_j(z_b)^T v, (N, C, B)
+        scores = scores.unflatten(1, (-1, objectives)).permute(1, 2, 0, 3)  # (hop blocks, O, N, B)
+        scores = scores if per_hop else scores[0]
+        return scores if per_test else scores.select(-3, 0)
+
+    def influence_matrix(self) -> torch.Tensor:
+        """(hops+1, N_source, N_receiver): e[s, j, k] of every source's whole batch, one forward chain.
+
+        Each source is a column of the chain: delta^{(0)}[k, j] = Delta_j where k = j, else 0.
+        """
+        first = self.steps[0]
+        n = first.params.shape[0]
+        scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
+        displacements = first.displacement(first.grads)[:, 0]  # (N, S, D): every node's whole batch
+        scores = first.params.new_zeros(self.hops + 1, n, n)
+        scores[0] = torch.diag((scaled_test_grads[0] * displacements[:, 0]).sum(-1))
+        delta = first.params.new_zeros(n, n, *displacements.shape[1:])
+        delta[range(n), range(n)] = displacements
+        for s in range(1, self.hops + 1):
+            delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+            scores[s] = torch.einsum("kd,kjd->jk", scaled_test_grads[s], delta[:, :, 0])
+        return scores

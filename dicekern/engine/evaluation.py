@@ -1,0 +1,52 @@
+"""Test objectives: the gradients of the evaluation loss L(theta; z') that the chain reads.
+
+``grads(points, hops, nodes, per_test)`` gives, for R (hop, node) pairs at parameters points
+(R, D), the gradient of the mean test loss (O = 1 column) or of each test point's own loss
+(O = M columns): (R, O, D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dicekern.objective import NodeObjective, mean_weights
+from dicekern.restrict import PerNodeTest
+
+
+class SharedTestSet:
+    """One test set (inputs (M, ...), targets (M, ...)) that every node is evaluated on."""
+
+    cacheable = True  # a round's mean-loss gradients are the same in every window that reads them
+
+    def __init__(self, objective: NodeObjective, test: tuple[torch.Tensor, torch.Tensor]):
+        self.objective, self.test = objective, test
+
+    def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
+        x, y = self.test
+        if per_test:
+            return self.objective.test_point_grads(points, x.expand(len(points), *x.shape), y)
+        return self.objective.test_grads(points, self.test)[:, None]
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.test
+
+
+class PerNodeTestSet:
+    """Last-layer mode: node k sees the test points through its own extractor at every round."""
+
+    cacheable = False
+
+    def __init__(self, objective: NodeObjective, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
+        self.objective, self.targets = objective, test.targets
+        self.features = test.rows(steps, like)  # (hops+1, N, M, F)
+
+    def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
+        x, y = self.features[hops, nodes], self.targets
+        if per_test:
+            return self.objective.test_point_grads(points, x, y)
+        return self.objective.node_grads(points, x, y.expand(len(points), *y.shape), mean_weights(x.shape[:2], points))[:, None]
+
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features, self.targets

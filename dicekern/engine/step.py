@@ -1,0 +1,124 @@
+"""A round's local step at every node: its replay under any optimizer spec, and its linearisation.
+
+Chain vectors are (N, C, S, D): C columns (objectives or sources), S blocks per node state (block
+0 is theta, then the optimizer's float state blocks in ``optimizer.state_blocks`` order), D
+parameters. The local step x -> O(x, g(theta)) is linearised at the recorded point; its Jacobian
+J includes g's dependence on theta (the curvature), and for SGD reduces to I - lr H.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from dicekern.objective import Curvature, NodeObjective, mean_weights
+from dicekern.optim import OptimizerSpec, State
+
+
+def local_update(
+    objective: NodeObjective, optimizer: OptimizerSpec, thetas: torch.Tensor, state: State, inputs: torch.Tensor,
+    targets: torch.Tensor, lr: torch.Tensor, weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State]:
+    """(theta^{t+1/2} (N, D), state^{t+1}) of every node's optimizer step on sum_b weights[k, b] loss_b.
+
+    weights (N, B) default to 1/B (the batch mean); a zero drops a sample but keeps B.
+    """
+    if weights is None:
+        weights = mean_weights(inputs.shape[:2], thetas)
+    return optimizer.update(thetas, state, objective.node_grads(thetas, inputs, targets, weights), lr)
+
+
+def gossip_round(
+    objective: NodeObjective, optimizer: OptimizerSpec, thetas: torch.Tensor, state: State, inputs: torch.Tensor,
+    targets: torch.Tensor, lr: torch.Tensor, mixing: torch.Tensor, weights: torch.Tensor | None = None, *, mix_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """One round of adapt-then-combine: (theta^{t+1/2}, theta^{t+1}, state^{t+1}); thetas (N, D)."""
+    half, state = local_update(objective, optimizer, thetas, state, inputs, targets, lr, weights)
+    if mix_state:
+        state = {name: mixing @ value if name in optimizer.state_blocks else value for name, value in state.items()}
+    return half, mixing @ half, state
+
+
+class LocalStep:
+    """Round tau's local step at every node, linearised at the recorded point (theta, state, batch, lr).
+
+    Args:
+        objective: the curvature engine (gradients, curvature products, per-sample dots).
+        optimizer: the spec of the run.
+        params, inputs, targets, lr, state: the round's (N, D), (N, B, ...), (N, B, ...), (N,), state.
+        curvature: "exact", "ggn" or "none" (g's dependence on theta left out).
+    """
+
+    def __init__(
+        self, objective: NodeObjective, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
+        targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: Curvature,
+    ):
+        self.objective, self.optimizer, self.curvature = objective, optimizer, curvature
+        self.params, self.inputs, self.targets, self.lr, self.state = params, inputs, targets, lr, state
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        """S: theta plus the optimizer's float state blocks."""
+        return 1 + len(self.optimizer.state_blocks)
+
+    @cached_property
+    def grads(self) -> torch.Tensor:
+        """(N, D) every node's batch-mean gradient at its recorded params."""
+        return self.objective.node_grads(self.params, self.inputs, self.targets, mean_weights(self.inputs.shape[:2], self.params))
+
+    @cached_property
+    def half_step(self) -> torch.Tensor:
+        """(N, D) theta^{tau+1/2}."""
+        return self.optimizer.update(self.params, self.state, self.grads, self.lr)[0]
+
+    @cached_property
+    def _linearization(self):
+        """The optimizer's Jacobian at every node, shaped to broadcast over the C columns."""
+        column = lambda t: t[:, None]
+        state = {k: column(v) if k in self.optimizer.state_blocks else v for k, v in self.state.items()}
+        return self.optimizer.linearize(column(self.params), state, column(self.grads), self.lr)
+
+    def _split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State]:
+        return vectors[:, :, 0], dict(zip(self.optimizer.state_blocks, vectors[:, :, 1:].unbind(2)))
+
+    def _join(self, theta: torch.Tensor, blocks: State) -> torch.Tensor:
+        return torch.stack([theta] + [blocks[name] for name in self.optimizer.state_blocks], dim=2)
+
+    def _curvature(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.objective.curvature_products(self.params, self.inputs, self.targets, vectors, self.curvature)
+
+    def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
+        """J V at every node: (N, C, S, D) -> (N, C, S, D)."""
+        d_theta, d_blocks = self._split(vectors)
+        theta, blocks = self._linearization.tangent(d_theta, d_blocks, self._curvature(d_theta))
+        return self._join(theta, blocks)
+
+    def jacobian_t(self, vectors: torch.Tensor) -> torch.Tensor:
+        """J^T V at every node: (N, C, S, D) -> (N, C, S, D); H is symmetric, so J^T uses H again."""
+        c_theta, c_blocks = self._split(vectors)
+        theta, blocks, c_grad = self._linearization.cotangent(c_theta, c_blocks)
+        return self._join(theta + self._curvature(c_grad), blocks)
+
+    def displacement(self, grads: torch.Tensor) -> torch.Tensor:
+        """(dO/dg) G at every node: the state change of a gradient change G (N, D), as (N, 1, S, D).
+
+        With G = sum_b w_b grad loss_b over removed samples (w_b = 1/B), this is Delta of DICE.md:
+        factual minus counterfactual.
+        """
+        zeros = torch.zeros_like(grads[:, None])
+        theta, blocks = self._linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads[:, None])
+        return self._join(theta, blocks)
+
+    def sample_scores(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Delta_k(z_b)^T V[k, c] for every sample b of every node k: (N, C, S, D) -> (N, C, B).
+
+        Delta^T V = (1/B) grad loss_b^T (dO/dg)^T V: one JVP of the per-sample losses per column.
+        """
+        c_theta, c_blocks = self._split(vectors)
+        c_grad = self._linearization.cotangent(c_theta, c_blocks)[2]
+        return self.objective.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size

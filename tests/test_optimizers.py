@@ -1,0 +1,159 @@
+"""DICE under momentum, Nesterov, weight decay, Adam and AdamW, checked without dicekern's own math:
+finite differences and exact replays run by the users' own per-node torch.optim optimizers."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import dicekern as dk
+from conftest import assert_close, cross_entropy, torch_optim_gossip, torch_optim_run, torch_optim_steps
+
+OPTIMIZERS = {
+    "momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1), 0.1, False),
+    "momentum-gossiped": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 0.1, True),
+    "nesterov": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True), 0.1, False),
+    "weight-decay": (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.05), 0.1, False),
+    "adam": (lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.01), 0.02, False),
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1), 0.02, False),
+}
+STEP = 2  # the scored round: Adam's moments and the momentum buffers have history by then
+
+
+def recorded_run(name: str, n: int, hops: int):
+    make, lr, mix_state = OPTIMIZERS[name]
+    return torch_optim_run(make, n, rounds=STEP + hops + 1, seed=n + 7, lr=lr, mix_state=mix_state)
+
+
+def nodes_at(run, step: int, name: str):
+    """Fresh per-node models and torch optimizers holding the recorded params and state of round step."""
+    traj = run.trajectory
+    make = OPTIMIZERS[name][0]
+    models, optimizers = [], []
+    rnd = traj[step]
+    for k in range(traj.num_nodes):
+        model = copy.deepcopy(run.models[0])
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), traj.objective.layout.unflatten(rnd.params[k]).values()):
+                p.copy_(value)
+        opt = make(model.parameters())
+        for p, (_, columns) in zip(model.parameters(), traj.objective.layout.slices()):
+            block = lambda key: rnd.state[key][k, columns].view_as(p).clone()
+            if "has_buffer" in rnd.state and rnd.state["has_buffer"][k]:
+                opt.state[p]["momentum_buffer"] = block("momentum_buffer")
+            if "step" in rnd.state and rnd.state["step"][k] > 0:
+                opt.state[p].update(step=torch.tensor(float(rnd.state["step"][k])), exp_avg=block("exp_avg"), exp_avg_sq=block("exp_avg_sq"))
+        models.append(model)
+        optimizers.append(opt)
+    return models, optimizers
+
+
+def replayed_losses(run, name: str, hops: int, weights: torch.Tensor) -> torch.Tensor:
+    """(hops+1, N) q_k L(theta_k; z') at theta^{t+1/2}, theta^{t+1}, ..., replayed by torch.optim with
+    round t's batch weighted by weights (N, B) and every later round unchanged."""
+    traj = run.trajectory
+    models, optimizers = nodes_at(run, STEP, name)
+    test_loss = lambda: torch.stack([cross_entropy(m(run.test[0]), run.test[1]).mean() for m in models]).detach()
+    losses = []
+    for s in range(max(hops, 1)):
+        rnd = traj[STEP + s]
+        torch_optim_steps(models, optimizers, rnd.inputs, rnd.targets, rnd.lr, weights if s == 0 else None)
+        if s == 0:
+            losses.append(test_loss())
+        torch_optim_gossip(models, optimizers, rnd.W, traj.mix_state)
+        losses.append(test_loss())
+    return run.q * torch.stack(losses[: hops + 1])
+
+
+CASES = [pytest.param(name, n, id=f"{name}-N{n}") for name in OPTIMIZERS for n in (3, 5)]
+
+
+@pytest.mark.parametrize("name, n", CASES)
+def test_every_term_is_the_derivative_of_the_replay(name: str, n: int) -> None:
+    """e[s, k] (exact curvature) = (1/B) d q_k L(theta_k^{t+s}) / d w_z: central differences of the
+    torch.optim replay in the sample weight agree to 1e-6 of each hop's scale, hops 0..3."""
+    hops, batch = 3, 5
+    run = recorded_run(name, n, hops)
+    traj = run.trajectory
+    per_hop = dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_hop=True)  # (hops+1, N, B)
+    for h in range(hops):  # a shorter query is the same terms
+        assert_close(dk.dice_e(traj, STEP, run.test, h, q=run.q), per_hop[: h + 1].sum(0), 1e-12)
+    step = 1e-5
+    for source, sample in ((n - 1, 0), (0, 3)):
+        weights = torch.full((n, batch), 1 / batch, dtype=torch.float64)
+        weights[source, sample] += step
+        plus = replayed_losses(run, name, hops, weights)
+        weights[source, sample] -= 2 * step
+        minus = replayed_losses(run, name, hops, weights)
+        finite = (plus - minus) / (2 * step) / batch  # (hops+1, N)
+        flow = dk.cascade(traj, STEP, source, run.test, hops, samples=[sample], q=run.q)
+        for s in range(hops + 1):
+            scale = finite[s].abs().max()
+            assert scale > 0
+            assert (flow[s] - finite[s]).abs().max() <= 1e-6 * scale, (s, flow[s], finite[s])
+            assert abs(per_hop[s, source, sample] - finite[s].sum()) <= 1e-6 * scale
+        if name != "weight-decay" and not traj.mix_state:  # the source's own state carries its sample on
+            assert flow[2:, source].abs().min() > 0
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_dice_gt_is_the_torch_optim_replay(name: str) -> None:
+    """dice_gt and dice_gt_samples equal replays by the nodes' own torch.optim optimizers to 1e-10."""
+    n, hops, batch = 4, 3, 5
+    run = recorded_run(name, n, hops)
+    source, removed = 2, [1, 4]
+    full = torch.full((n, batch), 1 / batch, dtype=torch.float64)
+    factual = replayed_losses(run, name, hops, full)
+    without = full.clone()
+    without[source, removed] = 0
+    expected = factual - replayed_losses(run, name, hops, without)
+    expected[0, torch.arange(n) != source] = 0  # hop 0 is the source's own half step
+    assert_close(dk.dice_gt(run.trajectory, STEP, source, run.test, hops, samples=removed, q=run.q), expected, 1e-10)
+    per_sample = dk.dice_gt_samples(run.trajectory, STEP, run.test, hops, nodes=[source], q=run.q, per_hop=True)
+    for b in range(batch):
+        without = full.clone()
+        without[source, b] = 0
+        expected = factual - replayed_losses(run, name, hops, without)
+        expected[0, torch.arange(n) != source] = 0
+        assert_close(per_sample[:, 0, b], expected.sum(-1), 1e-10)
+
+
+@pytest.mark.parametrize("optimizer, lr", [(dk.optim.SGD(momentum=0.9), 0.05), (dk.optim.Adam(), 0.005)], ids=["momentum", "adam"])
+def test_dice_e_tracks_dice_gt_on_digits(optimizer, lr: float) -> None:
+    """16 nodes, exponential graph, MLP, batch 16, round 30, per-sample removal of every sample of
+    8 nodes: Pearson >= 0.999 at every hop 0..3 (README, "Optimizers", has the numbers)."""
+    run = dk.examples.digits_run(num_nodes=16, rounds=34, batch_size=16, lr=lr, optimizer=optimizer)
+    traj, step, nodes = run.trajectory, 30, list(range(0, 16, 2))
+    losses = [traj.objective.test_losses(traj[t].params, run.test).mean().item() for t in (0, 34)]
+    assert losses[1] < 0.92 * losses[0]  # training makes progress
+    e = dk.dice_e(traj, step, run.test, 3, per_hop=True)[:, nodes]
+    gt = dk.dice_gt_samples(traj, step, run.test, 3, per_hop=True, nodes=nodes)
+    for s in range(4):
+        pearson = np.corrcoef(e[s].flatten().numpy(), gt[s].flatten().numpy())[0, 1]
+        assert pearson >= 0.999, (s, pearson)
+
+
+def test_conventions_of_the_sgd_analysis_are_refused_with_state() -> None:
+    run = recorded_run("adam", 3, 1)
+    for option, value in (("curvature_at", "receiver"), ("direct", "paper")):
+        with pytest.raises(ValueError, match=f"{option}='{value}' .*SGD without momentum"):
+            dk.dice_e(run.trajectory, STEP, run.test, 1, **{option: value})
+    with pytest.raises(ValueError, match="walk reference evaluates the paper's plain-SGD walks"):
+        dk.reference.dice_e_walks(run.trajectory, STEP, 0, run.test, 1)
+    weight_decay = recorded_run("weight-decay", 3, 2)  # stateless: both conventions apply
+    dk.dice_e(weight_decay.trajectory, STEP, weight_decay.test, 2, curvature_at="receiver", direct="paper")
+
+
+def test_ggn_replaces_the_hessian_inside_the_step_jacobian() -> None:
+    """curvature="ggn" under Adam: cascade and dice_e still agree with each other, and differ from exact."""
+    run = recorded_run("adam", 4, 3)
+    traj = run.trajectory
+    per_hop = dk.dice_e(traj, STEP, run.test, 3, q=run.q, per_hop=True, curvature="ggn")
+    flow = torch.stack([dk.cascade(traj, STEP, j, run.test, 3, q=run.q, samples=[1], curvature="ggn") for j in range(4)])
+    assert_close(per_hop[:, :, 1], flow.sum(-1).T, 1e-10)
+    exact = dk.dice_e(traj, STEP, run.test, 3, q=run.q, per_hop=True)
+    assert not torch.allclose(per_hop[2:], exact[2:])
+    assert_close(per_hop[:2], exact[:2], 1e-12)  # hops 0 and 1 use no curvature

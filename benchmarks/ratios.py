@@ -1,4 +1,4 @@
-"""Ratio table (markdown) from a pytest-benchmark JSON file: each group's slower entry over its faster.
+"""Ratio table (markdown) from a pytest-benchmark JSON file: each group's slower entries over its fastest.
 
     python benchmarks/ratios.py benchmarks/results/cpu.json
 """
@@ -13,11 +13,13 @@ from collections import defaultdict
 def ratio_rows(report: dict) -> list[str]:
     groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for bench in report["benchmarks"]:
-        groups[bench["group"]].append((bench["name"].split("-")[-1].rstrip("]"), bench["stats"]["min"]))
+        label = bench["name"].rstrip("]").split("[")[-1].split("-")[-1]  # the last parameter id
+        groups[bench["group"]].append((label, bench["stats"]["min"]))
     rows = ["| group | fast | min (ms) | baseline | min (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
     for group, entries in sorted(groups.items()):
-        (fast, t_fast), (slow, t_slow) = sorted(entries, key=lambda e: e[1])
-        rows.append(f"| {group} | {fast} | {t_fast * 1e3:.2f} | {slow} | {t_slow * 1e3:.2f} | {t_slow / t_fast:.1f}x |")
+        (fast, t_fast), *slower = sorted(entries, key=lambda e: e[1])
+        for slow, t_slow in slower:
+            rows.append(f"| {group} | {fast} | {t_fast * 1e3:.2f} | {slow} | {t_slow * 1e3:.2f} | {t_slow / t_fast:.2f}x |")
     return rows
 
 

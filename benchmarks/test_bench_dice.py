@@ -59,3 +59,47 @@ def test_all_samples_vs_training_round(benchmark, run, test_set, job) -> None:
         benchmark(dk.dice_e, traj, STEP, test_set, HOPS)
     else:
         benchmark(gossip_round, objective, traj.optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr, rnd.W)
+
+
+_OPTIMIZER_RUNS: dict = {}
+
+
+def _optimizer_run(run, optimizer: str):
+    """The benchmark's run (same data, W and seed) trained by another optimizer at its preset lr."""
+    key = (run.trajectory.dtype, optimizer)
+    if key not in _OPTIMIZER_RUNS:
+        _OPTIMIZER_RUNS[key] = dk.examples.digits_run(
+            num_nodes=16, rounds=STEP + HOPS + 1, batch_size=16, dtype=run.trajectory.dtype, optimizer=optimizer
+        )
+    return _OPTIMIZER_RUNS[key]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_dice_e_by_optimizer(benchmark, run, test_set, optimizer) -> None:
+    """dice_e for every sample of a round under momentum SGD and Adam, next to plain SGD."""
+    benchmark.group = f"dice_e-by-optimizer {_setting(run, test_set)} hops={HOPS}"
+    traj = _optimizer_run(run, optimizer).trajectory
+    scores = dk.dice_e(traj, STEP, test_set, HOPS)
+    whole = torch.stack([dk.cascade(traj, STEP, j, test_set, HOPS).sum() for j in range(16)])
+    assert torch.allclose(scores.sum(1), whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    benchmark(dk.dice_e, traj, STEP, test_set, HOPS)
+
+
+@pytest.mark.parametrize("check", ["off", "sampled", "every"])
+def test_recording_with_replay_checks(benchmark, check) -> None:
+    """A vectorised gossip SGD trainer recording 34 rounds of 16 nodes (the fastest trainer we know,
+    so the worst case for the checks' share), with the recorder's replay checks off, sampled or on
+    every round."""
+    benchmark.group = "record-34-rounds replay_check"
+    run = dk.examples.digits_run(num_nodes=16, rounds=1, batch_size=16)
+    objective, spec, first = run.trajectory.objective, run.trajectory.optimizer, run.trajectory[0]
+    batches = [(first.inputs.roll(t, 0), first.targets.roll(t, 0)) for t in range(34)]
+
+    def train() -> None:
+        rec = dk.Recorder(run.model, run.loss_fn, replay_check=check, window=4)
+        theta = first.params
+        for t, (x, y) in enumerate(batches):
+            rec.record(t, objective.layout.unflatten(theta), x, y, lr=first.lr, W=first.W)
+            theta = gossip_round(objective, spec, theta, {}, x, y, first.lr, first.W)[1]
+
+    benchmark(train)

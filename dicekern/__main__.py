@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, default=Path(f"out/{name}"), help="folder for JSON and PNG (default: out/%(prog)s)")
         sub.add_argument("--nodes", type=_positive, default=16, help="gossip nodes (default 16)")
         sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--optimizer", choices=list(examples.OPTIMIZER_PRESETS), default="sgd",
+                         help="every node's local optimizer (default sgd; momentum: 0.9; adam: torch defaults), at its preset lr")
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
         return sub
 
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cascade(args) -> dict:
-    run = examples.digits_run(args.nodes, args.step + args.hops, seed=args.seed, progress=not args.no_progress)
+    run = examples.digits_run(args.nodes, args.step + args.hops, seed=args.seed, optimizer=args.optimizer, progress=not args.no_progress)
     flow = cascade(run.trajectory, args.step, args.source, run.test, args.hops)
     plots.cascade_on_graph(run.trajectory[args.step].W, flow, args.source, args.out / "cascade.png")
     print(f"cascade of node {args.source}'s batch at round {args.step} (negative lowers a node's test loss)")
@@ -77,7 +79,7 @@ def _cascade(args) -> dict:
 
 
 def _validate(args) -> dict:
-    run = examples.digits_run(args.nodes, args.step + args.hops, seed=args.seed, progress=not args.no_progress)
+    run = examples.digits_run(args.nodes, args.step + args.hops, seed=args.seed, optimizer=args.optimizer, progress=not args.no_progress)
     nodes = list(range(min(args.gt_nodes, args.nodes)))
     estimate = dice_e(run.trajectory, args.step, run.test, args.hops, per_hop=True)[:, nodes]
     truth = dice_gt_samples(run.trajectory, args.step, run.test, args.hops, nodes=nodes, per_hop=True, progress=not args.no_progress)
@@ -95,7 +97,8 @@ def _detect(args) -> dict:
     if args.corrupted >= args.nodes:
         raise ValueError(f"--corrupted {args.corrupted} must leave some clean nodes among --nodes {args.nodes}")
     results = analysis.anomaly_experiment(args.kind, range(args.seed, args.seed + args.seeds), num_nodes=args.nodes,
-                                          corrupted=args.corrupted, hops=tuple(args.hops), progress=not args.no_progress)
+                                          corrupted=args.corrupted, hops=tuple(args.hops), optimizer=args.optimizer,
+                                          progress=not args.no_progress)
     print(f"ROC AUC of ranking nodes by DICE score ({args.kind}, {args.corrupted} of {args.nodes} nodes corrupted, {args.seeds} seeds)")
     for h, aucs in results["auc"].items():
         print(f"hops {h}: mean {np.mean(aucs):.3f}  per seed {', '.join(f'{a:.2f}' for a in aucs)}")
@@ -108,7 +111,8 @@ def _detect(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        config = DemoConfig(num_nodes=args.nodes, step=args.step, hops=args.hops, seed=args.seed, gt_nodes=min(DemoConfig.gt_nodes, args.nodes))
+        config = DemoConfig(num_nodes=args.nodes, step=args.step, hops=args.hops, seed=args.seed, optimizer=args.optimizer,
+                            gt_nodes=min(DemoConfig.gt_nodes, args.nodes))
         try:
             run_demo(args.out, config, progress=not args.no_progress)
         except ValueError as error:

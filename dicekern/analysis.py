@@ -113,11 +113,12 @@ def detection_auc(scores: torch.Tensor, anomalous: Sequence[int], num_nodes: int
 
 def anomaly_experiment(
     kind: str, seeds: Sequence[int], *, num_nodes: int = 16, corrupted: int = 3, rounds: int = 24, scored_from: int = 10,
-    hops: Sequence[int] = (1, 3), progress: bool = False,
+    hops: Sequence[int] = (1, 3), optimizer: str = "sgd", progress: bool = False,
 ) -> dict:
     """Flag corrupted nodes on digits: for each seed, corrupt ``corrupted`` random nodes' data
     (``kind`` "flip" or "noise"), train, score every node with :func:`node_scores` over rounds
-    scored_from.., and report the ROC AUC per number of hops.
+    scored_from.., and report the ROC AUC per number of hops. optimizer: a name of
+    ``dk.examples.OPTIMIZER_PRESETS``.
 
     Returns:
         {"auc": {hops: [AUC per seed]}, "runs": [{"seed", "anomalous", "scores": {hops: [...]}}]}.
@@ -129,7 +130,7 @@ def anomaly_experiment(
     results: dict = {"kind": kind, "auc": {h: [] for h in hops}, "runs": []}
     for seed in tqdm(seeds, desc=f"anomaly detection ({kind})", disable=not progress):
         bad = sorted(int(b) for b in np.random.default_rng(seed).choice(num_nodes, corrupted, replace=False))
-        run = digits_run(num_nodes, rounds, seed=seed, corrupt={b: kind for b in bad})
+        run = digits_run(num_nodes, rounds, seed=seed, corrupt={b: kind for b in bad}, optimizer=optimizer)
         entry = {"seed": seed, "anomalous": bad, "scores": {}}
         for h in hops:
             scores = node_scores(run.trajectory, range(scored_from, rounds - h + 1), run.test, h)

@@ -14,7 +14,7 @@ from dicekern import topology
 from dicekern.losses import softmax_cross_entropy
 from dicekern.checks import check_choice, check_int
 from dicekern.engine.step import gossip_round
-from dicekern.optim import OptimizerSpec
+from dicekern.optim import SGD, Adam, OptimizerSpec
 from dicekern.trajectory import Recorder, Trajectory
 
 TOPOLOGIES: dict[str, Callable[[int, int], torch.Tensor]] = {
@@ -22,6 +22,14 @@ TOPOLOGIES: dict[str, Callable[[int, int], torch.Tensor]] = {
     "one_peer_exponential": lambda n, t: topology.one_peer_exponential(n, t),
     "ring": lambda n, t: topology.ring(n),
     "complete": lambda n, t: topology.complete(n),
+}
+
+
+# every node's local optimizer for the bundled digits, with a learning rate at which it trains well
+OPTIMIZER_PRESETS: dict[str, tuple[OptimizerSpec, float]] = {
+    "sgd": (SGD(), 0.1),
+    "momentum": (SGD(momentum=0.9), 0.05),
+    "adam": (Adam(), 0.005),
 }
 
 
@@ -71,14 +79,14 @@ def digits_run(
     rounds: int = 20,
     *,
     batch_size: int = 16,
-    lr: float = 0.1,
+    lr: float | None = None,
     graph: str = "exponential",
     hidden: int = 32,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     test_size: int = 200,
     corrupt: dict[int, str] | None = None,
-    optimizer: OptimizerSpec | None = None,
+    optimizer: OptimizerSpec | str = "sgd",
     progress: bool = False,
 ) -> DigitsRun:
     """Train a gossip run (adapt then combine) on non-IID digits and record every round.
@@ -86,7 +94,9 @@ def digits_run(
     Args:
         corrupt: node -> "flip" (every label replaced by a wrong one) or "noise" (features drowned
             in Gaussian noise of standard deviation 1): nodes whose data should hurt the others.
-        optimizer: every node's local optimizer (default plain SGD), its state kept per node.
+        optimizer: every node's local optimizer, its state kept per node: a ``dk.optim`` spec or
+            a name of ``OPTIMIZER_PRESETS`` ("sgd", "momentum", "adam"; default plain SGD).
+        lr: the learning rate of every node and round; None takes the preset's (SGD 0.1).
 
     Example:
         >>> import dicekern as dk
@@ -98,6 +108,12 @@ def digits_run(
     rounds = check_int("rounds", rounds, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     check_choice("graph", graph, list(TOPOLOGIES))
+    if isinstance(optimizer, str):
+        check_choice("optimizer", optimizer, list(OPTIMIZER_PRESETS))
+        optimizer, preset_lr = OPTIMIZER_PRESETS[optimizer]
+    else:
+        preset_lr = OPTIMIZER_PRESETS["sgd"][1]
+    lr = preset_lr if lr is None else lr
     node_indices, features, labels, test_indices = digits_split(num_nodes, seed=seed, test_size=test_size)
     smallest = min(len(ix) for ix in node_indices)
     if batch_size > smallest:

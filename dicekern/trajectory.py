@@ -282,9 +282,9 @@ class Recorder:
         total_nodes: the size of W when params hold only a block of the nodes (one process's share,
             see ``dicekern.distributed``); None means params hold every node.
         replay_check: "sampled" (default) replays the first two transitions t -> t+1 recorded and
-            then one in 16 (each replay costs about one training round, so about 6% on top of
-            training), "every" replays all, "off" none. A recorded round t+1 that is not the
-            declared optimizer's step of round t plus gossip raises a ValueError.
+            then one in 16 (a replay costs about one training round of all nodes), "every"
+            replays all, "off" none. A recorded round t+1 that is not the declared optimizer's
+            step of round t plus gossip raises a ValueError.
 
     Example:
         >>> import torch, dicekern as dk

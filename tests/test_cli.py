@@ -19,9 +19,12 @@ def test_help(command: str, capsys) -> None:
     assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
 
 
-def test_demo(tmp_path, capsys) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--step", "2", "--hops", "1", *SMALL]) == 0
-    assert "DICE-E vs DICE-GT" in capsys.readouterr().out and is_png(tmp_path / "cascade.png")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_demo(optimizer: str, tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--step", "2", "--hops", "1", "--optimizer", optimizer, *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "DICE-E vs DICE-GT" in out and is_png(tmp_path / "cascade.png")
+    assert ("Adam(" in out) == (optimizer == "adam") and json.loads((tmp_path / "results.json").read_text())["config"]["optimizer"] == optimizer
 
 
 def test_cascade(tmp_path, capsys) -> None:
@@ -30,8 +33,9 @@ def test_cascade(tmp_path, capsys) -> None:
     assert is_png(tmp_path / "cascade.png") and "hop 2:" in capsys.readouterr().out
 
 
-def test_validate(tmp_path) -> None:
-    assert main(["validate", "--out", str(tmp_path), "--step", "2", "--hops", "2", "--gt-nodes", "2", *SMALL]) == 0
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_validate(optimizer: str, tmp_path) -> None:
+    assert main(["validate", "--out", str(tmp_path), "--step", "3", "--hops", "2", "--gt-nodes", "2", "--optimizer", optimizer, *SMALL]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["per_hops"]
     assert [r["hops"] for r in rows] == [0, 1, 2] and all(r["pearson"] > 0.99 for r in rows)
     assert is_png(tmp_path / "e_vs_gt.png")

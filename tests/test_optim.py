@@ -54,10 +54,10 @@ def test_spec_steps_like_torch_optim(make, spec) -> None:
         new_theta, new_state = spec.update(theta, spec.check_state(state, n, theta), grads, lr.double())
         assert_close(new_theta, expected_theta, 1e-15)
         assert new_state.keys() == expected_state.keys()
-        for name in new_state:
-            assert torch.equal(new_state[name], expected_state[name]) if name in spec.state_counters else True
-            if name in spec.state_blocks:
-                assert_close(new_state[name], expected_state[name], 1e-15)
+        for name in spec.state_counters:
+            assert torch.equal(new_state[name], expected_state[name])
+        for name in spec.state_blocks:
+            assert_close(new_state[name], expected_state[name], 1e-15)
 
 
 @pytest.mark.parametrize("make, spec", SPECS)

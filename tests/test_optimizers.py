@@ -157,3 +157,66 @@ def test_ggn_replaces_the_hessian_inside_the_step_jacobian() -> None:
     exact = dk.dice_e(traj, STEP, run.test, 3, q=run.q, per_hop=True)
     assert not torch.allclose(per_hop[2:], exact[2:])
     assert_close(per_hop[:2], exact[:2], 1e-12)  # hops 0 and 1 use no curvature
+
+
+@pytest.mark.parametrize("name", ["nesterov", "adamw", "momentum-gossiped"])
+def test_every_query_agrees_under_every_optimizer(name: str, tmp_path) -> None:
+    """influence_matrix is every source's cascade, per_test averages to the mean objective, and the
+    online ledger (stopped, saved, resumed) totals the offline scores."""
+    n, hops = 4, 2
+    run = recorded_run(name, n, hops)
+    traj = run.trajectory
+    matrix = dk.influence_matrix(traj, STEP, run.test, hops, q=run.q)
+    for j in range(n):
+        assert_close(matrix[:, j], dk.cascade(traj, STEP, j, run.test, hops, q=run.q), 1e-10)
+    assert_close(dk.analysis.proximal_influence(traj, STEP, run.test, q=run.q), matrix[1], 1e-12)
+    per_test = dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_test=True, per_hop=True)
+    assert per_test.shape == (hops + 1, 6, n, 5)
+    assert_close(per_test.mean(1), dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_hop=True), 1e-10)
+
+    def feed(ledger, steps):
+        for t in steps:
+            r = traj[t]
+            ledger.record(t, traj.params(t), *((r.inputs, r.targets, r.lr, r.W) if r.has_batch else ()), state=r.state)
+
+    model, spec = run.models[0], traj.optimizer
+    whole = dk.OnlineDICE(model, cross_entropy, run.test, hops, q=run.q, optimizer=spec, mix_state=traj.mix_state, node_matrix=True)
+    feed(whole, traj.steps)
+    offline = [dk.dice_e(traj, t, run.test, hops, q=run.q) for t in whole.scored_steps]
+    assert_close(whole.node_totals, sum(s.sum(1) for s in offline), 1e-10)
+    stopped = dk.OnlineDICE(model, cross_entropy, run.test, hops, q=run.q, optimizer=spec, mix_state=traj.mix_state, node_matrix=True)
+    feed(stopped, traj.steps[:4])
+    stopped.save(tmp_path)
+    resumed = dk.OnlineDICE.load(tmp_path, model, cross_entropy, run.test, q=run.q)
+    assert resumed.recorder.optimizer == spec and resumed.recorder.mix_state == traj.mix_state
+    feed(resumed, traj.steps[4:])
+    assert torch.equal(resumed.node_totals, whole.node_totals) and torch.equal(resumed.matrix_totals, whole.matrix_totals)
+
+
+def test_last_layer_mode_takes_the_head_block_of_the_optimizer_state() -> None:
+    """Hop 0 of last-layer DICE-E under momentum, by hand: the head steps with its own buffer block,
+    Delta = -lr (1 - dampening) grad_head loss_b / B, on each node's recorded features."""
+    run = recorded_run("momentum", 3, 2)
+    traj, spec = run.trajectory, run.trajectory.optimizer
+    head, head_test = dk.last_layer(traj, run.test)
+    assert head.optimizer == spec and head[STEP].state["momentum_buffer"].shape == (3, 4 * 3 + 3)
+    scores = dk.dice_e(head, STEP, head_test, 0, q=run.q)
+    rnd = traj[STEP]
+    for j in range(3):
+        model = copy.deepcopy(run.models[0])
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), traj.objective.layout.unflatten(rnd.params[j]).values()):
+                p.copy_(value)
+        extractor, linear = model[:2], model[2]
+        features, test_features = extractor(rnd.inputs[j]).detach(), extractor(run.test[0]).detach()
+        flat = lambda: torch.cat([linear.weight.reshape(-1), linear.bias])
+        grad_of = lambda loss: torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [linear.weight, linear.bias])])
+        sample_grads = torch.stack([grad_of(cross_entropy(linear(features[b : b + 1]), rnd.targets[j, b : b + 1]).sum()) for b in range(5)])
+        buffer = head[STEP].state["momentum_buffer"][j]
+        half = flat().detach() - rnd.lr[j] * (spec.momentum * buffer + (1 - spec.dampening) * sample_grads.mean(0))
+        with torch.no_grad():
+            linear.weight.copy_(half[:12].view(3, 4))
+            linear.bias.copy_(half[12:])
+        test_grad = grad_of(cross_entropy(linear(test_features), run.test[1]).mean())
+        expected = -run.q[j] * rnd.lr[j] * (1 - spec.dampening) / 5 * sample_grads @ test_grad
+        assert_close(scores[j], expected, 1e-10)

@@ -24,7 +24,7 @@ class Chain:
     """DICE-E over rounds step..step+hops of a run, for one test objective.
 
     Args:
-        rounds: the rounds step..step+hops (``Trajectory.window``).
+        rounds: the rounds step..step+hops (``Trajectory.window``); step is the scored round.
         steps: the local steps of rounds step..step+max(hops, 1)-1.
         mixer: W^{step+i} (or its transpose) on the node axis of (rows, C, D) vectors.
         tests: the test objective.
@@ -38,8 +38,8 @@ class Chain:
 
     def __init__(
         self, rounds: Sequence[Round], steps: Sequence[LocalStep], mixer: Mixer, tests: SharedTestSet | PerNodeTestSet,
-        q: torch.Tensor, options: DiceOptions, *, mix_state: bool, nodes: range, test_grad_cache: dict[int, torch.Tensor] | None = None,
-        step: int = 0,
+        q: torch.Tensor, options: DiceOptions, *, step: int, mix_state: bool, nodes: range,
+        test_grad_cache: dict[int, torch.Tensor] | None = None,
     ):
         self.rounds, self.steps, self.mixer, self.tests, self.q = tuple(rounds), tuple(steps), mixer, tests, q
         self.options, self.mix_state, self.nodes, self.step = options, mix_state, nodes, step

@@ -14,7 +14,6 @@ from dicekern.bindings.dispatch import check_operand, is_linear_head, require_tr
 from dicekern.bindings.gossip_mix import CSRMixing
 from dicekern.kernels import linear_head as kernel
 from dicekern.kernels import linear_head_chain as chain_kernel
-from dicekern.engine.chain import Chain
 from dicekern.objective import Curvature, LossFn, NodeObjective, mean_weights
 
 BLOCK_B, BLOCK_F, BLOCK_D = 32, 64, 128  # samples, features, flat-vector blocks
@@ -243,24 +242,3 @@ def forward_chain(
         objective.loss_code, objective.num_outputs, objective.has_bias, sender, curvature,
     )
 
-
-class FusedLinearHeadChain(Chain):
-    """The chain of a linear head under plain SGD, with the queries the one-launch kernels cover
-    (``dice_e(per_test=True)`` and ``influence_matrix``) run as one launch each."""
-
-    def _kernel_flags(self) -> dict:
-        return dict(sender=self.options.curvature_at == "sender", curvature=self.options.curvature != "none")
-
-    def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
-        if not per_test or per_hop:
-            return super().adjoint(per_hop, per_test)
-        return adjoint_chain_per_test(
-            self.steps[0].objective, self.rounds, self._test_grad_points(), self.tests.kernel_operands(), self.q, **self._kernel_flags()
-        )
-
-    def influence_matrix(self) -> torch.Tensor:
-        first = self.steps[0]
-        scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
-        displacements = first.displacement(first.grads)[:, 0, 0]  # (N, D): -lr grad, every whole batch
-        points = torch.stack([rnd.params for rnd in self.rounds])
-        return forward_chain(first.objective, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags())

@@ -92,23 +92,30 @@ class DistributedRecorder(Recorder):
 
     def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None) -> None:
         """As Recorder.record with this rank's rows (len(self.nodes), ...) and the full (N, N) W."""
+        mine = f"rank {self.rank} owns nodes {self.nodes.start}..{self.nodes.stop - 1}"
         rows = {name: p.shape[0] for name, p in params.items() if isinstance(p, torch.Tensor) and p.dim() > 0}
         if any(r != len(self.nodes) for r in rows.values()):
-            raise ValueError(f"rank {self.rank} owns nodes {self.nodes.start}..{self.nodes.stop - 1}: params must hold {len(self.nodes)} rows, got {rows}")
+            raise ValueError(f"{mine}: params must hold {len(self.nodes)} rows, got {rows}")
+        if getattr(lr, "ndim", 0) == 1 and len(lr) == self.total_nodes != len(self.nodes):
+            raise ValueError(f"{mine}: lr holds a value for every node; pass this rank's rows lr[{self.nodes.start}:{self.nodes.stop}]")
         super().record(step, params, inputs, targets, lr, W, state=state)
 
-    def _replay_mismatch(self, previous: Round, rnd: Round) -> Mismatch:
+    def _replay_mismatch(self, previous: Round, rnd: Round, rtol: float) -> Mismatch:
         """The worst mismatch over every rank's rows: half steps cross to the ranks that mix them."""
         mix = lambda W, rows: BlockMixer([W], self.blocks, self.rank, self.group)(0, rows[:, None], False)[:, 0]
-        mine = replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, mix)
+        mine = replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, mix)
         everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, (mine.relative, mine.absolute, mine.name), group=self.group)
-        return max((Mismatch(*m) for m in everyone), key=lambda m: m.relative)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        return max(everyone, key=lambda m: m.excess)
+
+
+def _check_backend(options: DiceOptions) -> None:
+    if options.backend not in ("auto", "torch"):
+        raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
 
 
 def _chain(recorder: DistributedRecorder, step: int, test, hops: int, options: DiceOptions, test_grad_cache=None, traj=None) -> Chain:
-    if options.backend not in ("auto", "torch"):
-        raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
+    _check_backend(options)
     traj = recorder.trajectory() if traj is None else traj
     mixer = BlockMixer([traj[step + s].W for s in range(max(hops, 1)) if step + s in traj], recorder.blocks, recorder.rank, recorder.group)
     return build_chain(traj, step, test, hops, replace(options, backend="torch"), test_grad_cache=test_grad_cache, mixer=mixer,
@@ -156,11 +163,10 @@ class DistributedOnlineDICE(OnlineDICE):
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
         self._num_nodes, self._group = num_nodes, group
         super().__init__(model, loss_fn, test, hops, **options)
-        if self.options.backend not in ("auto", "torch"):
-            raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
+        _check_backend(self.options)
 
-    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, optimizer: object, mix_state: bool) -> DistributedRecorder:
-        return DistributedRecorder(model, loss_fn, self._num_nodes, optimizer=optimizer, mix_state=mix_state, window=self.hops + 1, group=self._group)
+    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, **recorder_options) -> DistributedRecorder:
+        return DistributedRecorder(model, loss_fn, self._num_nodes, window=self.hops + 1, group=self._group, **recorder_options)
 
     def _chain(self, traj, t: int) -> Chain:
         return _chain(self.recorder, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads, traj=traj)

@@ -33,7 +33,7 @@ class OnlineDICE:
     """Records a run like :class:`Recorder` and keeps DICE-E totals of every node and sample.
 
     Args:
-        model, loss_fn, optimizer, mix_state: as for Recorder.
+        model, loss_fn, optimizer, mix_state, replay_check: as for Recorder.
         test: (inputs (M, ...), targets (M, ...)), the objective every round is scored against.
         hops: DICE-E^(hops) of each round; round t is scored when round t + hops is recorded.
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
@@ -67,12 +67,13 @@ class OnlineDICE:
         *,
         optimizer: object = None,
         mix_state: bool = False,
+        replay_check: str = "sampled",
         node_matrix: bool = False,
         options: DiceOptions | None = None,
         **option_fields,
     ):
         self.hops = check_int("hops", hops, minimum=0)
-        self.recorder = self._make_recorder(model, loss_fn, optimizer, mix_state)
+        self.recorder = self._make_recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, replay_check=replay_check)
         self.test = test
         self.options = DiceOptions.of(options, **option_fields)
         self.node_matrix = bool(node_matrix)
@@ -124,8 +125,8 @@ class OnlineDICE:
             del self._test_grads[old]
         return scores
 
-    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, optimizer: object, mix_state: bool) -> Recorder:
-        return Recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, window=self.hops + 1)
+    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, **recorder_options) -> Recorder:
+        return Recorder(model, loss_fn, window=self.hops + 1, **recorder_options)
 
     def _chain(self, traj, t: int) -> Chain:
         """The chain that scores round t, sharing this ledger's test-gradient cache."""
@@ -144,6 +145,7 @@ class OnlineDICE:
             "node_matrix": self.node_matrix,
             "optimizer": self.recorder.optimizer.to_dict(),
             "mix_state": self.recorder.mix_state,
+            "replay_check": self.recorder.replay_check,
             "options": {f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "q"},
             "scored_steps": self.scored_steps,
             "node_totals": None if self.node_totals is None else self.node_totals.tolist(),
@@ -169,7 +171,7 @@ class OnlineDICE:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{directory / LEDGER} cannot be read: {error}") from None
         ledger = cls(model, loss_fn, test, state["hops"], optimizer=spec_from_dict(state["optimizer"]), mix_state=state["mix_state"],
-                     node_matrix=state["node_matrix"], q=q, **state["options"], **kwargs)
+                     replay_check=state["replay_check"], node_matrix=state["node_matrix"], q=q, **state["options"], **kwargs)
         if state["pending"]:
             pending = load_trajectory(directory / "pending", model, loss_fn, device=device)
             for t in pending.steps:

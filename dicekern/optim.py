@@ -204,7 +204,6 @@ class SGDLinearization:
         return c_theta_in, blocks, c_g
 
 
-
 @dataclass(frozen=True)
 class Adam(OptimizerSpec):
     """torch.optim.Adam: c += 1; g~ = g + wd theta; m = lerp(m, g~, 1 - b1); v = b2 v + (1 - b2) g~^2;
@@ -223,6 +222,8 @@ class Adam(OptimizerSpec):
         betas = tuple(_check_float(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(self.betas))
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "eps", _check_float("eps", self.eps, 0.0, math.inf))
+        if self.eps == 0:
+            raise ValueError("eps must be > 0: with eps = 0 the step divides by zero where a gradient has always been 0")
         object.__setattr__(self, "weight_decay", _check_float("weight_decay", self.weight_decay, 0.0, math.inf))
 
     @property
@@ -247,27 +248,27 @@ class Adam(OptimizerSpec):
     def _effective_grad(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return grad.add(theta, alpha=self.weight_decay) if self.weight_decay and not self.decoupled else grad
 
-    def update(self, theta: torch.Tensor, state: State, grad: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, State]:
-        lr = per_node(lr, theta)
-        g = self._effective_grad(theta, grad)
-        m = state["exp_avg"].lerp(g, 1 - self.betas[0])
-        v = state["exp_avg_sq"].mul(self.betas[1]).addcmul(g, g, value=1 - self.betas[1])
-        first, second = self._bias_corrections(state["step"], theta)
-        denom = v.sqrt() / second + self.eps
-        theta = self._decayed(theta, lr) - (lr / first) * m / denom
-        return theta, {"exp_avg": m, "exp_avg_sq": v, "step": state["step"] + 1}
-
-    def linearize(self, theta: torch.Tensor, state: State, grad: torch.Tensor, lr: torch.Tensor) -> AdamLinearization:
+    def _moments(self, theta: torch.Tensor, state: State, grad: torch.Tensor, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The quantities of one step that its value and its linearisation share."""
         lr = per_node(lr, theta)
         g = self._effective_grad(theta, grad)
         m = state["exp_avg"].lerp(g, 1 - self.betas[0])
         v = state["exp_avg_sq"].mul(self.betas[1]).addcmul(g, g, value=1 - self.betas[1])
         first, second = self._bias_corrections(state["step"], theta)
         root = v.sqrt()
-        denom = root / second + self.eps
+        return dict(lr=lr, g=g, m=m, v=v, step_size=lr / first, second=second, root=root, denom=root / second + self.eps)
+
+    def update(self, theta: torch.Tensor, state: State, grad: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, State]:
+        q = self._moments(theta, state, grad, lr)
+        theta = self._decayed(theta, q["lr"]) - q["step_size"] * q["m"] / q["denom"]
+        return theta, {"exp_avg": q["m"], "exp_avg_sq": q["v"], "step": state["step"] + 1}
+
+    def linearize(self, theta: torch.Tensor, state: State, grad: torch.Tensor, lr: torch.Tensor) -> AdamLinearization:
+        q = self._moments(theta, state, grad, lr)
+        root = q["root"]
         # d sqrt(v) = dv / (2 sqrt v), taken as 0 where v = 0 (a coordinate whose gradient was always 0)
         half_inv_root = torch.where(root > 0, 0.5 / torch.where(root > 0, root, 1), 0)
-        return AdamLinearization(self, lr, lr / first, second, g, m, denom, half_inv_root)
+        return AdamLinearization(self, q["lr"], q["step_size"], q["second"], q["g"], q["m"], q["denom"], half_inv_root)
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ def spec_from_dict(data: object) -> OptimizerSpec:
 def check_lr(lr: object, num_nodes: int, like: torch.Tensor, *, where: str = "lr") -> torch.Tensor:
     """(N,) learning rates in like's dtype from a number, a numpy scalar, a 0-d or (N,) tensor or array."""
     if isinstance(lr, bool) or lr is None:
-        raise TypeError(f"{where} must be a positive number or an (N,) tensor of them, got {lr!r}")
+        raise TypeError(f"{where} must be a non-negative number or an (N,) tensor of them, got {lr!r}")
     if isinstance(lr, (int, float, np.integer, np.floating)):
         values = torch.tensor(float(lr), dtype=torch.float64)
     elif isinstance(lr, (torch.Tensor, np.ndarray, list, tuple)):
@@ -349,11 +350,11 @@ def check_lr(lr: object, num_nodes: int, like: torch.Tensor, *, where: str = "lr
             raise TypeError(f"{where} must hold real numbers, got dtype {values.dtype}")
         values = values.detach().to(device="cpu", dtype=torch.float64)
     else:
-        raise TypeError(f"{where} must be a positive number or an (N,) tensor of them, got {type(lr).__name__}")
+        raise TypeError(f"{where} must be a non-negative number or an (N,) tensor of them, got {type(lr).__name__}")
     if values.dim() > 1 or (values.dim() == 1 and values.shape[0] != num_nodes):
         raise ValueError(f"{where} must be a scalar or have shape (N,) = ({num_nodes},), got {tuple(values.shape)}")
-    if not (torch.isfinite(values) & (values > 0)).all():
-        raise ValueError(f"{where} must be positive and finite, got {values.tolist()}")
+    if not (torch.isfinite(values) & (values >= 0)).all():
+        raise ValueError(f"{where} must be non-negative and finite, got {values.tolist()}")
     return values.expand(num_nodes).to(dtype=like.dtype, device=like.device).clone()
 
 
@@ -374,7 +375,7 @@ def from_torch(optimizer: object) -> OptimizerSpec:
     if cls not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
         raise ValueError(f"dicekern replays torch.optim.SGD, Adam and AdamW exactly; {cls.__module__}.{cls.__qualname__} is not supported")
     groups = optimizer.param_groups
-    settings = [{k: _plain(v) for k, v in g.items() if k != "params"} for g in groups]
+    settings = [{k: _plain(v) for k, v in g.items() if k not in ("params", "param_names")} for g in groups]
     for key in settings[0]:
         values = {repr(s.get(key)) for s in settings}
         if len(values) > 1:
@@ -397,6 +398,20 @@ def _plain(value: object) -> object:
     return value
 
 
+def spec_of(optimizer: object) -> OptimizerSpec:
+    """A spec from a spec, a torch.optim optimizer, or the per-node torch optimizers (all of one spec)."""
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if isinstance(optimizer, Sequence) and not isinstance(optimizer, str):
+        if not optimizer:
+            raise ValueError("optimizer is an empty sequence: give one torch optimizer per node")
+        specs = [from_torch(opt) for opt in optimizer]
+        if any(s != specs[0] for s in specs):
+            raise ValueError(f"the nodes' optimizers differ: {sorted({str(s) for s in specs})}")
+        return specs[0]
+    return from_torch(optimizer)
+
+
 def stack_lr(optimizers: Sequence[torch.optim.Optimizer]) -> torch.Tensor:
     """(N,) float64 learning rates of per-node torch optimizers (their first param group)."""
     return torch.tensor([float(_plain(opt.param_groups[0]["lr"])) for opt in optimizers], dtype=torch.float64)
@@ -416,10 +431,7 @@ def stack_state(optimizers: Sequence[torch.optim.Optimizer], models: Sequence[nn
     """
     if len(optimizers) != len(models) or not optimizers:
         raise ValueError(f"give one optimizer per model: {len(optimizers)} optimizers, {len(models)} models")
-    specs = [from_torch(opt) for opt in optimizers]
-    if any(s != specs[0] for s in specs):
-        raise ValueError(f"the nodes' optimizers differ: {sorted({str(s) for s in specs})}")
-    spec = specs[0]
+    spec = spec_of(list(optimizers))
     rows: list[State] = []
     for k, (opt, model) in enumerate(zip(optimizers, models)):
         owned = {id(p) for group in opt.param_groups for p in group["params"]}

@@ -17,7 +17,7 @@ from torch import nn
 from dicekern.checks import check_batch, check_choice, check_finite, check_int, check_mixing
 from dicekern.engine.step import local_update
 from dicekern.objective import LossFn, NodeObjective
-from dicekern.optim import SGD, OptimizerSpec, State, check_lr, from_torch
+from dicekern.optim import SGD, OptimizerSpec, State, check_lr, spec_of
 
 
 REPLAY_CHECKS = ("sampled", "every", "off")
@@ -55,22 +55,35 @@ class Round:
         return self.inputs is not None
 
 
+ROUNDING_UNITS = 32  # of a parameter's largest value: the rounding allowed on top of rtol x update
+
+
 @dataclass(frozen=True)
 class Mismatch:
-    """How far recorded round t+1 is from the replay of round t, relative to that round's update.
+    """How far a parameter (or state block) of recorded round t+1 is from the replay of round t.
 
-    ``relative`` is max |recorded - replayed| over a parameter (or state block), divided by the
-    largest change the replayed update made to it (plus 8 rounding units of its largest value).
+    Attributes:
+        relative: max |recorded - replayed| over the largest change the replayed update made.
+        absolute: max |recorded - replayed|.
+        excess: absolute over its tolerance, rtol x the update's largest change plus
+            ROUNDING_UNITS rounding units of the largest value; above 1 is a mismatch.
+        name: the parameter or state block.
     """
 
     relative: float
     absolute: float
+    excess: float
     name: str
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Largest mismatch between recorded rounds t+1 and replays of rounds t (see :class:`Mismatch`)."""
+    """The worst mismatch between recorded rounds t+1 and replays of rounds t (see :class:`Mismatch`).
+
+    Attributes:
+        max_rel_mismatch, max_abs_mismatch: the relative and absolute mismatch of the worst parameter.
+        worst_step, worst_param: where it is (round t+1 and the parameter's name).
+    """
 
     max_abs_mismatch: float
     max_rel_mismatch: float
@@ -78,27 +91,33 @@ class VerifyReport:
     worst_param: str
     rounds_checked: int
     rtol: float
+    excess: float
 
     @property
     def ok(self) -> bool:
         """True when every checked round is the declared optimizer's step plus gossip, up to rtol."""
-        return self.max_rel_mismatch <= self.rtol
+        return self.excess <= 1.0
 
 
 def default_rtol(dtype: torch.dtype) -> float:
-    """Tolerance of the update-relative mismatch: 1e-6 in float64, 0.05 in float32 (rounding of
-    theta is then up to a few percent of a small Adam update)."""
-    return max(1e-6, min(0.5, 4e5 * torch.finfo(dtype).eps))
+    """Tolerance of the update-relative mismatch: 1e-6 in float64, 1.2e-3 in float32."""
+    return max(1e-6, min(0.1, 1e4 * torch.finfo(dtype).eps))
 
 
 def replay_mismatch(
-    objective: NodeObjective, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, mix=None,
+    objective: NodeObjective, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, rtol: float, mix=None,
 ) -> Mismatch:
     """The worst :class:`Mismatch` of round ``following`` (t+1) against the replay of round ``rnd`` (t).
 
     mix(W, rows) mixes the half-step rows (default W @ rows; across processes an exchange).
     """
-    mix = mix or (lambda W, rows: W @ rows)
+    if mix is None:
+        if rnd.W.shape[0] != rnd.params.shape[0]:
+            raise ValueError(
+                f"these rounds hold {rnd.params.shape[0]} of the {rnd.W.shape[0]} nodes, and a replay needs every node's "
+                f"half step: replay across processes with dicekern.distributed.DistributedRecorder"
+            )
+        mix = lambda W, rows: W @ rows
     half, state = local_update(objective, optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr)
     pairs = [(following.params, mix(rnd.W, half), mix(rnd.W, rnd.params), objective.layout.slices())]
     if following.state is not None:
@@ -108,16 +127,18 @@ def replay_mismatch(
             pairs.append((following.state[name], replayed, before, [(f"state[{name!r}]", slice(None))]))
         for name in optimizer.state_counters:
             if not torch.equal(following.state[name], state[name]):
-                return Mismatch(float("inf"), float("inf"), f"state[{name!r}]")
-    worst = Mismatch(0.0, 0.0, "")
+                return Mismatch(float("inf"), float("inf"), float("inf"), f"state[{name!r}]")
+    worst = Mismatch(0.0, 0.0, 0.0, "")
     for recorded, replayed, before, parts in pairs:
         for name, columns in parts:
             rec, rep, old = recorded[:, columns], replayed[:, columns], before[:, columns]
             error = (rec - rep).abs().max().item()
-            scale = (rep - old).abs().max().item() + 8 * torch.finfo(rep.dtype).eps * rep.abs().max().item()
-            relative = error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
-            if relative > worst.relative or not worst.name:
-                worst = Mismatch(relative, error, name)
+            update = (rep - old).abs().max().item()
+            tolerance = rtol * update + ROUNDING_UNITS * torch.finfo(rep.dtype).eps * rep.abs().max().item()
+            excess = error / tolerance if tolerance > 0 else (0.0 if error == 0 else float("inf"))
+            relative = error / update if update > 0 else (0.0 if error == 0 else float("inf"))
+            if excess > worst.excess or not worst.name:
+                worst = Mismatch(relative, error, excess, name)
     return worst
 
 
@@ -198,17 +219,17 @@ class Trajectory:
     def verify(self, rtol: float | None = None) -> VerifyReport:
         """Replay every round t whose successor t+1 is recorded and compare with round t+1.
 
-        The mismatch is relative to the size of each round's update (see :class:`Mismatch`), so
-        an optimizer other than the declared one (momentum, weight decay, Adam), clipping or
+        The mismatch is measured against the size of each round's update (see :class:`Mismatch`),
+        so an optimizer other than the declared one (momentum, weight decay, Adam), clipping or
         another W shows up even when the update is small. rtol defaults to ``default_rtol``.
         """
         rtol = default_rtol(self.dtype) if rtol is None else rtol
-        checked, worst, worst_step = 0, Mismatch(-1.0, 0.0, ""), -1
+        checked, worst, worst_step = 0, Mismatch(-1.0, 0.0, -1.0, ""), -1
         for t in self._steps:
             if t + 1 not in self._rounds or not self._rounds[t].has_batch:
                 continue
-            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, self._rounds[t], self._rounds[t + 1])
-            if mismatch.relative > worst.relative:
+            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, self._rounds[t], self._rounds[t + 1], rtol)
+            if mismatch.excess > worst.excess:
                 worst, worst_step = mismatch, t + 1
             checked += 1
         if checked == 0:
@@ -216,7 +237,7 @@ class Trajectory:
                 "nothing to verify: no round t with its batch is followed by a recorded round t+1 "
                 f"(recorded: {self._describe_steps()})"
             )
-        return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol)
+        return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol, worst.excess)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write every round as safetensors plus a checksummed manifest (see dicekern.storage)."""
@@ -249,20 +270,6 @@ class Trajectory:
         if list(steps) == list(range(steps[0], steps[-1] + 1)):
             return f"{steps[0]}..{steps[-1]}"
         return ", ".join(map(str, steps))
-
-
-def as_spec(optimizer: object) -> OptimizerSpec:
-    """A spec from a spec, a torch.optim optimizer, or a sequence of per-node torch optimizers (one spec)."""
-    if optimizer is None:
-        return SGD()
-    if isinstance(optimizer, OptimizerSpec):
-        return optimizer
-    if isinstance(optimizer, Sequence) and not isinstance(optimizer, str) and optimizer:
-        specs = {from_torch(opt) for opt in optimizer}
-        if len(specs) > 1:
-            raise ValueError(f"the nodes' optimizers differ: {sorted(map(str, specs))}")
-        return specs.pop()
-    return from_torch(optimizer)
 
 
 class Recorder:
@@ -303,7 +310,7 @@ class Recorder:
         window: int | None = None, total_nodes: int | None = None, replay_check: str = "sampled",
     ):
         self.objective = NodeObjective(model, loss_fn)
-        self.optimizer = as_spec(optimizer)
+        self.optimizer = SGD() if optimizer is None else spec_of(optimizer)
         if not isinstance(mix_state, bool):
             raise TypeError(f"mix_state must be a bool, got {type(mix_state).__name__}")
         self.mix_state = mix_state
@@ -390,18 +397,19 @@ class Recorder:
         seen, self._transitions_seen = self._transitions_seen, self._transitions_seen + 1
         if self.replay_check == "sampled" and seen >= 2 and seen % SAMPLE_EVERY:
             return
-        mismatch = self._replay_mismatch(previous, rnd)
         rtol = default_rtol(rnd.params.dtype)
-        if not mismatch.relative <= rtol:
+        mismatch = self._replay_mismatch(previous, rnd, rtol)
+        if not mismatch.excess <= 1.0:
             raise ValueError(
                 f"round {step} is not the replay of round {step - 1} under {self.optimizer} plus gossip: "
-                f"{mismatch.name} differs by {mismatch.relative:.3g} of that round's update (tolerance {rtol:g}). "
+                f"{mismatch.name} differs by {mismatch.relative:.3g} of that round's update (tolerance {rtol:g} of the "
+                f"update plus rounding). "
                 f"Likely causes: {LIKELY_CAUSES}. Nothing was recorded for round {step}; "
                 f"replay_check='off' records without this check"
             )
 
-    def _replay_mismatch(self, previous: Round, rnd: Round) -> Mismatch:
-        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd)
+    def _replay_mismatch(self, previous: Round, rnd: Round, rtol: float) -> Mismatch:
+        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol)
 
     def _store(self, step: int, rnd: Round) -> None:
         self._rounds[step] = rnd

@@ -1,4 +1,4 @@
-"""Closed-form gradients, damped curvature and per-sample scores of a linear head, batched over rows.
+"""Closed-form gradients, curvature products and per-sample scores of a linear head, batched over rows.
 
 A node's flat parameters are A (K, F) row-major, then the bias (K,) when HAS_BIAS. The curvature of
 a linear model is J^T H_o J exactly, with H_o the loss Hessian in the K outputs, so every product

@@ -171,9 +171,19 @@ def test_lr_forms(lr) -> None:
 
 
 @pytest.mark.parametrize("lr, error, match", [
-    (True, TypeError, "lr must be"), ("0.1", TypeError, "lr must be"), (-0.5, ValueError, "positive and finite"),
-    (float("nan"), ValueError, "positive and finite"), (torch.tensor([0.1, 0.2]), ValueError, r"shape \(N,\) = \(3,\)"),
+    (True, TypeError, "lr must be"), ("0.1", TypeError, "lr must be"), (-0.5, ValueError, "non-negative and finite"),
+    (float("nan"), ValueError, "non-negative and finite"), (torch.tensor([0.1, 0.2]), ValueError, r"shape \(N,\) = \(3,\)"),
 ])
 def test_bad_lr(lr, error, match) -> None:
     with pytest.raises(error, match=match):
         dk.optim.check_lr(lr, 3, torch.zeros(1, dtype=torch.float64))
+
+
+def test_adam_needs_a_positive_eps_and_from_torch_ignores_group_names() -> None:
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        dk.optim.Adam(eps=0.0)
+    model = node_models(1, 0)[0]
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named[:2]], "param_names": [n for n, _ in named[:2]]},
+              {"params": [p for _, p in named[2:]], "param_names": [n for n, _ in named[2:]]}]
+    assert dk.optim.from_torch(torch.optim.SGD(groups, lr=0.1, momentum=0.5)) == dk.optim.SGD(0.5)

@@ -46,22 +46,28 @@ MISDECLARED = [
 ]
 
 
+DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+
+
+@DTYPES
 @pytest.mark.parametrize("make, lr, name", MISDECLARED)
-def test_a_run_recorded_as_plain_sgd_is_refused_at_record(make, lr, name) -> None:
+def test_a_run_recorded_as_plain_sgd_is_refused_at_record(make, lr, name, dtype) -> None:
     """Per-node torch optimizers that are not plain SGD: record() of the next round raises, naming
     the parameter, the mismatch relative to the round's update, and the likely causes."""
     with pytest.raises(ValueError, match=r"round [12] is not the replay of round [01] under SGD\(momentum=0.0.*: "
                                          r"'?[0-9a-z.]+'? differs by [0-9.e+-]+ of that round's update .*Likely causes: .*momentum, weight decay, Adam"):
-        torch_optim_run(make, rounds=3, seed=4, lr=lr, declared=dk.optim.SGD())
+        torch_optim_run(make, rounds=3, seed=4, lr=lr, declared=dk.optim.SGD(), dtype=dtype)
 
 
+@DTYPES
 @pytest.mark.parametrize("make, lr, name", MISDECLARED)
-def test_verify_measures_against_the_update(make, lr, name) -> None:
+def test_verify_measures_against_the_update(make, lr, name, dtype) -> None:
     """The same runs recorded without the check: verify() reports them; declared correctly they pass."""
-    wrong = torch_optim_run(make, rounds=3, seed=4, lr=lr, declared=dk.optim.SGD(), replay_check="off").trajectory.verify()
-    assert not wrong.ok and wrong.rounds_checked == 3 and wrong.max_rel_mismatch > 1e-3
-    right = torch_optim_run(make, rounds=3, seed=4, lr=lr).trajectory.verify()
-    assert right.ok and right.max_rel_mismatch < 1e-9
+    for seed in (4, 5, 6):
+        wrong = torch_optim_run(make, rounds=3, seed=seed, lr=lr, declared=dk.optim.SGD(), replay_check="off", dtype=dtype).trajectory.verify()
+        assert not wrong.ok and wrong.rounds_checked == 3 and wrong.max_rel_mismatch > 2e-3
+        right = torch_optim_run(make, rounds=3, seed=seed, lr=lr, dtype=dtype).trajectory.verify()
+        assert right.ok and right.excess < 0.5, right
 
 
 def test_record_replays_the_first_two_transitions_then_one_in_sixteen(monkeypatch) -> None:
@@ -145,6 +151,16 @@ def test_a_stateful_optimizer_needs_its_state() -> None:
         rec.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W)
     with pytest.raises(ValueError, match="exactly the keys \\['exp_avg', 'exp_avg_sq', 'step'\\]"):
         rec.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W, state={"exp_avg": torch.zeros(3, 31)})
+
+
+def test_a_block_of_the_nodes_cannot_be_replayed_alone() -> None:
+    run = random_run(4, rounds=2, seed=2)
+    traj = run.trajectory
+    rec = dk.Recorder(traj.objective.model, cross_entropy, total_nodes=4)
+    rows = lambda t: {k: v[:2] for k, v in traj.params(t).items()}
+    rec.record(0, rows(0), traj[0].inputs[:2], traj[0].targets[:2], traj[0].lr[:2], traj[0].W)
+    with pytest.raises(ValueError, match="hold 2 of the 4 nodes.*DistributedRecorder"):
+        rec.record(1, rows(1))
 
 
 def test_verify_needs_two_consecutive_rounds() -> None:

@@ -74,7 +74,7 @@ def test_record_rejects_bad_batches(recorder) -> None:
         recorder.record(0, p, *batch(n=3), lr=0.1, W=W)
     with pytest.raises(ValueError, match="missing \\['lr', 'W'\\]"):
         recorder.record(0, p, x, y)
-    with pytest.raises(ValueError, match="lr must be positive and finite"):
+    with pytest.raises(ValueError, match="lr must be non-negative and finite"):
         recorder.record(0, p, x, y, lr=-1.0, W=W)
     with pytest.raises(ValueError, match="loss_fn must return per-sample losses"):
         bad = dk.Recorder(recorder.objective.model, lambda o, t: cross_entropy(o, t).mean())

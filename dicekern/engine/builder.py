@@ -69,6 +69,8 @@ def build_chain(
         tests = SharedTestSet(objective, check_test(test, first.params))
     chain_class = Chain
     if kernels and linear_head and traj.optimizer.is_plain_sgd:
-        chain_class = head_kernels.FusedLinearHeadChain  # one launch for the queries it covers
+        from dicekern.engine.fused import FusedLinearHeadChain  # one launch for the queries it covers
+
+        chain_class = FusedLinearHeadChain
     return chain_class(rounds, steps, mixer, tests, q, options, mix_state=traj.mix_state, nodes=nodes,
                        test_grad_cache=test_grad_cache, step=step)

@@ -27,8 +27,8 @@ class DiceOptions:
         direct: test gradient of the hop-0 term at theta^{t+1/2} ("half_step") or at theta^t
             ("paper"; only for an optimizer without state).
         backend: "torch" (reference engine), "triton" (kernels; CPU tensors need
-            TRITON_INTERPRET=1), or "auto" (Triton on CUDA where the kernels cover the model and
-            optimizer, torch otherwise).
+            TRITON_INTERPRET=1), or "auto" (Triton on CUDA where the kernels cover the model,
+            torch otherwise).
 
     Example:
         >>> import dicekern as dk

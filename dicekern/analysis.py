@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dicekern.checks import check_int, check_node
 from dicekern.engine.options import DiceOptions
 from dicekern.influence import influence_matrix
 from dicekern.trajectory import Trajectory
@@ -104,8 +105,12 @@ def detection_auc(scores: torch.Tensor, anomalous: Sequence[int], num_nodes: int
     """ROC AUC of ranking nodes by score (highest first) against the truly anomalous nodes."""
     from sklearn.metrics import roc_auc_score
 
-    truth = np.zeros(len(scores) if num_nodes is None else num_nodes, dtype=bool)
-    truth[list(anomalous)] = True
+    num_nodes = len(scores) if num_nodes is None else check_int("num_nodes", num_nodes, minimum=1)
+    if len(scores) != num_nodes:
+        raise ValueError(f"scores hold {len(scores)} nodes, num_nodes is {num_nodes}")
+    nodes = [check_node("anomalous node", node, num_nodes) for node in anomalous]
+    truth = np.zeros(num_nodes, dtype=bool)
+    truth[nodes] = True
     if truth.all() or not truth.any():
         raise ValueError("detection_auc needs both anomalous and normal nodes")
     return float(roc_auc_score(truth, scores.detach().cpu().numpy()))

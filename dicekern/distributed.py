@@ -26,6 +26,9 @@ from dicekern.trajectory import Mismatch, Recorder, Round, replay_mismatch
 def node_block(num_nodes: int, rank: int, world_size: int) -> range:
     """The contiguous nodes rank owns: N split as evenly as possible, lower ranks one larger."""
     num_nodes, world_size = check_int("num_nodes", num_nodes, minimum=1), check_int("world_size", world_size, minimum=1)
+    rank = check_int("rank", rank, minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if num_nodes < world_size:
         raise ValueError(f"{world_size} ranks need at least as many nodes, got N={num_nodes}")
     base, extra = divmod(num_nodes, world_size)

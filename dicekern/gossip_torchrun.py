@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print("node  total contribution to the test loss (negative helps)")
             for node, (total,) in enumerate(totals):
                 print(f"{node:>4}  {total:+.4e}")
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
     return 0

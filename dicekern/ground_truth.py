@@ -9,7 +9,7 @@ import torch
 from torch.func import vmap
 from tqdm.auto import tqdm
 
-from dicekern.checks import check_node, check_node_weights, check_samples, check_test
+from dicekern.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
 from dicekern.engine.step import gossip_round
 from dicekern.objective import mean_weights
 from dicekern.trajectory import Round, Trajectory
@@ -37,6 +37,27 @@ def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[t
     states = states[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
     stacked = torch.stack(states, dim=1)  # (K, hops+1, N, D)
     return traj.objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3])
+
+
+CHUNK_BUDGET_BYTES = 256 << 20
+
+
+def replay_bytes(traj: Trajectory, rounds: Sequence[Round]) -> int:
+    """Estimated memory of one replay of rounds: itemsize * N * (4 B A + 3 (hops+2) S D), with A the
+    numel of every module's output for one sample (forward and backward keep about four copies)
+    and S the blocks of a node's state. Measured within 30% on an MLP and a CNN (benchmarks/README)."""
+    first = rounds[0]
+    n, batch = first.inputs.shape[:2]
+    numel = []
+    hooks = [m.register_forward_hook(lambda _, __, out: numel.append(out.numel() if isinstance(out, torch.Tensor) else 0))
+             for m in traj.objective.model.modules()]
+    try:
+        traj.objective.outputs(first.params[0], first.inputs[0, :1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    blocks = 1 + len(traj.optimizer.state_blocks)
+    return first.params.element_size() * n * (4 * batch * sum(numel) + 3 * (len(rounds) + 1) * blocks * first.params.shape[1])
 
 
 def _reachable(rounds: Sequence[Round], stateful: bool) -> torch.Tensor:
@@ -97,7 +118,8 @@ def dice_gt(
     keep = torch.ones(2, *rounds[0].inputs.shape[:2], dtype=like.dtype, device=like.device)
     keep[1, source] -= mask
     losses = _replay_test_losses(traj, rounds, test, keep)
-    return _gt_from_losses(losses[0], losses[1], q, _reachable(rounds, not traj.optimizer.stateless)[:, :, source])
+    gt = _gt_from_losses(losses[0], losses[1], q, _reachable(rounds, not traj.optimizer.stateless)[:, :, source])
+    return check_finite_result("DICE-GT", gt)
 
 
 def dice_gt_samples(
@@ -109,7 +131,7 @@ def dice_gt_samples(
     nodes: Sequence[int] | None = None,
     q: torch.Tensor | None = None,
     per_hop: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """DICE-GT^(hops) of every single sample of the given nodes: one replay per sample, batched.
@@ -118,7 +140,10 @@ def dice_gt_samples(
 
     Args:
         nodes: the source nodes whose samples are removed one at a time (default: all).
-        chunk_size: replays run together; bounds memory at about chunk_size * (hops+1) * N * D.
+        chunk_size: replays run together. Each holds the N models and optimizer states of every
+            hop and the activations of N batches, about ``replay_bytes`` (a CNN with D = 6373,
+            N = 8, B = 16: estimated 34 MiB, measured 26 MB; benchmarks/dice_gt_memory.py). None
+            picks the most replays that fit in 256 MiB (at most 64).
         progress: show a progress bar over the replays.
 
     Returns:
@@ -135,8 +160,12 @@ def dice_gt_samples(
     like = rounds[0].params
     n, batch = rounds[0].inputs.shape[:2]
     nodes = list(range(n)) if nodes is None else [check_node("nodes[i]", j, n) for j in nodes]
-    if not nodes:
-        raise ValueError("nodes must name at least one node")
+    if not nodes or len(set(nodes)) != len(nodes):
+        raise ValueError(f"nodes must name at least one node, each once, got {nodes}")
+    if chunk_size is None:
+        chunk_size = max(1, min(64, CHUNK_BUDGET_BYTES // replay_bytes(traj, rounds)))
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    per_hop = check_flag("per_hop", per_hop)
     q = check_node_weights(q, n, like)
     test = check_test(test, like)
     reach = _reachable(rounds, not traj.optimizer.stateless)
@@ -154,4 +183,4 @@ def dice_gt_samples(
         gt = _gt_from_losses(factual, losses, q, reach[:, :, sources].permute(2, 0, 1))
         totals.append(gt.sum(-1))  # (chunk, hops+1)
     per_sample = torch.cat(totals).view(len(nodes), batch, hops + 1).permute(2, 0, 1)
-    return per_sample if per_hop else per_sample.sum(0)
+    return check_finite_result("DICE-GT", per_sample if per_hop else per_sample.sum(0))

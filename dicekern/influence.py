@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dicekern.checks import check_flag, check_node, check_samples
+from dicekern.checks import check_finite_result, check_flag, check_node, check_samples
 from dicekern.engine.builder import build_chain
 from dicekern.engine.options import DiceOptions
 from dicekern.trajectory import Trajectory
@@ -45,8 +45,9 @@ def dice_e(
         >>> dk.dice_e(run.trajectory, step=1, test=run.test, hops=1).shape
         torch.Size([4, 5])
     """
+    per_hop, per_test = check_flag("per_hop", per_hop), check_flag("per_test", per_test)
     chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
-    return chain.adjoint(per_hop=check_flag("per_hop", per_hop), per_test=check_flag("per_test", per_test))
+    return check_finite_result("DICE-E", chain.adjoint(per_hop=per_hop, per_test=per_test))
 
 
 def cascade(
@@ -80,7 +81,7 @@ def cascade(
     chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
     source = check_node("source", source, traj.num_nodes)
     mask = check_samples(samples, chain.batch_size, chain.q)
-    return chain.cascade(source, mask)
+    return check_finite_result("the cascade", chain.cascade(source, mask))
 
 
 def influence_matrix(
@@ -105,4 +106,4 @@ def influence_matrix(
         torch.Size([3, 4, 4])
     """
     chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
-    return chain.influence_matrix()
+    return check_finite_result("the influence matrix", chain.influence_matrix())

@@ -2,11 +2,13 @@
 
 Memory stays bounded by hops + 1 rounds whatever the run length: rounds leave the recorder once
 scored, and each round's test gradients are computed once and reused by every window that needs
-them.
+them. Checkpoints are crash-safe folders (``dicekern.snapshots``): a save is published whole or
+not at all, and a load checks that every part belongs to the same save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -14,19 +16,34 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dicekern.checks import as_tensor, check_int, check_test
-from dicekern.engine.builder import build_chain
+from dicekern.engine.builder import build_chain, check_query
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
 from dicekern.objective import LossFn
 from dicekern.optim import spec_from_dict
-from dicekern.storage import load_trajectory, save_trajectory
+from dicekern.snapshots import make_folder, open_snapshot, publish, read_file, write_file
+from dicekern.storage import MANIFEST, read_run, write_run
 from dicekern.trajectory import Recorder
 
 LEDGER = "ledger.json"
+TEST_GRADS = "test_grads.safetensors"
+PENDING = "pending"
+LEDGER_VERSION = 2
+
+
+def test_digest(test: object) -> str:
+    """sha256 of a test set (inputs, targets) as given: shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, part in zip(("inputs", "targets"), test):
+        tensor = as_tensor(f"test {name}", part).detach().cpu().contiguous()
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class OnlineDICE:
@@ -73,9 +90,11 @@ class OnlineDICE:
         **option_fields,
     ):
         self.hops = check_int("hops", hops, minimum=0)
-        self.recorder = self._make_recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, replay_check=replay_check)
-        self.test = test
         self.options = DiceOptions.of(options, **option_fields)
+        check_test(test, torch.empty(0))  # the structure now; dtype and device at the first round
+        self.test = test
+        self._test_digest = test_digest(test)
+        self.recorder = self._make_recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, replay_check=replay_check)
         self.node_matrix = bool(node_matrix)
         self.node_totals: torch.Tensor | None = None
         self.matrix_totals: torch.Tensor | None = None
@@ -83,6 +102,7 @@ class OnlineDICE:
         self.scored_steps: list[int] = []
         self._sample_ids: dict[int, torch.Tensor] = {}
         self._test_grads: dict[int, torch.Tensor] = {}  # step -> (N, D) q-scaled test gradients
+        self._query_checked = False
 
     def record(
         self, step: int, params: Mapping[str, torch.Tensor], inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None
@@ -90,36 +110,54 @@ class OnlineDICE:
         """Record round ``step`` (arguments of Recorder.record); returns the (N, B) scores of round
         step - hops if that round became complete, else None.
 
+        Rounds come one after another. A round that cannot be recorded or scored raises and leaves
+        the ledger as it was, so the call can be corrected and retried.
+
         Args:
             sample_ids: (N, B) integer ids of the batch's samples, to total them across rounds.
         """
+        step = check_int("step", step)
+        recorded = self.recorder.trajectory().steps
+        if recorded and step != recorded[-1] + 1:
+            raise ValueError(f"the ledger scores consecutive rounds: expected round {recorded[-1] + 1}, got {step}")
         ids = None
         if sample_ids is not None:  # checked before anything is recorded
             ids = as_tensor("sample_ids", sample_ids)
             if inputs is None or ids.is_floating_point() or tuple(ids.shape) != tuple(inputs.shape[:2]):
                 shape = "(N, B) of the batch" if inputs is None else f"(N, B) = {tuple(inputs.shape[:2])}"
                 raise ValueError(f"sample_ids must be integer ids of shape {shape}")
-        self.recorder.record(step, params, inputs, targets, lr, W, state=state)
-        if ids is not None:
-            self._sample_ids[step] = ids.cpu()
-        return self._score(step - self.hops)
+        savepoint = self.recorder.savepoint()
+        try:
+            self.recorder.record(step, params, inputs, targets, lr, W, state=state)
+            if ids is not None:
+                self._sample_ids[step] = ids.cpu()
+            traj = self.recorder.trajectory()
+            if not self._query_checked and traj[step].has_batch:
+                self.test = check_query(traj, self.test, self.options, total_nodes=self.recorder.total_nodes)
+                self._query_checked = True
+            return self._score(traj, step - self.hops)
+        except BaseException:
+            self.recorder.rollback(savepoint)
+            self._sample_ids.pop(step, None)
+            raise
 
-    def _score(self, t: int) -> torch.Tensor | None:
-        traj = self.recorder.trajectory()
+    def _score(self, traj, t: int) -> torch.Tensor | None:
+        """Score round t if its window is complete; every total changes only once all is computed."""
         if any(s not in traj for s in range(t, t + self.hops + 1)) or not traj[t].has_batch or t in self.scored_steps:
             return None
-        if self.node_totals is None:
-            self.test = check_test(self.test, traj[t].params)
         chain = self._chain(traj, t)
         scores = chain.adjoint(per_hop=False)  # (N, B)
-        self.node_totals = scores.sum(1) if self.node_totals is None else self.node_totals + scores.sum(1)
-        if self.node_matrix:
-            matrix = chain.influence_matrix().sum(0)
-            self.matrix_totals = matrix if self.matrix_totals is None else self.matrix_totals + matrix
-        ids = self._sample_ids.pop(t, None)
+        matrix = chain.influence_matrix().sum(0) if self.node_matrix else None
+        ids = self._sample_ids.get(t)
+        by_id: dict[int, float] = {}
         if ids is not None:
             for sample_id, score in zip(ids.flatten().tolist(), scores.flatten().tolist()):
-                self.sample_totals[sample_id] = self.sample_totals.get(sample_id, 0.0) + score
+                by_id[sample_id] = by_id.get(sample_id, self.sample_totals.get(sample_id, 0.0)) + score
+        self.node_totals = scores.sum(1) if self.node_totals is None else self.node_totals + scores.sum(1)
+        if matrix is not None:
+            self.matrix_totals = matrix if self.matrix_totals is None else self.matrix_totals + matrix
+        self.sample_totals.update(by_id)
+        self._sample_ids.pop(t, None)
         self.scored_steps.append(t)
         for old in [s for s in self._test_grads if s <= t]:  # no later window reaches back to t
             del self._test_grads[old]
@@ -133,61 +171,115 @@ class OnlineDICE:
         return build_chain(traj, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the totals and what scoring the next rounds needs, to resume with identical totals."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Publish the totals and what scoring the next rounds needs as the new checkpoint of
+        directory, whole or not at all; resuming gives bitwise-identical totals."""
         traj = self.recorder.trajectory()
-        if traj.steps:
-            save_trajectory(traj, directory / "pending")
-        save_file({str(s): g.contiguous().cpu() for s, g in self._test_grads.items()}, directory / "test_grads.safetensors")
-        state = {
+        grads = save_tensors({str(s): g.contiguous().cpu() for s, g in self._test_grads.items()})
+
+        def fill(folder: Path) -> str:
+            checksums = {TEST_GRADS: hashlib.sha256(grads).hexdigest()}
+            write_file(folder, TEST_GRADS, grads)
+            if traj.steps:
+                pending = make_folder(folder, PENDING)
+                manifest = write_run(traj, pending)
+                checksums[f"{PENDING}/{manifest}"] = hashlib.sha256(read_file(pending, (manifest,), 1 << 40)).hexdigest()
+            write_file(folder, LEDGER, json.dumps(self._ledger(list(traj.steps), checksums)).encode())
+            return LEDGER
+
+        publish(directory, fill)
+
+    def _ledger(self, pending: list[int], checksums: dict[str, str]) -> dict:
+        q = self.options.q
+        return {
+            "version": LEDGER_VERSION,
             "hops": self.hops,
             "node_matrix": self.node_matrix,
             "optimizer": self.recorder.optimizer.to_dict(),
             "mix_state": self.recorder.mix_state,
             "replay_check": self.recorder.replay_check,
             "options": {f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "q"},
+            "q": None if q is None else q.double().tolist(),
+            "test": self._test_digest,
             "scored_steps": self.scored_steps,
             "node_totals": None if self.node_totals is None else self.node_totals.tolist(),
             "matrix_totals": None if self.matrix_totals is None else self.matrix_totals.tolist(),
             "sample_totals": {str(k): v for k, v in self.sample_totals.items()},
             "sample_ids": {str(s): ids.tolist() for s, ids in self._sample_ids.items()},
-            "pending": list(traj.steps),
+            "pending": pending,
+            "checksums": checksums,
         }
-        tmp = directory / (LEDGER + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, directory / LEDGER)
 
     @classmethod
     def load(
         cls, directory: str | os.PathLike, model: nn.Module, loss_fn: LossFn, test: tuple[torch.Tensor, torch.Tensor],
         *, q: torch.Tensor | None = None, device: torch.device | str = "cpu", **kwargs,
     ) -> OnlineDICE:
-        """Resume a ledger saved by :meth:`save`; pass the same model, loss, test and q as before
-        (and, for a subclass, its own constructor arguments as keywords)."""
+        """Resume the checkpoint published in directory by :meth:`save`.
+
+        Pass the same model, loss and test set as before (a different test set raises); q
+        defaults to the saved one and, if given, must equal it. A subclass takes its own
+        constructor arguments as keywords.
+
+        Raises:
+            ValueError: nothing saved, or a checkpoint whose parts do not belong together, named.
+        """
         directory = Path(directory)
-        try:
-            state = json.loads((directory / LEDGER).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{directory / LEDGER} cannot be read: {error}") from None
+        snapshot, data = open_snapshot(directory, what="OnlineDICE ledger", index=LEDGER)
+        where = str(snapshot / LEDGER)
+        state = _parse_ledger(data, where)
+        if test_digest(test) != state["test"]:
+            raise ValueError(f"{where}: the test set differs from the one this ledger was scoring; resume with the same test set")
+        saved_q = None if state["q"] is None else torch.tensor(state["q"], dtype=torch.float64)
+        if q is not None and (saved_q is None or not torch.equal(as_tensor("q", q).detach().cpu().double(), saved_q)):
+            raise ValueError(f"{where}: q differs from the saved node weights {state['q']}; resume with the same q (or none)")
         ledger = cls(model, loss_fn, test, state["hops"], optimizer=spec_from_dict(state["optimizer"]), mix_state=state["mix_state"],
-                     replay_check=state["replay_check"], node_matrix=state["node_matrix"], q=q, **state["options"], **kwargs)
+                     replay_check=state["replay_check"], node_matrix=state["node_matrix"], q=saved_q, **state["options"], **kwargs)
+        like = None
         if state["pending"]:
-            pending = load_trajectory(directory / "pending", model, loss_fn, device=device)
+            manifest = read_file(directory, (snapshot.name, PENDING, MANIFEST), 1 << 30)
+            if hashlib.sha256(manifest).hexdigest() != state["checksums"].get(f"{PENDING}/{MANIFEST}"):
+                raise ValueError(f"{snapshot / PENDING / MANIFEST} does not belong to {where}: its checksum differs")
+            pending = read_run(directory, (snapshot.name, PENDING), manifest, model, loss_fn, device, len(state["pending"]))
+            if list(pending.steps) != state["pending"]:
+                raise ValueError(f"{where}: pending rounds {state['pending']} differ from the saved rounds {list(pending.steps)}")
             for t in pending.steps:
                 rnd = pending[t]
-                params = pending.params(t)
-                if rnd.has_batch:
-                    ledger.recorder.record(t, params, rnd.inputs, rnd.targets, rnd.lr, rnd.W, state=rnd.state)
-                else:
-                    ledger.recorder.record(t, params, state=rnd.state)
+                batch = (rnd.inputs, rnd.targets, rnd.lr, rnd.W) if rnd.has_batch else ()
+                ledger.recorder.record(t, pending.params(t), *batch, state=rnd.state)
             like = pending[pending.steps[0]].params
-            ledger.test = check_test(test, like)
-            to = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
-            ledger.node_totals, ledger.matrix_totals = to(state["node_totals"]), to(state["matrix_totals"])
-            grads = load_file(directory / "test_grads.safetensors")
-            ledger._test_grads = {int(s): g.to(like.device) for s, g in grads.items()}
+            if any(pending[t].has_batch for t in pending.steps):
+                ledger.test = check_query(pending, test, ledger.options, total_nodes=ledger.recorder.total_nodes)
+                ledger._query_checked = True
+        grads = read_file(directory, (snapshot.name, TEST_GRADS), 1 << 36)
+        if hashlib.sha256(grads).hexdigest() != state["checksums"].get(TEST_GRADS):
+            raise ValueError(f"{snapshot / TEST_GRADS} does not belong to {where}: its checksum differs")
+        ledger._test_grads = {int(s): g.to(device) for s, g in load_tensors(grads).items()}
+        if like is None and (ledger._test_grads or state["node_totals"] is not None):
+            raise ValueError(f"{where}: totals or test gradients without pending rounds")
+        to = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
+        ledger.node_totals, ledger.matrix_totals = to(state["node_totals"]), to(state["matrix_totals"])
         ledger.scored_steps = state["scored_steps"]
         ledger.sample_totals = {int(k): v for k, v in state["sample_totals"].items()}
         ledger._sample_ids = {int(s): torch.tensor(ids) for s, ids in state["sample_ids"].items()}
         return ledger
+
+
+def _parse_ledger(data: bytes, where: str) -> dict:
+    """A ledger's fields, each checked for its type; a ValueError names the field otherwise."""
+    try:
+        state = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+    if not isinstance(state, dict) or state.get("version") != LEDGER_VERSION:
+        raise ValueError(f"{where} is not an OnlineDICE ledger of version {LEDGER_VERSION}")
+    kinds = {
+        "hops": int, "node_matrix": bool, "optimizer": dict, "mix_state": bool, "replay_check": str, "options": dict,
+        "q": (list, type(None)), "test": str, "scored_steps": list, "node_totals": (list, type(None)),
+        "matrix_totals": (list, type(None)), "sample_totals": dict, "sample_ids": dict, "pending": list, "checksums": dict,
+    }
+    for name, kind in kinds.items():
+        if name not in state or not isinstance(state[name], kind) or (isinstance(state[name], bool) and kind is int):
+            raise ValueError(f"{where}: field {name!r} is missing or of the wrong type")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in state["scored_steps"] + state["pending"]):
+        raise ValueError(f"{where}: fields 'scored_steps' and 'pending' must list round numbers")
+    return state

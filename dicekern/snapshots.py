@@ -137,7 +137,8 @@ def publish(folder: str | os.PathLike, fill: Callable[[Path], str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder):
         token = uuid.uuid4().hex
-        partial = make_folder(folder, f".partial-{token}")
+        partial = folder / f".partial-{token}"
+        os.mkdir(partial, 0o755)
         index = check_plain_name(fill(partial), "the index file")
         digest = hashlib.sha256(read_file(partial, (index,), 1 << 40)).hexdigest()
         fsync_folder(partial)
@@ -163,16 +164,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def open_snapshot(folder: str | os.PathLike, *, what: str) -> tuple[Path, bytes]:
+def open_snapshot(folder: str | os.PathLike, *, what: str, index: str) -> tuple[Path, bytes]:
     """(the published snapshot folder, the bytes of its index file, checked against the pointer).
 
     Raises:
-        ValueError: no snapshot published in folder (what names the expected content), or a
-            pointer or index that is malformed or does not match.
+        ValueError: no snapshot published in folder (what names the expected content), a pointer
+            whose index is not the expected one, or a pointer or index that is malformed or does
+            not match.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder holding a saved {what}")
+        raise ValueError(f"{folder} holds no saved {what}: it is not a folder")
     try:
         raw = read_file(folder, (POINTER,), POINTER_MAX_BYTES)
     except ValueError as error:
@@ -188,7 +190,8 @@ def open_snapshot(folder: str | os.PathLike, *, what: str) -> tuple[Path, bytes]
     snapshot = pointer.get("snapshot")
     if not isinstance(snapshot, str) or not _SNAPSHOT.fullmatch(snapshot):
         raise ValueError(f"{folder / POINTER}: field 'snapshot' must name a snapshot-<hex> folder, got {snapshot!r}")
-    index = check_plain_name(pointer.get("index"), f"{folder / POINTER}: field 'index'")
+    if pointer.get("index") != index:
+        raise ValueError(f"{folder / POINTER}: field 'index' must be {index!r} for a saved {what}, got {pointer.get('index')!r}")
     digest = pointer.get("sha256")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ValueError(f"{folder / POINTER}: field 'sha256' must be 64 hex digits, got {digest!r}")

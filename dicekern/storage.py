@@ -1,8 +1,10 @@
-"""Trajectories on disk: one safetensors file per round and a JSON manifest with checksums.
+"""Trajectories on disk: one safetensors file per round and a JSON manifest with their checksums,
+inside a crash-safe folder (``dicekern.snapshots``).
 
-Every file is written to a temporary name, flushed to disk and renamed into place, the manifest
-last: a crash mid-save leaves the previous manifest (whose checksums then reject any round file
-that changed) or none, never a directory that loads as a different valid run.
+A save is published whole or not at all. A load trusts nothing it reads: the manifest is
+checksummed by the folder's pointer and validated field by field, file names must be plain names
+of regular files inside the folder (no links, sizes bounded by the declared shapes), and every
+round goes through the same checks as ``Recorder.record`` when it is first read.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import torch
@@ -19,86 +24,195 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from dicekern.checks import check_int
 from dicekern.objective import LossFn, NodeObjective
-from dicekern.optim import spec_from_dict
-from dicekern.trajectory import Round, Trajectory
+from dicekern.optim import OptimizerSpec, spec_from_dict
+from dicekern.snapshots import open_snapshot, publish, read_file, write_file
+from dicekern.trajectory import BatchLayout, Round, Trajectory, check_round
 
 FORMAT = "dicekern-trajectory"
-VERSION = 2
+VERSION = 3
 MANIFEST = "manifest.json"
 STATE_PREFIX = "state."
+MANIFEST_MAX_BYTES = 1 << 30
+HEADER_MAX_BYTES = 1 << 20  # a round file's safetensors header, on top of its declared tensor bytes
+DTYPES = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+BATCH = ("inputs", "targets", "lr", "W")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def round_file(step: int) -> str:
+    return f"round_{step:09d}.safetensors"
 
 
-def save_trajectory(traj: Trajectory, directory: str | os.PathLike) -> None:
-    """Write every recorded round of traj under directory (created if missing)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def write_run(traj: Trajectory, folder: Path) -> str:
+    """Write every round of traj and its manifest into the (new, empty) folder; returns the manifest's name."""
     layout = traj.objective.layout
     rounds = {}
+    total_nodes = traj.num_nodes
     for step in traj.steps:
         rnd = traj[step]
         tensors = {"params": rnd.params}
         if rnd.has_batch:
             tensors.update(inputs=rnd.inputs, targets=rnd.targets, lr=rnd.lr, W=rnd.W)
+            total_nodes = rnd.W.shape[0]
         tensors.update({STATE_PREFIX + name: value for name, value in (rnd.state or {}).items()})
         tensors = {name: value.contiguous().cpu() for name, value in tensors.items()}
         data = save_tensors(tensors)
-        name = f"round_{step:09d}.safetensors"
-        _write_atomic(directory / name, data)
+        write_file(folder, round_file(step), data)
         rounds[str(step)] = {
-            "file": name,
+            "file": round_file(step),
             "sha256": hashlib.sha256(data).hexdigest(),
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
+            "dtypes": {k: _dtype_name(v) for k, v in tensors.items()},
         }
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "parameters": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes)],
         "num_nodes": traj.num_nodes,
+        "total_nodes": total_nodes,
+        "dtype": str(traj.dtype).removeprefix("torch."),
         "optimizer": traj.optimizer.to_dict(),
         "mix_state": traj.mix_state,
-        "dtype": str(traj.dtype).removeprefix("torch."),
         "rounds": rounds,
     }
-    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_file(folder, MANIFEST, json.dumps(manifest, indent=1).encode())
+    return MANIFEST
+
+
+def save_trajectory(traj: Trajectory, directory: str | os.PathLike) -> None:
+    """Publish every recorded round of traj as the new content of directory (created if missing)."""
+    if not traj.steps:
+        raise ValueError("the trajectory is empty: there is nothing to save")
+    publish(directory, lambda folder: write_run(traj, folder))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: the run's description and every round's file entry."""
+
+    optimizer: OptimizerSpec
+    mix_state: bool
+    num_nodes: int
+    total_nodes: int
+    dtype: torch.dtype
+    rounds: dict[int, dict]
+
+
+def parse_manifest(data: bytes, where: str, objective: NodeObjective) -> Manifest:
+    """Every field of a manifest checked; errors are ValueErrors that name where and the field."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{where} is not a {FORMAT} manifest of version {VERSION}")
+
+    def field(name: str, kind: type | tuple[type, ...]):
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise ValueError(f"{where}: field {name!r} is missing or not a {getattr(kind, '__name__', kind)}")
+        return value
+
+    expected = [[name, list(shape)] for name, shape in zip(objective.layout.names, objective.layout.shapes)]
+    if field("parameters", list) != expected:
+        raise ValueError(f"{where}: the model's parameters {expected} do not match the saved ones {manifest['parameters']}")
+    num_nodes, total_nodes = field("num_nodes", int), field("total_nodes", int)
+    if num_nodes < 1 or total_nodes < num_nodes:
+        raise ValueError(f"{where}: fields 'num_nodes' {num_nodes} and 'total_nodes' {total_nodes} must satisfy 1 <= num_nodes <= total_nodes")
+    if field("dtype", str) not in FLOATS:
+        raise ValueError(f"{where}: field 'dtype' must be one of {list(FLOATS)}, got {manifest['dtype']!r}")
+    try:
+        optimizer = spec_from_dict(field("optimizer", dict))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: field 'optimizer': {error}") from None
+    mix_state = field("mix_state", bool)
+    entries = field("rounds", dict)
+    if not entries:
+        raise ValueError(f"{where}: field 'rounds' lists no rounds")
+    dtype = DTYPES[manifest["dtype"]]
+    rounds, batch_layouts = {}, set()
+    for key, entry in entries.items():
+        if not re.fullmatch(r"-?[0-9]+", key) or str(int(key)) != key:
+            raise ValueError(f"{where}: round key {key!r} is not a canonical integer")
+        step = int(key)
+        _check_entry(entry, step, f"{where}: round {key}", optimizer, num_nodes, total_nodes, objective.layout.dim, manifest["dtype"])
+        if "inputs" in entry["shapes"]:
+            batch_layouts.add(tuple((tuple(entry["shapes"][k][2:]), entry["dtypes"][k]) for k in ("inputs", "targets")))
+        rounds[step] = entry
+    if len(batch_layouts) > 1:
+        raise ValueError(f"{where}: the rounds' batches differ in per-sample shape or dtype: {sorted(batch_layouts)}")
+    return Manifest(optimizer, mix_state, num_nodes, total_nodes, dtype, rounds)
+
+
+def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec, n: int, total: int, dim: int, dtype: str) -> None:
+    """One round's entry: its file name, checksum, and tensors of the shapes and dtypes the run implies."""
+    if not isinstance(entry, dict) or set(entry) != {"file", "sha256", "shapes", "dtypes"}:
+        raise ValueError(f"{where}: the entry must have exactly the fields file, sha256, shapes, dtypes")
+    if entry["file"] != round_file(step):
+        raise ValueError(f"{where}: field 'file' must be {round_file(step)!r}, got {entry['file']!r}")
+    if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        raise ValueError(f"{where}: field 'sha256' must be 64 hex digits")
+    shapes, dtypes = entry["shapes"], entry["dtypes"]
+    if not isinstance(shapes, dict) or not isinstance(dtypes, dict) or set(shapes) != set(dtypes):
+        raise ValueError(f"{where}: fields 'shapes' and 'dtypes' must name the same tensors")
+    state = {STATE_PREFIX + k for k in (*optimizer.state_blocks, *optimizer.state_counters)}
+    names = set(shapes) - {"params"} - set(BATCH)
+    has_batch = "inputs" in shapes
+    if "params" not in shapes or (has_batch and not set(BATCH) <= set(shapes)) or (not has_batch and set(BATCH) & set(shapes)) or not names <= state:
+        raise ValueError(f"{where}: tensors {sorted(shapes)} are not params, [inputs, targets, lr, W] and the state of {optimizer}")
+    if has_batch and names != state and not optimizer.stateless:
+        raise ValueError(f"{where}: a round with a batch must hold the optimizer state {sorted(state)}")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"{where}: field 'shapes.{name}' must be a list of sizes")
+        if dtypes[name] not in DTYPES:
+            raise ValueError(f"{where}: field 'dtypes.{name}' {dtypes[name]!r} is not a tensor dtype")
+    expect = {"params": ([n, dim], dtype), "lr": ([n], dtype), "W": ([total, total], dtype)}
+    for name in optimizer.state_blocks:
+        expect[STATE_PREFIX + name] = ([n, dim], dtype)
+    for name in optimizer.state_counters:
+        expect[STATE_PREFIX + name] = ([n], "bool" if name == "has_buffer" else "int64")
+    for name, (shape, kind) in expect.items():
+        if name in shapes and (shapes[name] != shape or dtypes[name] != kind):
+            raise ValueError(f"{where}: {name} is {shapes[name]} {dtypes[name]}, expected {shape} {kind}")
+    if has_batch:
+        inputs, targets = shapes["inputs"], shapes["targets"]
+        if len(inputs) < 2 or inputs[0] != n or targets[:2] != inputs[:2] or dtypes["inputs"] != dtype:
+            raise ValueError(f"{where}: inputs {inputs} {dtypes['inputs']} and targets {targets} must be (N={n}, B, ...), inputs in {dtype}")
 
 
 class RoundFiles(Mapping):
-    """step -> Round, read from disk on first access and checked against the manifest.
+    """step -> Round, read from disk on first access, checked against the manifest and through the
+    checks of ``Recorder.record``.
 
     Keeps the newest ``cache_rounds`` rounds in memory, so a run longer than memory can be scored
     round by round.
     """
 
-    def __init__(self, directory: Path, manifest: dict, device: torch.device | str, cache_rounds: int, stateless: bool):
-        self._directory = directory
-        self._stateless = stateless  # a stateless optimizer's rounds all carry the empty state
-        self._entries = {int(step): entry for step, entry in manifest["rounds"].items()}
-        self._device = torch.device(device)
+    def __init__(self, root: Path, parts: tuple[str, ...], manifest: Manifest, objective: NodeObjective, device: torch.device, cache_rounds: int):
+        self._root, self._parts, self._manifest, self._objective = root, parts, manifest, objective
+        self._device = device
         self._cache: OrderedDict[int, Round] = OrderedDict()
         self._cache_rounds = cache_rounds
+        self._layout: BatchLayout | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._manifest.rounds)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(sorted(self._entries))
+        return iter(sorted(self._manifest.rounds))
 
     def __contains__(self, step: object) -> bool:
-        return step in self._entries
+        return step in self._manifest.rounds
 
     def __getitem__(self, step: int) -> Round:
-        if step not in self._entries:
+        if step not in self._manifest.rounds:
             raise KeyError(step)
         if step in self._cache:
             self._cache.move_to_end(step)
@@ -110,13 +224,11 @@ class RoundFiles(Mapping):
         return rnd
 
     def _read(self, step: int) -> Round:
-        entry = self._entries[step]
-        path = self._directory / entry["file"]
+        entry = self._manifest.rounds[step]
+        path = self._root.joinpath(*self._parts, entry["file"])
         where = f"round {step} ({path})"
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise ValueError(f"{where} cannot be read: {error}") from None
+        declared = sum(prod(shape) * DTYPES[entry["dtypes"][name]].itemsize for name, shape in entry["shapes"].items())
+        data = read_file(self._root, (*self._parts, entry["file"]), declared + HEADER_MAX_BYTES)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{where} is corrupted or truncated: its checksum does not match the manifest")
         try:
@@ -124,14 +236,25 @@ class RoundFiles(Mapping):
         except Exception as error:  # safetensors raises its own error types on malformed files
             raise ValueError(f"{where} is not a valid safetensors file: {error}") from None
         shapes = {k: list(v.shape) for k, v in tensors.items()}
-        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+        dtypes = {k: _dtype_name(v) for k, v in tensors.items()}
         if shapes != entry["shapes"] or dtypes != entry["dtypes"]:
             raise ValueError(f"{where} does not match the manifest: {shapes} {dtypes}, expected {entry['shapes']} {entry['dtypes']}")
-        tensors = {k: v.to(self._device) for k, v in tensors.items()}
-        state = {k.removeprefix(STATE_PREFIX): v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
-        if "inputs" not in tensors:
-            return Round(tensors["params"], state=state if state or self._stateless else None)
-        return Round(tensors["params"], tensors["inputs"], tensors["targets"], tensors["lr"], tensors["W"], state)
+        t = {k: v.to(self._device) for k, v in tensors.items()}
+        state = {k.removeprefix(STATE_PREFIX): v for k, v in t.items() if k.startswith(STATE_PREFIX)} or None
+        rnd = check_round(self._manifest.optimizer, t["params"], t.get("inputs"), t.get("targets"), t.get("lr"), t.get("W"), state,
+                          total_nodes=self._manifest.total_nodes, where=where)
+        if rnd.has_batch:
+            self._layout = self._layout or BatchLayout.of(self._objective, rnd.params[0], rnd.inputs[0], rnd.targets[0])
+            self._layout.check(self._objective.loss_fn, rnd.inputs, rnd.targets, lead=2, what=where)
+        return rnd
+
+
+def read_run(root: Path, parts: tuple[str, ...], manifest_bytes: bytes, model: nn.Module, loss_fn: LossFn, device, cache_rounds: int) -> Trajectory:
+    """The trajectory whose manifest (already read and checksummed) sits at root/parts."""
+    objective = NodeObjective(model, loss_fn)
+    manifest = parse_manifest(manifest_bytes, str(root.joinpath(*parts, MANIFEST)), objective)
+    rounds = RoundFiles(root, parts, manifest, objective, torch.device(device), cache_rounds)
+    return Trajectory(objective, rounds, manifest.optimizer, mix_state=manifest.mix_state)
 
 
 def load_trajectory(
@@ -140,24 +263,10 @@ def load_trajectory(
     """Open a saved trajectory lazily; rounds are read (and checked) when first used.
 
     Raises:
-        ValueError: no or malformed manifest, a model whose parameters differ from the saved
-            ones; on access, a missing, truncated, corrupted or mismatched round, named.
+        ValueError: nothing saved, a malformed manifest, a model whose parameters differ from the
+            saved ones; on access, a missing, truncated, corrupted, mismatched or invalid round, named.
     """
+    cache_rounds = check_int("cache_rounds", cache_rounds, minimum=1)
     directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{directory} holds no {MANIFEST}: not a saved trajectory (or its save did not finish)") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{directory / MANIFEST} cannot be read: {error}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{directory / MANIFEST} is not a {FORMAT} manifest of version {VERSION}")
-    objective = NodeObjective(model, loss_fn)
-    expected = [[name, list(shape)] for name, shape in zip(objective.layout.names, objective.layout.shapes)]
-    if manifest["parameters"] != expected:
-        raise ValueError(f"the model's parameters {expected} do not match the saved ones {manifest['parameters']}")
-    if not manifest["rounds"]:
-        raise ValueError(f"{directory / MANIFEST} lists no rounds")
-    optimizer = spec_from_dict(manifest["optimizer"])
-    rounds = RoundFiles(directory, manifest, device, cache_rounds, optimizer.stateless)
-    return Trajectory(objective, rounds, optimizer, mix_state=manifest["mix_state"])
+    snapshot, manifest = open_snapshot(directory, what="trajectory", index=MANIFEST)
+    return read_run(directory, (snapshot.name,), manifest, model, loss_fn, device, cache_rounds)

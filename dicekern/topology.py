@@ -33,6 +33,8 @@ def from_graph(graph: nx.Graph, weights: str = "metropolis", *, dtype: torch.dty
     """
     if not isinstance(graph, nx.Graph):
         raise TypeError(f"graph must be a networkx graph, got {type(graph).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype (mixing weights are fractions), got {dtype}")
     check_choice("weights", weights, WEIGHTS)
     if graph.number_of_nodes() == 0:
         raise ValueError("graph has no nodes")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dicekern.checks import check_batch, check_choice, check_finite, check_int, check_mixing
+from dicekern.losses import ClosedFormLoss
 from dicekern.engine.step import local_update
 from dicekern.objective import LossFn, NodeObjective
 from dicekern.optim import SGD, OptimizerSpec, State, check_lr, spec_of
@@ -142,6 +143,84 @@ def replay_mismatch(
     return worst
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """What every batch and test set of a run looks like, taken from its first batch.
+
+    Attributes:
+        input_shape, input_dtype: one sample's inputs.
+        target_shape, target_dtype: one sample's targets.
+        outputs: K, the size of the model's last output axis (for the label checks).
+    """
+
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    target_shape: tuple[int, ...]
+    target_dtype: torch.dtype
+    outputs: int
+
+    @classmethod
+    def of(cls, objective: NodeObjective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> BatchLayout:
+        """From one node's batch x (B, ...), y (B, ...) and its params theta (D,): one forward of one sample."""
+        try:
+            out = objective.outputs(theta, x[:1])
+        except (RuntimeError, TypeError, IndexError) as error:
+            raise ValueError(f"the model cannot take inputs of shape {tuple(x.shape[1:])} and dtype {x.dtype} per sample: {error}") from None
+        return cls(tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, out.shape[-1] if out.dim() > 1 else 1)
+
+    def check(self, loss_fn: object, x: torch.Tensor, y: torch.Tensor, *, lead: int, what: str) -> None:
+        """x, y (*lead axes, ...) hold samples of this layout, and labels the loss can take."""
+        for name, t, shape, dtype in (("inputs", x, self.input_shape, self.input_dtype), ("targets", y, self.target_shape, self.target_dtype)):
+            if tuple(t.shape[lead:]) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"{what} {name} hold samples of shape {tuple(t.shape[lead:])} and dtype {t.dtype}; the run's "
+                    f"first batch has {shape} and {dtype}"
+                )
+        check_labels(loss_fn, y, self.outputs, what)
+
+
+def check_labels(loss_fn: object, targets: torch.Tensor, outputs: int, what: str) -> None:
+    """Targets in the range a ``dk.losses`` loss takes (other losses are not inspected)."""
+    if not isinstance(loss_fn, ClosedFormLoss) or targets.numel() == 0:
+        return
+    if loss_fn.kind == "softmax_cross_entropy":
+        if targets.is_floating_point() or not (targets.min() >= 0 and targets.max() < outputs):
+            raise ValueError(f"{what} targets must be class indices in [0, {outputs}) for softmax_cross_entropy, got values "
+                             f"{targets.min().item()}..{targets.max().item()} of dtype {targets.dtype}")
+    elif loss_fn.kind == "binary_logistic":
+        if not targets.is_floating_point() or not (targets.min() >= 0 and targets.max() <= 1):
+            raise ValueError(f"{what} targets must be floats in [0, 1] for binary_logistic")
+    elif not targets.is_floating_point() or targets.shape[-1] != outputs:
+        raise ValueError(f"{what} targets must be floats of {outputs} outputs per sample for squared_error, got shape {tuple(targets.shape)}")
+
+
+def check_round(
+    optimizer: OptimizerSpec, flat: torch.Tensor, inputs: object, targets: object, lr: object, W: object, state: object,
+    *, total_nodes: int, where: str,
+) -> Round:
+    """A validated Round from params (N, D) and the round's batch, lr, W and optimizer state.
+
+    Params only (inputs, targets, lr and W all None) is a round that is never stepped from.
+    """
+    check_finite(f"{where} params", flat)
+    n = flat.shape[0]
+    given = {"inputs": inputs is not None, "targets": targets is not None, "lr": lr is not None, "W": W is not None}
+    if any(given.values()) and not all(given.values()):
+        missing = [k for k, v in given.items() if not v]
+        raise ValueError(f"{where}: give inputs, targets, lr and W together, or params only; missing {missing}")
+    if not all(given.values()):
+        recorded = state is not None or optimizer.stateless
+        return Round(flat, state=optimizer.check_state(state, n, flat, where=f"{where} state") if recorded else None)
+    x, y = check_batch(inputs, targets, flat, prefix=f"{where} ")
+    if x.shape[0] != n or x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"{where}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} must be (N, B, ...) with N={n}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{where}: inputs hold an empty batch (B = 0)")
+    rates = check_lr(lr, n, flat, where=f"{where} lr")
+    mixing = check_mixing(f"{where} W", W, total_nodes, flat)
+    return Round(flat, x, y, rates, mixing, optimizer.check_state(state, n, flat, where=f"{where} state"))
+
+
 class Trajectory:
     """The recorded rounds of one run, keyed by step. Built by ``Recorder.trajectory()``.
 
@@ -151,12 +230,25 @@ class Trajectory:
         mix_state: whether the optimizer state is gossiped with the params.
     """
 
-    def __init__(self, objective: NodeObjective, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *, mix_state: bool = False):
+    def __init__(
+        self, objective: NodeObjective, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *,
+        mix_state: bool = False, layout: BatchLayout | None = None,
+    ):
         self.objective = objective
         self.optimizer = SGD() if optimizer is None else optimizer
         self.mix_state = bool(mix_state)
         self._rounds = rounds  # a dict in memory, or rounds read lazily from disk
         self._steps = tuple(sorted(rounds))
+        self._layout = layout
+
+    def batch_layout(self) -> BatchLayout:
+        """What the run's batches (and so its test sets) look like, from its first round with a batch."""
+        if self._layout is None:
+            first = next((self._rounds[t] for t in self._steps if self._rounds[t].has_batch), None)
+            if first is None:
+                raise ValueError("the trajectory has no round with a batch")
+            self._layout = BatchLayout.of(self.objective, first.params[0], first.inputs[0], first.targets[0])
+        return self._layout
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -201,7 +293,10 @@ class Trajectory:
         step = check_int("step", step)
         hops = check_int("hops", hops, minimum=0)
         needed = range(step, step + hops + 1)
-        missing = [t for t in needed if t not in self._rounds]
+        if not self._steps or step < self._steps[0] or step + hops > self._steps[-1]:  # without walking a huge range
+            missing = [step if not self._steps or step < self._steps[0] else self._steps[-1] + 1]
+        else:
+            missing = [t for t in needed if t not in self._rounds]
         if missing:
             raise ValueError(
                 f"round {missing[0]} is missing from the trajectory: hops={hops} from step {step} needs "
@@ -223,7 +318,9 @@ class Trajectory:
         so an optimizer other than the declared one (momentum, weight decay, Adam), clipping or
         another W shows up even when the update is small. rtol defaults to ``default_rtol``.
         """
-        rtol = default_rtol(self.dtype) if rtol is None else rtol
+        if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < float("inf")):
+            raise ValueError(f"rtol must be a positive number, got {rtol!r}")
+        rtol = default_rtol(self.dtype) if rtol is None else float(rtol)
         checked, worst, worst_step = 0, Mismatch(-1.0, 0.0, -1.0, ""), -1
         for t in self._steps:
             if t + 1 not in self._rounds or not self._rounds[t].has_batch:
@@ -318,7 +415,7 @@ class Recorder:
         self.total_nodes = None if total_nodes is None else check_int("total_nodes", total_nodes, minimum=1)
         self.replay_check = check_choice("replay_check", replay_check, REPLAY_CHECKS)
         self._rounds: dict[int, Round] = {}
-        self._checked_first_batch = False
+        self._layout: BatchLayout | None = None  # of the first batch; every later batch must match it
         self._transitions_seen = 0
 
     def record(
@@ -355,39 +452,29 @@ class Recorder:
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a mapping name -> Tensor (N, *shape), got {type(params).__name__}")
         flat = self.objective.layout.flatten(params)
-        check_finite("params", flat)
         if self._rounds and flat.shape[0] != self._node_count():
             raise ValueError(f"params hold N={flat.shape[0]} nodes, earlier rounds hold N={self._node_count()}")
         if self._rounds and (flat.dtype, flat.device) != self._dtype_device():
             raise ValueError(f"params are {flat.dtype} on {flat.device}, earlier rounds {self._dtype_device()}")
-        n = flat.shape[0]
-
-        given = {"inputs": inputs is not None, "targets": targets is not None, "lr": lr is not None, "W": W is not None}
-        if any(given.values()) and not all(given.values()):
-            missing = [k for k, v in given.items() if not v]
-            raise ValueError(f"round {step}: give inputs, targets, lr and W together, or params only; missing {missing}")
-        if not all(given.values()):
-            recorded = state is not None or self.optimizer.stateless
-            rnd = Round(flat, state=self.optimizer.check_state(state, n, flat) if recorded else None)
-        else:
-            x, y = check_batch(inputs, targets, flat, prefix="")
-            if x.shape[0] != n or x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
-                raise ValueError(
-                    f"inputs {tuple(x.shape)} and targets {tuple(y.shape)} must be (N, B, ...) with N={n}"
-                )
-            if x.shape[1] == 0:
-                raise ValueError("inputs hold an empty batch (B = 0)")
-            rates = check_lr(lr, n, flat)
-            mixing = check_mixing("W", W, n if self.total_nodes is None else self.total_nodes, flat)
-            rnd = Round(flat, x, y, rates, mixing, self.optimizer.check_state(state, n, flat))
-            if not self._checked_first_batch:
-                self._check_first_batch(flat[0], x[0], y[0])
+        total = flat.shape[0] if self.total_nodes is None else self.total_nodes
+        rnd = check_round(self.optimizer, flat, inputs, targets, lr, W, state, total_nodes=total, where=f"round {step}")
+        if rnd.has_batch:
+            self._check_batch(step, rnd)
         self._check_replay(step, rnd)
         self._store(step, rnd)
 
+    def savepoint(self) -> tuple:
+        """What the recorder holds now, for :meth:`rollback` (the rounds are shared, not copied)."""
+        return dict(self._rounds), self._layout, self._transitions_seen
+
+    def rollback(self, savepoint: tuple) -> None:
+        """Return to a :meth:`savepoint`: every round recorded since is forgotten."""
+        rounds, self._layout, self._transitions_seen = savepoint
+        self._rounds = dict(rounds)
+
     def trajectory(self) -> Trajectory:
         """A snapshot of what is recorded so far."""
-        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state)
+        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state, layout=self._layout)
 
     def _check_replay(self, step: int, rnd: Round) -> None:
         """Replay round step-1 and compare with rnd when the policy samples this transition."""
@@ -425,8 +512,14 @@ class Recorder:
         p = next(iter(self._rounds.values())).params
         return p.dtype, p.device
 
-    def _check_first_batch(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Per-sample losses of shape (B,) and a deterministic forward, checked on the first batch."""
+    def _check_batch(self, step: int, rnd: Round) -> None:
+        """Every batch against the first one's layout and the loss's label range; the first batch
+        also through the model and the loss: per-sample losses of shape (B,), a deterministic forward."""
+        layout = self._layout or BatchLayout.of(self.objective, rnd.params[0], rnd.inputs[0], rnd.targets[0])
+        layout.check(self.objective.loss_fn, rnd.inputs, rnd.targets, lead=2, what=f"round {step}")
+        if self._layout is not None:
+            return
+        theta, x, y = rnd.params[0], rnd.inputs[0], rnd.targets[0]
         losses = self.objective.per_sample_losses(theta, x, y)
         if not isinstance(losses, torch.Tensor) or losses.shape != (x.shape[0],):
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -435,4 +528,4 @@ class Recorder:
                 f"use reduction='none'"
             )
         self.objective.check_deterministic(theta, x)
-        self._checked_first_batch = True
+        self._layout = layout

@@ -80,6 +80,7 @@ CASES = [
 def test_linear_head_kernels_match_torch(loss, n: int, hops: int, dtype: torch.dtype, bias: bool) -> None:
     traj, test = linear_run(loss, n, hops, seed=hops + 10 * n, dtype=dtype, bias=bias)
     q = torch.rand(n, dtype=dtype, device=DEVICE) + 0.1
+    q = q / q.sum()
     for curvature_at in ("sender", "receiver"):
         assert_matches(
             lambda tr, te, backend, at=curvature_at: dk.dice_e(tr, 0, te, hops, q=q.to(tr.dtype), curvature_at=at, per_hop=True, backend=backend),
@@ -103,6 +104,7 @@ def test_one_launch_chains_match_torch(loss, hops: int, dtype: torch.dtype, curv
     """dice_e(per_test=True) and influence_matrix run each objective column's whole chain in one launch."""
     traj, test = linear_run(loss, 4, hops, seed=7 * hops + 1, dtype=dtype, bias=hops != 1)
     q = torch.rand(4, dtype=dtype, device=DEVICE) + 0.1
+    q = q / q.sum()
     curvatures = ("exact", "none") if hops >= 2 else ("exact",)
     for curvature in curvatures:
         opts = dict(curvature=curvature, curvature_at=curvature_at)
@@ -116,6 +118,7 @@ def test_linear_head_kernels_serve_every_optimizer(optimizer) -> None:
     linearisation composes with them (the one-launch chains cover plain SGD only)."""
     traj, test = linear_run(dk.losses.softmax_cross_entropy, 5, 3, seed=3, dtype=torch.float64, optimizer=optimizer)
     q = torch.rand(5, dtype=torch.float64, device=DEVICE) + 0.1
+    q = q / q.sum()
     assert_matches(lambda tr, te, backend: dk.dice_e(tr, 0, te, 3, q=q, per_hop=True, backend=backend), traj, test)
     assert_matches(lambda tr, te, backend: dk.dice_e(tr, 0, te, 2, q=q, per_test=True, backend=backend), traj, test)
     assert_matches(lambda tr, te, backend: dk.influence_matrix(tr, 0, te, 3, q=q, backend=backend), traj, test)

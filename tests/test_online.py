@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,84 @@ def test_bad_sample_ids(run) -> None:
     with pytest.raises(ValueError, match="sample_ids must be integer ids of shape \\(N, B\\) = \\(5, 4\\)"):
         ledger.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W, sample_ids=torch.zeros(5, 3, dtype=torch.long))
     assert ledger.recorder.trajectory().steps == ()  # nothing was recorded
+
+
+def test_rounds_out_of_order_or_with_a_gap_are_refused_and_nothing_is_lost(run) -> None:
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS)
+    feed(ledger, run, [0, 1, 2])
+    with pytest.raises(ValueError, match="expected round 3, got 4"):
+        feed(ledger, run, [4])
+    with pytest.raises(ValueError, match="expected round 3, got 1"):
+        feed(ledger, run, [1])
+    assert ledger.recorder.trajectory().steps == (0, 1, 2)
+    feed(ledger, run, [3, 4, 5, 6, 7])
+    whole = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS)
+    feed(whole, run, run.trajectory.steps)
+    assert torch.equal(ledger.node_totals, whole.node_totals) and ledger.scored_steps == whole.scored_steps == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_constructor_and_the_first_round_check_what_scoring_needs(run) -> None:
+    with pytest.raises(TypeError, match="test must be a pair"):
+        dk.OnlineDICE(run.model, run.loss_fn, run.test[0], HOPS)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, curvature="fisher")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, backend="cuda")
+    checks = [
+        (dict(q=torch.full((3,), 1 / 3, dtype=torch.float64)), "q must have shape \\(N,\\) = \\(5,\\)"),
+        (dict(optimizer=dk.optim.Adam(), curvature_at="receiver"), "curvature_at='receiver' needs an optimizer without state"),
+    ]
+    for kwargs, match in checks:
+        ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, **kwargs)
+        r = run.trajectory[0]
+        state = dk.optim.Adam().initial_state(5, r.params.shape[1], r.params) if "optimizer" in kwargs else None
+        with pytest.raises(ValueError, match=match):
+            ledger.record(0, run.trajectory.params(0), r.inputs, r.targets, r.lr, r.W, state=state)
+        assert ledger.recorder.trajectory().steps == ()  # round 0 can be recorded again
+
+
+def test_a_round_that_fails_to_score_can_be_retried(run, monkeypatch) -> None:
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, node_matrix=True)
+    feed(ledger, run, [0, 1])
+    real = ledger._chain
+
+    def broken(traj, t):
+        chain = real(traj, t)
+        chain.influence_matrix = lambda: (_ for _ in ()).throw(MemoryError("out of memory"))
+        return chain
+
+    monkeypatch.setattr(ledger, "_chain", broken)
+    with pytest.raises(MemoryError):
+        feed(ledger, run, [2])
+    assert ledger.recorder.trajectory().steps == (0, 1) and ledger.scored_steps == [] and ledger.node_totals is None
+    monkeypatch.undo()
+    feed(ledger, run, run.trajectory.steps[2:])
+    whole = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, node_matrix=True)
+    feed(whole, run, run.trajectory.steps)
+    assert torch.equal(ledger.node_totals, whole.node_totals) and ledger.sample_totals == whole.sample_totals
+
+
+def test_a_resumed_ledger_refuses_another_test_set_or_q_and_checks_its_parts(run, tmp_path) -> None:
+    q = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=torch.float64)
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, q=q)
+    feed(ledger, run, range(4))
+    ledger.save(tmp_path / "a")
+    other_test = (run.test[0][:10], run.test[1][:10])
+    with pytest.raises(ValueError, match="the test set differs"):
+        dk.OnlineDICE.load(tmp_path / "a", run.model, run.loss_fn, other_test)
+    with pytest.raises(ValueError, match="q differs from the saved node weights"):
+        dk.OnlineDICE.load(tmp_path / "a", run.model, run.loss_fn, run.test, q=torch.full((5,), 0.2, dtype=torch.float64))
+    resumed = dk.OnlineDICE.load(tmp_path / "a", run.model, run.loss_fn, run.test)  # q: the saved one
+    assert torch.equal(resumed.options.q, q) and resumed.scored_steps == [0, 1]
+    feed(ledger, run, [4])
+    ledger.save(tmp_path / "b")
+    folder = lambda name: tmp_path / name / json.loads((tmp_path / name / "CURRENT").read_text())["snapshot"]
+    (folder("b") / "test_grads.safetensors").write_bytes((folder("a") / "test_grads.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="test_grads.safetensors does not belong to .*ledger.json"):
+        dk.OnlineDICE.load(tmp_path / "b", run.model, run.loss_fn, run.test)
+    ledger.save(tmp_path / "b")
+    (folder("b") / "pending" / "manifest.json").write_bytes((folder("a") / "pending" / "manifest.json").read_bytes())
+    with pytest.raises(ValueError, match="pending/manifest.json does not belong to"):
+        dk.OnlineDICE.load(tmp_path / "b", run.model, run.loss_fn, run.test)
+    with pytest.raises(ValueError, match="holds no saved OnlineDICE ledger"):
+        dk.OnlineDICE.load(tmp_path / "c", run.model, run.loss_fn, run.test)

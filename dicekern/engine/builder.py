@@ -29,6 +29,26 @@ def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
         raise ValueError(f"direct='paper' is the SGD analysis's convention (SGD without momentum); with {optimizer} use direct='half_step'")
 
 
+def check_query(traj: Trajectory, test: object, options: DiceOptions, *, total_nodes: int | None = None) -> object:
+    """Everything a query needs of its inputs, checked against the run before any work: the
+    options against the optimizer, q against N, the backend against the device, and the test set
+    against the run's batches (shapes, dtypes, labels). Returns the test set in the params' dtype
+    and device (a PerNodeTest as it is)."""
+    if not isinstance(options, DiceOptions):
+        raise TypeError(f"options must be a dk.DiceOptions, got {type(options).__name__}")
+    check_options_for(traj.optimizer, options)
+    like = traj[traj.steps[0]].params if traj.steps else None
+    if like is None:
+        raise ValueError("the trajectory is empty: record at least one round")
+    check_node_weights(options.q, total_nodes or traj.num_nodes, like)
+    resolve_backend(options.backend, traj.device, is_linear_head(traj.objective.model, traj.objective.loss_fn))
+    if isinstance(test, PerNodeTest):
+        return test
+    x, y = check_test(test, like)
+    traj.batch_layout().check(traj.objective.loss_fn, x, y, lead=1, what="test")
+    return x, y
+
+
 def build_chain(
     traj: Trajectory, step: int, test: object, hops: int, options: DiceOptions, *,
     test_grad_cache: dict[int, torch.Tensor] | None = None, mixer: Mixer | None = None, nodes: range | None = None,
@@ -41,10 +61,8 @@ def build_chain(
         mixer, nodes, total_nodes: across processes, the exchange of rows, the global indices of
             this trajectory's rows, and N of the whole run (default: one process holds all).
     """
-    if not isinstance(options, DiceOptions):
-        raise TypeError(f"options must be a dk.DiceOptions, got {type(options).__name__}")
     rounds = traj.window(step, hops)
-    check_options_for(traj.optimizer, options)
+    test = check_query(traj, test, options, total_nodes=total_nodes)
     first = rounds[0]
     nodes = range(traj.num_nodes) if nodes is None else nodes
     q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
@@ -66,7 +84,7 @@ def build_chain(
     if isinstance(test, PerNodeTest):
         tests = PerNodeTestSet(objective, test, [step + s for s in range(hops + 1)], first.params)
     else:
-        tests = SharedTestSet(objective, check_test(test, first.params))
+        tests = SharedTestSet(objective, test)
     chain_class = Chain
     if kernels and linear_head and traj.optimizer.is_plain_sgd:
         from dicekern.engine.fused import FusedLinearHeadChain  # one launch for the queries it covers

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from dicekern.bindings.dispatch import BACKENDS
-from dicekern.checks import check_choice
+from dicekern.checks import check_choice, check_q
 
 CURVATURES = ("exact", "ggn", "none")
 CURVATURE_AT = ("sender", "receiver")
@@ -19,7 +19,7 @@ class DiceOptions:
     """How DICE-E is linearised and run.
 
     Attributes:
-        q: (N,) node weights of the global objective, None for 1/N.
+        q: (N,) node weights of the global objective, non-negative and summing to 1; None for 1/N.
         curvature: "exact" Hessian, "ggn" Gauss-Newton, or "none" (the gradient's dependence on
             theta left out: I - lr H becomes I for SGD).
         curvature_at: "sender" (DICE.md, Appendix C.3) or "receiver" (Theorem 2 as printed; only
@@ -43,6 +43,7 @@ class DiceOptions:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "q", check_q(self.q))
         check_choice("curvature", self.curvature, CURVATURES)
         check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         check_choice("direct", self.direct, DIRECT)

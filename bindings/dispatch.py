@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,6 +12,15 @@ from dicekern.checks import check_choice
 from dicekern.losses import ClosedFormLoss
 
 BACKENDS = ("auto", "torch", "triton")
+POISON_ENV = "DICEKERN_POISON_OUTPUTS"  # set to 1 (the tests do) to fill kernel outputs with NaN before launch
+
+
+def new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A kernel's output buffer: uninitialised, or NaN under DICEKERN_POISON_OUTPUTS=1 so that an
+    element the kernel fails to write shows up in every comparison."""
+    if os.environ.get(POISON_ENV) == "1":
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def is_linear_head(model: nn.Module, loss_fn: object) -> bool:
@@ -20,8 +30,9 @@ def is_linear_head(model: nn.Module, loss_fn: object) -> bool:
     return loss_fn.kind != "binary_logistic" or model.out_features == 1
 
 
-def resolve_backend(backend: str, device: torch.device, supported: bool) -> str:
-    """"torch" or "triton": "auto" takes Triton on CUDA tensors for a supported model, torch otherwise.
+def resolve_backend(backend: str, device: torch.device, supported: bool, validated: Callable[[], bool] = lambda: True) -> str:
+    """"torch" or "triton": "auto" takes Triton on CUDA tensors for a supported model whose kernels
+    pass ``validated()`` (a self-check against the torch engine), torch otherwise.
 
     With "triton", an unsupported model still mixes every hop with the Triton kernel.
 
@@ -30,7 +41,7 @@ def resolve_backend(backend: str, device: torch.device, supported: bool) -> str:
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and supported else "torch"
+        return "triton" if device.type == "cuda" and supported and validated() else "torch"
     if backend == "triton":
         require_triton_device(device)
     return backend

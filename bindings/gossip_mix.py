@@ -11,7 +11,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from dicekern.bindings.dispatch import check_operand, require_triton_device
+from dicekern.bindings.dispatch import check_operand, new_output, require_triton_device
 from dicekern.checks import check_mixing
 from dicekern.kernels.gossip_mix import gossip_mix_fwd_kernel
 
@@ -94,7 +94,7 @@ def _gossip_mix_op(
     added_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     n, d = vectors.shape
-    out = torch.empty_like(vectors)
+    out = new_output(tuple(vectors.shape), vectors)
     unused = vectors  # any valid pointer for a pointer the constexpr flags switch off
     wrap_triton(gossip_mix_fwd_kernel)[(n, triton.cdiv(d, BLOCK_D))](
         out, vectors, rowptr, col, val,

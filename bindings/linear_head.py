@@ -10,7 +10,7 @@ import triton
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from dicekern.bindings.dispatch import check_operand, is_linear_head, require_triton_device
+from dicekern.bindings.dispatch import check_operand, is_linear_head, new_output, require_triton_device
 from dicekern.bindings.gossip_mix import CSRMixing
 from dicekern.kernels import linear_head as kernel
 from dicekern.kernels import linear_head_chain as chain_kernel
@@ -44,7 +44,7 @@ def _linear_head_op(
     rows = n * columns
     k_pad = max(16, triton.next_power_of_2(num_outputs))
     out_shape = (n, columns, batch) if mode == kernel.MODE_DOTS else ((n, columns, d) if mode == kernel.MODE_HVP else (n, d))
-    out = torch.empty(out_shape, dtype=thetas.dtype, device=thetas.device)
+    out = new_output(out_shape, thetas)
     scratch = torch.empty(0 if mode == kernel.MODE_DOTS else rows * batch * k_pad, dtype=thetas.dtype, device=thetas.device)
     per_node = lambda t: 0 if shared_data else t[0].numel()
     wrap_triton(kernel.linear_head_fwd_kernel)[(rows,)](
@@ -155,7 +155,7 @@ def _adjoint_chain_op(
     per_node = x_test.dim() == 4  # (hops+1, N, M, F) test features of each node, or (M, F) shared
     stride_ts, stride_tn = (x_test[0].numel(), x_test[0, 0].numel()) if per_node else (0, 0)
     flags = _chain_flags(loss, num_outputs, has_bias, sender, curvature, hops)
-    out = torch.empty(m, n, batch, dtype=thetas.dtype, device=thetas.device)
+    out = new_output((m, n, batch), thetas)
     buffers = torch.empty(m, 2, n, d, dtype=thetas.dtype, device=thetas.device)
     scratch = torch.empty(m, batch, flags["K_PAD"], dtype=thetas.dtype, device=thetas.device)
     wrap_triton(chain_kernel.linear_head_adjoint_chain_kernel)[(m,)](
@@ -176,7 +176,7 @@ def _forward_chain_op(
     n, d = thetas.shape[1:]
     batch, features = inputs.shape[2:4]
     flags = _chain_flags(loss, num_outputs, has_bias, sender, curvature, hops)
-    out = torch.zeros(hops + 1, n, n, dtype=thetas.dtype, device=thetas.device)
+    out = new_output((hops + 1, n, n), thetas)
     buffers = torch.empty(n, 2, n, d, dtype=thetas.dtype, device=thetas.device)
     scratch = torch.empty(n, batch, flags["K_PAD"], dtype=thetas.dtype, device=thetas.device)
     wrap_triton(chain_kernel.linear_head_forward_chain_kernel)[(n,)](

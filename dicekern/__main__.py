@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dicekern import analysis, examples, plots
+from dicekern.checks import check_node
 from dicekern.demo import DemoConfig, run_demo
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e
@@ -40,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--out", type=Path, default=Path(f"out/{name}"), help="folder for JSON and PNG (default: out/%(prog)s)")
+        sub.add_argument("--out", type=Path, default=Path(f"out/{name}"), help=f"folder for JSON and PNG (default: out/{name})")
+        sub.add_argument("--force", action="store_true", help="overwrite the results already in --out")
         sub.add_argument("--nodes", type=_positive, default=16, help="gossip nodes (default 16)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--optimizer", choices=list(examples.OPTIMIZER_PRESETS), default="sgd",
@@ -49,15 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     demo = command("demo", "train on digits, score every sample over hops, check against DICE-GT")
-    demo.add_argument("--step", type=_non_negative, default=DemoConfig.step, help="round whose samples are scored")
-    demo.add_argument("--hops", type=_non_negative, default=DemoConfig.hops)
+    demo.add_argument("--step", type=_non_negative, default=DemoConfig.step, help=f"round whose samples are scored (default {DemoConfig.step})")
+    demo.add_argument("--hops", type=_non_negative, default=DemoConfig.hops, help=f"rounds after it that are followed (default {DemoConfig.hops})")
     flow = command("cascade", "how one node's batch influences every node, hop by hop, drawn on the graph")
     flow.add_argument("--source", type=_non_negative, default=0, help="node whose batch is followed")
-    flow.add_argument("--step", type=_non_negative, default=20)
-    flow.add_argument("--hops", type=_non_negative, default=3)
+    flow.add_argument("--step", type=_non_negative, default=20, help="round whose batch is followed (default 20)")
+    flow.add_argument("--hops", type=_non_negative, default=3, help="rounds after it that are followed (default 3)")
     check = command("validate", "DICE-E of single samples against exact DICE-GT replay, per hop")
-    check.add_argument("--step", type=_non_negative, default=20)
-    check.add_argument("--hops", type=_non_negative, default=3)
+    check.add_argument("--step", type=_non_negative, default=20, help="round whose samples are scored (default 20)")
+    check.add_argument("--hops", type=_non_negative, default=3, help="rounds after it that are followed (default 3)")
     check.add_argument("--gt-nodes", type=_positive, default=4, help="nodes whose samples are replayed one by one")
     detect = command("detect", "flag nodes with corrupted data by their DICE score; ROC AUC over seeds")
     detect.add_argument("--kind", choices=["flip", "noise"], default="flip", help="labels flipped or features drowned in noise")
@@ -67,8 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rounds(args) -> int:
+    """Rounds to train so that round step and its hops are recorded (hops 0 still needs round step's batch)."""
+    return args.step + max(args.hops, 1)
+
+
 def _cascade(args) -> dict:
-    run = examples.digits_run(args.nodes, args.step + args.hops, seed=args.seed, optimizer=args.optimizer, progress=not args.no_progress)
+    check_node("source", args.source, args.nodes)  # before any training
+    run = examples.digits_run(args.nodes, _rounds(args), seed=args.seed, optimizer=args.optimizer, progress=not args.no_progress)
     flow = cascade(run.trajectory, args.step, args.source, run.test, args.hops)
     plots.cascade_on_graph(run.trajectory[args.step].W, flow, args.source, args.out / "cascade.png")
     print(f"cascade of node {args.source}'s batch at round {args.step} (negative lowers a node's test loss)")
@@ -79,7 +88,7 @@ def _cascade(args) -> dict:
 
 
 def _validate(args) -> dict:
-    run = examples.digits_run(args.nodes, args.step + args.hops, seed=args.seed, optimizer=args.optimizer, progress=not args.no_progress)
+    run = examples.digits_run(args.nodes, _rounds(args), seed=args.seed, optimizer=args.optimizer, progress=not args.no_progress)
     nodes = list(range(min(args.gt_nodes, args.nodes)))
     estimate = dice_e(run.trajectory, args.step, run.test, args.hops, per_hop=True)[:, nodes]
     truth = dice_gt_samples(run.trajectory, args.step, run.test, args.hops, nodes=nodes, per_hop=True, progress=not args.no_progress)
@@ -108,8 +117,24 @@ def _detect(args) -> dict:
     return results
 
 
+def _prepare_out(parser: argparse.ArgumentParser, args) -> None:
+    """--out checked and created before any work: a folder we can write, without results unless --force."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a folder")
+    if (out / "results.json").exists() and not args.force:
+        parser.error(f"--out {out} already holds results; pass --force to overwrite them, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        parser.error(f"--out {out} cannot be written: {error.strerror or error}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _prepare_out(parser, args)
     if args.command == "demo":
         config = DemoConfig(num_nodes=args.nodes, step=args.step, hops=args.hops, seed=args.seed, optimizer=args.optimizer,
                             gt_nodes=min(DemoConfig.gt_nodes, args.nodes))
@@ -124,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"dicekern {args.command}: error: {error}", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out}/results.json and its picture")
     return 0

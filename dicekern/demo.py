@@ -51,12 +51,12 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     run = examples.digits_run(
-        config.num_nodes, config.step + config.hops, batch_size=config.batch_size, lr=config.lr,
+        config.num_nodes, config.step + max(config.hops, 1), batch_size=config.batch_size, lr=config.lr,
         graph=config.graph, hidden=config.hidden, seed=config.seed, optimizer=config.optimizer, progress=progress,
     )
     traj, test, step, hops = run.trajectory, run.test, config.step, config.hops
     report = traj.verify()
-    echo(f"trained {config.num_nodes} nodes for {step + hops} rounds ({config.graph} graph, {traj.optimizer}); "
+    echo(f"trained {config.num_nodes} nodes for {traj.steps[-1]} rounds ({config.graph} graph, {traj.optimizer}); "
          f"replay mismatch {report.max_rel_mismatch:.1e} of the update over {report.rounds_checked} rounds")
 
     per_hop, t_dice_e = _timed(lambda: dice_e(traj, step, test, hops, per_hop=True))  # (hops+1, N, B)

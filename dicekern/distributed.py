@@ -8,7 +8,9 @@ ever holds another rank's parameters: what crosses is one perturbation or adjoin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from dicekern.engine.builder import build_chain
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
 from dicekern.objective import LossFn
-from dicekern.online import OnlineDICE
+from dicekern.online import OnlineDICE, test_digest
 from dicekern.trajectory import Mismatch, Recorder, Round, replay_mismatch
 
 
@@ -36,6 +38,42 @@ def node_block(num_nodes: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+def wait(requests: list, timeout: float | None, what: str) -> None:
+    """Wait for every request, at most timeout seconds each (None: the process group's timeout)."""
+    for request in requests:
+        try:
+            request.wait(timedelta(seconds=timeout)) if timeout is not None else request.wait()
+        except RuntimeError as error:
+            raise TimeoutError(f"{what}: another rank did not answer within {timeout} s (stopped, dead, or running another query?): {error}") from None
+
+
+def agree(group, rank: int, world_size: int, timeout: float | None, what: str, arguments: dict) -> None:
+    """Every rank checks, before any exchange, that all ranks run ``what`` with the same arguments.
+
+    Raises on every rank: ValueError naming the arguments that differ; TimeoutError when a rank
+    does not take part within timeout seconds.
+    """
+    mine = torch.tensor(list(hashlib.sha256(repr(sorted(arguments.items())).encode()).digest()), dtype=torch.uint8)
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    wait([dist.all_gather(everyone, mine, group=group, async_op=True)], timeout, f"rank {rank}: agreeing on {what}")
+    if all(torch.equal(d, mine) for d in everyone):
+        return
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, arguments, group=group)  # every rank is here: the digests arrived
+    differing = sorted(k for k in arguments if len({repr(g.get(k)) for g in gathered}) > 1)
+    detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {g.get(k)!r}" for r, g in enumerate(gathered)) for k in differing)
+    raise ValueError(f"{what}: the ranks were given different arguments ({detail}); every rank must call it with the same ones")
+
+
+def run_digest(traj, step: int, hops: int) -> str:
+    """What a query reads of the run that every rank must share: N, D, dtype, optimizer and each W."""
+    digest = hashlib.sha256(f"{traj.objective.layout.dim}{traj.dtype}{traj.optimizer}{traj.mix_state}".encode())
+    for t in range(step, step + max(hops, 1)):
+        if t in traj and traj[t].has_batch:
+            digest.update(traj[t].W.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class BlockMixer:
     """W^{t+i} (or its transpose) on the node axis of this rank's rows, exchanging rows by P2P.
 
@@ -43,8 +81,8 @@ class BlockMixer:
     exactly the rows its own nodes weigh; plans are derived from W on both sides.
     """
 
-    def __init__(self, mixings: list[torch.Tensor], blocks: list[range], rank: int, group=None):
-        self._mixings, self._blocks, self._rank, self._group = mixings, blocks, rank, group
+    def __init__(self, mixings: list[torch.Tensor], blocks: list[range], rank: int, group=None, timeout: float | None = None):
+        self._mixings, self._blocks, self._rank, self._group, self._timeout = mixings, blocks, rank, group, timeout
         self._plans: dict[tuple[int, bool], tuple] = {}
 
     def _plan(self, index: int, transpose: bool) -> tuple:
@@ -69,8 +107,7 @@ class BlockMixer:
         ops = [dist.P2POp(dist.isend, vectors[rows].contiguous(), r, self._group) for r, rows in send.items() if rows]
         ops += [dist.P2POp(dist.irecv, buffers[r], r, self._group) for r in buffers]
         if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
+            wait(dist.batch_isend_irecv(ops), self._timeout, f"rank {self._rank}: exchanging chain rows")
         values = torch.cat([vectors] + [buffers[r] for r in sorted(buffers)])
         return torch.einsum("kj,jcd->kcd", weights, values)
 
@@ -84,11 +121,15 @@ class DistributedRecorder(Recorder):
         model, loss_fn, optimizer, mix_state, window, replay_check: as for Recorder.
         num_nodes: N, the number of nodes of the whole run (W is N x N).
         group: the process group (default: the world).
+        timeout: seconds any exchange may wait for another rank before a TimeoutError (None: the
+            process group's timeout), so a stopped rank cannot hang the others.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, num_nodes: int, *, group=None, **recorder_options):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, num_nodes: int, *, group=None, timeout: float | None = None, **recorder_options):
         super().__init__(model, loss_fn, total_nodes=num_nodes, **recorder_options)
-        self.group = group
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.group, self.timeout = group, timeout
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.blocks = [node_block(num_nodes, r, self.world_size) for r in range(self.world_size)]
         self.nodes = self.blocks[self.rank]
@@ -103,9 +144,13 @@ class DistributedRecorder(Recorder):
             raise ValueError(f"{mine}: lr holds a value for every node; pass this rank's rows lr[{self.nodes.start}:{self.nodes.stop}]")
         super().record(step, params, inputs, targets, lr, W, state=state)
 
+    def agree(self, what: str, arguments: dict) -> None:
+        """:func:`agree` in this recorder's group and timeout."""
+        agree(self.group, self.rank, self.world_size, self.timeout, what, arguments)
+
     def _replay_mismatch(self, previous: Round, rnd: Round, rtol: float) -> Mismatch:
         """The worst mismatch over every rank's rows: half steps cross to the ranks that mix them."""
-        mix = lambda W, rows: BlockMixer([W], self.blocks, self.rank, self.group)(0, rows[:, None], False)[:, 0]
+        mix = lambda W, rows: BlockMixer([W], self.blocks, self.rank, self.group, self.timeout)(0, rows[:, None], False)[:, 0]
         mine = replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, mix)
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
@@ -117,10 +162,16 @@ def _check_backend(options: DiceOptions) -> None:
         raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
 
 
+def _options_digest(options: DiceOptions) -> dict:
+    q = options.q
+    return {"options": repr(replace(options, q=None)), "q": None if q is None else q.double().tolist()}
+
+
 def _chain(recorder: DistributedRecorder, step: int, test, hops: int, options: DiceOptions, test_grad_cache=None, traj=None) -> Chain:
     _check_backend(options)
     traj = recorder.trajectory() if traj is None else traj
-    mixer = BlockMixer([traj[step + s].W for s in range(max(hops, 1)) if step + s in traj], recorder.blocks, recorder.rank, recorder.group)
+    mixings = [traj[step + s].W for s in range(max(hops, 1)) if step + s in traj]
+    mixer = BlockMixer(mixings, recorder.blocks, recorder.rank, recorder.group, recorder.timeout)
     return build_chain(traj, step, test, hops, replace(options, backend="torch"), test_grad_cache=test_grad_cache, mixer=mixer,
                        nodes=recorder.nodes, total_nodes=recorder.total_nodes)
 
@@ -134,8 +185,10 @@ def dice_e(
     Every rank must call it with the same arguments (it exchanges chain vectors). q is the (N,)
     weight vector of the whole run.
     """
-    chain = _chain(recorder, step, test, hops, DiceOptions.of(options, **option_fields))
-    return chain.adjoint(per_hop=check_flag("per_hop", per_hop))
+    options, per_hop = DiceOptions.of(options, **option_fields), check_flag("per_hop", per_hop)
+    recorder.agree("dicekern.distributed.dice_e", {"step": step, "hops": hops, "per_hop": per_hop, "test": test_digest(test),
+                                                   "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options)})
+    return _chain(recorder, step, test, hops, options).adjoint(per_hop=per_hop)
 
 
 def cascade(
@@ -146,7 +199,12 @@ def cascade(
 
     Every rank must call it with the same arguments; only the owner of ``source`` reads its batch.
     """
-    chain = _chain(recorder, step, test, hops, DiceOptions.of(options, **option_fields))
+    options = DiceOptions.of(options, **option_fields)
+    recorder.agree("dicekern.distributed.cascade", {
+        "step": step, "hops": hops, "source": source, "samples": None if samples is None else torch.as_tensor(samples).tolist(),
+        "test": test_digest(test), "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options),
+    })
+    chain = _chain(recorder, step, test, hops, options)
     source = check_node("source", source, recorder.total_nodes)
     return chain.cascade(source, check_samples(samples, chain.batch_size, chain.q))
 
@@ -157,19 +215,34 @@ class DistributedOnlineDICE(OnlineDICE):
     Every rank records every round (its own rows, the full W) in step; save and load per rank.
     q is the (N,) weight vector of the whole run. The node-to-node matrix is single-process only.
 
+    Every record() first checks that every rank records the same round of a ledger built with the
+    same arguments (hops, options, q, test set, optimizer), and raises on every rank otherwise.
+
     Args:
-        num_nodes: N of the whole run; group: the process group. The rest as for OnlineDICE.
+        num_nodes: N of the whole run; group: the process group; timeout: as for
+            DistributedRecorder. The rest as for OnlineDICE.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, test, hops: int, *, num_nodes: int, group=None, node_matrix: bool = False, **options):
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, test, hops: int, *, num_nodes: int, group=None, timeout: float | None = None,
+        node_matrix: bool = False, **options,
+    ):
         if node_matrix:
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
-        self._num_nodes, self._group = num_nodes, group
+        self._num_nodes, self._group, self._timeout = num_nodes, group, timeout
         super().__init__(model, loss_fn, test, hops, **options)
         _check_backend(self.options)
 
+    def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None):
+        rec = self.recorder
+        rec.agree("DistributedOnlineDICE.record", {
+            "step": step, "has_batch": inputs is not None, "hops": self.hops, "test": self._test_digest, "num_nodes": rec.total_nodes,
+            "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **_options_digest(self.options),
+        })
+        return super().record(step, params, inputs, targets, lr, W, state=state, sample_ids=sample_ids)
+
     def _make_recorder(self, model: nn.Module, loss_fn: LossFn, **recorder_options) -> DistributedRecorder:
-        return DistributedRecorder(model, loss_fn, self._num_nodes, window=self.hops + 1, group=self._group, **recorder_options)
+        return DistributedRecorder(model, loss_fn, self._num_nodes, window=self.hops + 1, group=self._group, timeout=self._timeout, **recorder_options)
 
     def _chain(self, traj, t: int) -> Chain:
         return _chain(self.recorder, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads, traj=traj)

@@ -121,7 +121,7 @@ def linear_head_forward_chain_kernel(
     HOPS: tl.constexpr, SENDER: tl.constexpr, CURVATURE: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """out[s, j, k] = q_k g_k^{(s)T} delta^{(s)}_k for the whole batch of source j (out zeroed).
+    """out[s, j, k] = q_k g_k^{(s)T} delta^{(s)}_k for the whole batch of source j (every element written).
 
     p_g (HOPS+1, N, D): q-scaled test gradients; p_disp (N, D): every node's Delta; p_thetas,
     p_x, p_y, p_coef and the CSR of W^{t+s} as in the adjoint kernel.
@@ -130,7 +130,9 @@ def linear_head_forward_chain_kernel(
     p_a = p_buf + i_j * 2 * N * D
     p_b = p_a + N * D
     p_scratch += i_j * B * K_PAD
-    tl.store(p_out + i_j * N + i_j, _dot_flat(p_g + i_j * D, p_disp + i_j * D, D, BLOCK_D))
+    b_direct = _dot_flat(p_g + i_j * D, p_disp + i_j * D, D, BLOCK_D)
+    for k in range(0, N):  # hop 0 reaches the source only
+        tl.store(p_out + i_j * N + k, tl.where(k == i_j, b_direct, 0.0))
     if HOPS > 0:
         for k in range(0, N):  # delta^{(0)} = e_j Delta_j
             for d0 in range(0, D, BLOCK_D):

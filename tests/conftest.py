@@ -9,9 +9,11 @@ import pytest
 import torch
 
 # Triton kernels run on CPU tensors through Triton's interpreter, which must be chosen before
-# triton is first imported (torch does not import it).
-if not torch.cuda.is_available():
+# triton is first imported (torch does not import it). Kernel tests build their tensors on DEVICE.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["DICEKERN_POISON_OUTPUTS"] = "1"  # kernel outputs start as NaN: an unwritten element fails
 from torch import nn
 
 import dicekern as dk
@@ -40,19 +42,19 @@ def random_mixing(n: int, generator: torch.Generator, density: float = 0.4) -> t
     return W / W.sum(dim=1, keepdim=True)
 
 
-def recast(traj: dk.Trajectory, test: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype):
-    """The same recorded values in another floating dtype: (trajectory, test).
+def recast(traj: dk.Trajectory, test: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype, device: str = "cpu"):
+    """The same recorded values in another floating dtype and on device: (trajectory, test).
 
     Rounded float64 values are not a float32 run, so the recorder's replay check is off.
     """
     rec = dk.Recorder(traj.objective.model, traj.objective.loss_fn, optimizer=traj.optimizer, replay_check="off")
-    cast = lambda t: t.to(dtype) if t.is_floating_point() else t
+    cast = lambda t: (t.to(dtype) if t.is_floating_point() else t).to(device)
     for t in traj.steps:
         rnd = traj[t]
-        params = {k: v.to(dtype) for k, v in traj.params(t).items()}
+        params = {k: cast(v) for k, v in traj.params(t).items()}
         state = None if rnd.state is None else {k: cast(v) for k, v in rnd.state.items()}
         if rnd.has_batch:
-            rec.record(t, params, cast(rnd.inputs), cast(rnd.targets), lr=rnd.lr, W=rnd.W.to(dtype), state=state)
+            rec.record(t, params, cast(rnd.inputs), cast(rnd.targets), lr=cast(rnd.lr), W=cast(rnd.W), state=state)
         else:
             rec.record(t, params, state=state)
     return rec.trajectory(), (cast(test[0]), cast(test[1]))

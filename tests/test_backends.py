@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from conftest import assert_close, random_mixing, random_run, recast
+from conftest import DEVICE, assert_close, random_mixing, random_run, recast
 from dicekern.engine.step import gossip_round
 
 pytestmark = pytest.mark.kernels
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # tl.dot runs with input_precision="ieee": no tf32
 FLOAT32_END_TO_END = 1e-4  # against the float64 result; see assert_matches
 
@@ -30,7 +29,7 @@ def assert_matches(run_kernel, traj, test) -> None:
     if expected.dtype == torch.float64:
         assert_close(actual.cpu(), expected.cpu(), RTOL[torch.float64])
         return
-    traj64, test64 = recast(traj, test, torch.float64)
+    traj64, test64 = recast(traj, test, torch.float64, DEVICE)
     exact = run_kernel(traj64, test64, "torch").cpu()
     for result in (actual, expected):
         assert_close(result.cpu().double(), exact, FLOAT32_END_TO_END)
@@ -128,18 +127,20 @@ def test_linear_head_kernels_serve_every_optimizer(optimizer) -> None:
 def test_any_model_mixes_with_the_kernel() -> None:
     """An MLP has no closed-form kernel: backend="triton" still mixes every hop with Triton."""
     run = random_run(5, rounds=4, seed=8)
+    traj, test = recast(run.trajectory, run.test, torch.float64, DEVICE)
     for curvature in ("exact", "ggn"):
         assert_matches(
             lambda tr, te, backend, kind=curvature: dk.dice_e(tr, 0, te, 3, q=run.q, curvature=kind, per_hop=True, backend=backend),
-            run.trajectory, run.test,
+            traj, test,
         )
 
 
-def test_auto_takes_triton_only_for_supported_models_on_cuda() -> None:
+def test_auto_takes_triton_only_for_supported_models_on_cuda_that_pass_the_self_check() -> None:
     from dicekern.bindings import resolve_backend
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_backend("auto", cuda, supported=True) == "triton"
+    assert resolve_backend("auto", cuda, supported=True, validated=lambda: True) == "triton"
+    assert resolve_backend("auto", cuda, supported=True, validated=lambda: False) == "torch"
     assert resolve_backend("auto", cuda, supported=False) == "torch"
     assert resolve_backend("auto", cpu, supported=True) == "torch"
     assert dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.squared_error)
@@ -147,10 +148,26 @@ def test_auto_takes_triton_only_for_supported_models_on_cuda() -> None:
     assert not dk.bindings.is_linear_head(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
 
 
+def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatch) -> None:
+    """Run here in the interpreter (on CPU tensors): the same check "auto" runs once per CUDA device."""
+    from dicekern.bindings import selfcheck
+    from dicekern.bindings.linear_head import LinearHeadObjective
+
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    head, device = nn.Linear(7, 4), torch.device(DEVICE)
+    assert selfcheck.kernels_agree(head, dk.losses.softmax_cross_entropy, device, torch.float64)
+    assert selfcheck.kernels_agree(head, dk.losses.squared_error, device, torch.float32)
+    real = LinearHeadObjective.per_sample_dots
+    monkeypatch.setattr(LinearHeadObjective, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
+    with pytest.warns(RuntimeWarning, match="disagree with the torch engine .* backend='auto' uses the torch engine"):
+        assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)
+    assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)  # remembered
+
+
 def test_backend_choice(monkeypatch) -> None:
     run = random_run(3, rounds=2, seed=1)
     auto = dk.dice_e(run.trajectory, 0, run.test, 1, backend="auto")
-    assert torch.equal(auto, dk.dice_e(run.trajectory, 0, run.test, 1, backend="torch")) or DEVICE == "cuda"
+    assert torch.equal(auto, dk.dice_e(run.trajectory, 0, run.test, 1, backend="torch"))  # an MLP: torch everywhere
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -48,13 +48,44 @@ def test_detect(tmp_path, capsys) -> None:
     assert "ROC AUC" in capsys.readouterr().out
 
 
-def test_exit_status_for_bad_requests(capsys) -> None:
+def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    import dicekern.examples
+
+    monkeypatch.setattr(dicekern.examples, "digits_run", lambda *a, **k: pytest.fail("trained before checking the arguments"))
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "exists and is not a folder"), (tmp_path / "file" / "sub", "cannot be written")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["cascade", "--out", str(out), *SMALL])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--out", str(tmp_path / "done"), *SMALL])
+    assert exit_info.value.code == 2 and "already holds results; pass --force" in capsys.readouterr().err
+    assert main(["cascade", "--source", "9", "--out", str(tmp_path / "c"), *SMALL]) == 1
+    assert "source must be a node index in [0, 5)" in capsys.readouterr().err
+
+
+def test_hops_zero_and_force(tmp_path) -> None:
+    assert main(["cascade", "--out", str(tmp_path), "--step", "2", "--hops", "0", *SMALL]) == 0
+    assert len(json.loads((tmp_path / "results.json").read_text())["cascade"]) == 1
+    assert main(["cascade", "--out", str(tmp_path), "--step", "2", "--hops", "1", "--force", *SMALL]) == 0
+    assert len(json.loads((tmp_path / "results.json").read_text())["cascade"]) == 2
+
+
+def test_help_texts(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "default: out/demo" in text and "round whose samples are scored" in text and "rounds after it" in text
+
+
+def test_exit_status_for_bad_requests(capsys, tmp_path) -> None:
+    out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(["cascade", "--hops", "-1"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])
     assert exit_info.value.code == 2
-    assert main(["cascade", "--source", "9", "--step", "1", "--hops", "1", *SMALL]) == 1
-    assert "source must be a node index in [0, 5)" in capsys.readouterr().err
-    assert main(["detect", "--corrupted", "5", *SMALL]) == 1
+    assert main(["detect", "--corrupted", "5", "--out", str(out), *SMALL]) == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -132,3 +134,68 @@ def test_torchrun_example_trains_and_reports_every_node() -> None:
     assert lines[0] == "3 nodes, 5 rounds, DICE-E^(2) of rounds 0..3"
     totals = [float(line.split()[1]) for line in lines[2:]]
     assert len(totals) == 3 and all(t == t and abs(t) < 1 for t in totals)  # finite, one per node
+
+
+def _disagreeing_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """Rank 1 is given other hops than rank 0: the ledger and dice_e raise on both ranks, naming hops."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        run = random_run(N, rounds=3, seed=9)
+        traj = run.trajectory
+        model, loss_fn = traj.objective.model, traj.objective.loss_fn
+        hops = 2 if rank == 0 else 1
+        ledger = dkd.DistributedOnlineDICE(model, loss_fn, run.test, hops, num_nodes=N)
+        mine = slice(ledger.recorder.nodes.start, ledger.recorder.nodes.stop)
+        r = traj[0]
+        with pytest.raises(ValueError, match="DistributedOnlineDICE.record: the ranks were given different arguments \\(hops: rank 0 2, rank 1 1\\)"):
+            ledger.record(0, {k: v[mine] for k, v in traj.params(0).items()}, r.inputs[mine], r.targets[mine], r.lr[mine], r.W)
+        rec = dkd.DistributedRecorder(model, loss_fn, N)
+        for t in traj.steps:
+            r = traj[t]
+            rec.record(t, {k: v[mine] for k, v in traj.params(t).items()}, *((r.inputs[mine], r.targets[mine], r.lr[mine], r.W) if r.has_batch else ()))
+        with pytest.raises(ValueError, match="dicekern.distributed.dice_e: the ranks were given different arguments \\(hops:"):
+            dkd.dice_e(rec, 0, run.test, hops)
+        open(f"{out_file}.{rank}", "w").close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_given_different_arguments_all_raise(tmp_path) -> None:
+    mp.spawn(_disagreeing_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.glob("out.*")) == ["out.0", "out.1"]
+
+
+def _stopped_worker(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    run = random_run(N, rounds=3, seed=9)
+    traj = run.trajectory
+    rec = dkd.DistributedRecorder(traj.objective.model, traj.objective.loss_fn, N, timeout=3, replay_check="off")
+    mine = slice(rec.nodes.start, rec.nodes.stop)
+    for t in traj.steps:
+        r = traj[t]
+        rec.record(t, {k: v[mine] for k, v in traj.params(t).items()}, *((r.inputs[mine], r.targets[mine], r.lr[mine], r.W) if r.has_batch else ()))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # a rank that stops answering
+    start = time.monotonic()
+    try:
+        dkd.dice_e(rec, 0, run.test, 2)
+        outcome = "no error"
+    except TimeoutError as error:
+        outcome = f"{time.monotonic() - start:.1f} {error}"
+    with open(out_file, "w") as f:
+        f.write(outcome)
+    os._exit(0)  # the process group cannot be torn down with a stopped peer
+
+
+def test_a_stopped_rank_cannot_hang_the_others(tmp_path) -> None:
+    context = mp.get_context("spawn")
+    out = tmp_path / "out"
+    workers = [context.Process(target=_stopped_worker, args=(r, str(tmp_path / "init"), str(out))) for r in range(2)]
+    for worker in workers:
+        worker.start()
+    workers[0].join(timeout=120)
+    for worker in workers:
+        worker.kill()
+    seconds, message = out.read_text().split(" ", 1)
+    assert float(seconds) < 30 and "did not answer within 3 s" in message

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import dicekern as dk
-from conftest import assert_close, random_mixing
+from conftest import DEVICE, assert_close, random_mixing
 from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
 
 pytestmark = pytest.mark.kernels
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # no tl.dot, so no tf32 here
 
 CASES = [
@@ -49,9 +48,9 @@ def test_gossip_mix_csr_keeps_only_nonzeros() -> None:
 
 
 def test_gossip_mix_rejects_bad_input(monkeypatch) -> None:
-    W = dk.topology.ring(4)
+    W = dk.topology.ring(4).to(DEVICE)
     mixing = CSRMixing.from_mixing(W)
-    V = torch.randn(4, 10, dtype=torch.float64)
+    V = torch.randn(4, 10, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="mixing is for N=4 nodes, vectors hold N=3"):
         gossip_mix(V[:3], mixing)
     with pytest.raises(ValueError, match="float32 or float64"):
@@ -61,7 +60,7 @@ def test_gossip_mix_rejects_bad_input(monkeypatch) -> None:
     with pytest.raises(ValueError, match="vectors must be contiguous"):
         gossip_mix(V.T.contiguous().T, mixing)
     with pytest.raises(ValueError, match="scale must have shape \\(4,\\)"):
-        gossip_mix(V, mixing, scale=torch.ones(3, dtype=torch.float64))
+        gossip_mix(V, mixing, scale=torch.ones(3, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="given together"):
         gossip_mix(V, mixing, added=V)
     with pytest.raises(ValueError, match="not row-stochastic"):
@@ -119,10 +118,11 @@ def test_linear_head_launcher_rejects_bad_operands() -> None:
 
     model = torch.nn.Linear(4, 3)
     kernel = LinearHeadObjective(model, dk.losses.softmax_cross_entropy)
-    thetas = torch.zeros(2, 15, dtype=torch.float64)
-    x, y, w = torch.zeros(2, 5, 4, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), 0.2, dtype=torch.float64)
+    on = dict(dtype=torch.float64, device=DEVICE)
+    thetas = torch.zeros(2, 15, **on)
+    x, y, w = torch.zeros(2, 5, 4, **on), torch.zeros(2, 5, dtype=torch.long, device=DEVICE), torch.full((2, 5), 0.2, **on)
     with pytest.raises(ValueError, match="inputs must have shape \\(2, 5, 4\\)"):
-        kernel.node_grads(thetas, torch.zeros(2, 5, 3, dtype=torch.float64), y, w)
+        kernel.node_grads(thetas, torch.zeros(2, 5, 3, **on), y, w)
     with pytest.raises(ValueError, match="targets is torch.float64 .* expected torch.int64"):
         kernel.node_grads(thetas, x, y.double(), w)
     with pytest.raises(ValueError, match="inputs is torch.float32"):

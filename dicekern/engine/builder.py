@@ -16,6 +16,12 @@ from dicekern.restrict import PerNodeTest
 from dicekern.trajectory import Trajectory
 
 
+def _kernels_agree(model, loss_fn, traj: Trajectory) -> bool:
+    from dicekern.bindings.selfcheck import kernels_agree  # imports triton: only on CUDA, only for "auto"
+
+    return kernels_agree(model, loss_fn, traj.device, traj.dtype)
+
+
 def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
     """curvature_at="receiver" and direct="paper" are conventions of the paper's SGD analysis."""
     if optimizer.stateless:
@@ -68,7 +74,7 @@ def build_chain(
     q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
     model, loss_fn = traj.objective.model, traj.objective.loss_fn
     linear_head = is_linear_head(model, loss_fn)
-    kernels = resolve_backend(options.backend, traj.device, linear_head) == "triton"
+    kernels = resolve_backend(options.backend, traj.device, linear_head, validated=lambda: _kernels_agree(model, loss_fn, traj)) == "triton"
     objective = traj.objective
     stepping = rounds[: max(hops, 1)]
     if kernels:

@@ -87,13 +87,13 @@ def test_dice_e_by_optimizer(benchmark, run, test_set, optimizer) -> None:
 
 @pytest.mark.parametrize("check", ["off", "sampled", "every"])
 def test_recording_with_replay_checks(benchmark, check) -> None:
-    """A vectorised gossip SGD trainer recording 34 rounds of 16 nodes (the fastest trainer we know,
+    """A vectorised gossip SGD trainer recording 100 rounds of 16 nodes (the fastest trainer we know,
     so the worst case for the checks' share), with the recorder's replay checks off, sampled or on
     every round."""
-    benchmark.group = "record-34-rounds replay_check"
+    benchmark.group = "record-100-rounds replay_check"
     run = dk.examples.digits_run(num_nodes=16, rounds=1, batch_size=16)
     objective, spec, first = run.trajectory.objective, run.trajectory.optimizer, run.trajectory[0]
-    batches = [(first.inputs.roll(t, 0), first.targets.roll(t, 0)) for t in range(34)]
+    batches = [(first.inputs.roll(t, 0), first.targets.roll(t, 0)) for t in range(100)]
 
     def train() -> None:
         rec = dk.Recorder(run.model, run.loss_fn, replay_check=check, window=4)

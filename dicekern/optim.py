@@ -69,6 +69,11 @@ class OptimizerSpec:
         """theta' = theta - lr grad: the optimizer of the paper's analysis (and of the fused kernels)."""
         return False
 
+    @property
+    def linearization_reads_grad(self) -> bool:
+        """Whether the step's Jacobian depends on the gradient (not for SGD, whose step is linear)."""
+        return True
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 
@@ -154,6 +159,10 @@ class SGD(OptimizerSpec):
     def is_plain_sgd(self) -> bool:
         return self.momentum == 0 and self.weight_decay == 0
 
+    @property
+    def linearization_reads_grad(self) -> bool:
+        return False
+
     def _counter_dtype(self, name: str) -> torch.dtype:
         return torch.bool
 
@@ -167,7 +176,7 @@ class SGD(OptimizerSpec):
         d = g.add(buf, alpha=self.momentum) if self.nesterov else buf
         return theta - per_node(lr, theta) * d, {"momentum_buffer": buf, "has_buffer": torch.ones_like(state["has_buffer"])}
 
-    def linearize(self, theta: torch.Tensor, state: State, grad: torch.Tensor, lr: torch.Tensor) -> SGDLinearization:
+    def linearize(self, theta: torch.Tensor, state: State, grad: torch.Tensor | None, lr: torch.Tensor) -> SGDLinearization:
         return SGDLinearization(self, per_node(lr, theta), per_node(state["has_buffer"], theta) if self.momentum else None)
 
 

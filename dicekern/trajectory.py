@@ -22,7 +22,7 @@ from dicekern.optim import SGD, OptimizerSpec, State, check_lr, spec_of
 
 
 REPLAY_CHECKS = ("sampled", "every", "off")
-SAMPLE_EVERY = 16  # after the first two, one transition in SAMPLE_EVERY is replayed by record()
+SAMPLE_EVERY = 32  # after the first two, one transition in SAMPLE_EVERY is replayed by record()
 LIKELY_CAUSES = (
     "the optimizer differs from the declared one (momentum, weight decay, Adam: pass optimizer= to the Recorder), "
     "gradient clipping or scaling, dropout or batch norm in train mode, a learning rate other than the recorded lr, "
@@ -386,7 +386,7 @@ class Recorder:
         total_nodes: the size of W when params hold only a block of the nodes (one process's share,
             see ``dicekern.distributed``); None means params hold every node.
         replay_check: "sampled" (default) replays the first two transitions t -> t+1 recorded and
-            then one in 16 (a replay costs about one training round of all nodes), "every"
+            then one in 32 (a replay costs about one training round of all nodes), "every"
             replays all, "off" none. A recorded round t+1 that is not the declared optimizer's
             step of round t plus gossip raises a ValueError.
 

@@ -85,9 +85,10 @@ class Chain:
 
     # ---- test gradients ----
 
-    def _direct_points(self) -> torch.Tensor:
-        """(N, D) where the hop-0 test gradient is taken: theta^{t+1/2} ("half_step") or theta^t ("paper")."""
-        first = self.steps[0]
+    def _direct_points(self, first: LocalStep | None = None) -> torch.Tensor:
+        """(rows, D) where the hop-0 test gradient is taken: theta^{t+1/2} ("half_step") or theta^t
+        ("paper"), at every node or at those of ``first`` (round t's step restricted to some rows)."""
+        first = first or self.steps[0]
         return first.half_step if self.options.direct == "half_step" else first.params
 
     def _test_grad_points(self) -> torch.Tensor:
@@ -134,13 +135,11 @@ class Chain:
         owned = source in self.nodes
         if owned:
             j = self.nodes.index(source)
-            removed = first.params.new_zeros(n, dim)  # sum over the removed samples of grad loss_b / B, at row j
-            removed[j] = first.objective.node_grads(
-                first.params[j : j + 1], first.inputs[j : j + 1], first.targets[j : j + 1], (sample_mask / self.batch_size)[None]
-            )[0]
-            delta = first.displacement(removed)  # delta^{(0)}: Delta_j(z) at row j
+            at_source = first.rows(slice(j, j + 1))  # round t's step of the source alone
+            removed = first.objective.node_grads(at_source.params, at_source.inputs, at_source.targets, (sample_mask / self.batch_size)[None])
+            delta[j] = at_source.displacement(removed)[0]  # delta^{(0)}: Delta_j(z) at row j
             reached[0] = torch.tensor([j], device=device)
-            points[0] = self._direct_points()[j][None]
+            points[0] = self._direct_points(at_source)
         deltas = [delta]
         for s in range(1, self.hops + 1):
             delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)

@@ -81,7 +81,14 @@ class LocalStep:
         """The optimizer's Jacobian at every node, shaped to broadcast over the C columns."""
         column = lambda t: t[:, None]
         state = {k: column(v) if k in self.optimizer.state_blocks else v for k, v in self.state.items()}
-        return self.optimizer.linearize(column(self.params), state, column(self.grads), self.lr)
+        grads = column(self.grads) if self.optimizer.linearization_reads_grad else None  # SGD's step is linear in g
+        return self.optimizer.linearize(column(self.params), state, grads, self.lr)
+
+    def rows(self, index: slice) -> LocalStep:
+        """This step restricted to the nodes ``index`` (a slice of rows)."""
+        state = {k: v[index] for k, v in self.state.items()}
+        return LocalStep(self.objective, self.optimizer, self.params[index], self.inputs[index], self.targets[index],
+                         self.lr[index], state, self.curvature)
 
     def _split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State]:
         return vectors[:, :, 0], dict(zip(self.optimizer.state_blocks, vectors[:, :, 1:].unbind(2)))

@@ -26,7 +26,7 @@ from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
 from dicekern.objective import LossFn
 from dicekern.optim import spec_from_dict
-from dicekern.snapshots import make_folder, open_snapshot, publish, read_file, write_file
+from dicekern.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.storage import MANIFEST, read_run, write_run
 from dicekern.trajectory import Recorder
 
@@ -266,11 +266,8 @@ class OnlineDICE:
 
 def _parse_ledger(data: bytes, where: str) -> dict:
     """A ledger's fields, each checked for its type; a ValueError names the field otherwise."""
-    try:
-        state = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where} is not valid JSON: {error}") from None
-    if not isinstance(state, dict) or state.get("version") != LEDGER_VERSION:
+    state = parse_json_object(data, where)
+    if state.get("version") != LEDGER_VERSION:
         raise ValueError(f"{where} is not an OnlineDICE ledger of version {LEDGER_VERSION}")
     kinds = {
         "hops": int, "node_matrix": bool, "optimizer": dict, "mix_state": bool, "replay_check": str, "options": dict,

@@ -45,6 +45,17 @@ def check_plain_name(name: object, where: str) -> str:
     return name
 
 
+def parse_json_object(data: bytes, where: str) -> dict:
+    """The JSON object in data, or a ValueError naming where it was read."""
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} does not hold a JSON object")
+    return value
+
+
 def write_file(folder: Path, name: str, data: bytes) -> None:
     """Create folder/name (it must not exist, and is never reached through a link), write data, fsync."""
     fd = os.open(folder / check_plain_name(name, "a file name"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -181,11 +192,8 @@ def open_snapshot(folder: str | os.PathLike, *, what: str, index: str) -> tuple[
         if not (folder / POINTER).exists() and not (folder / POINTER).is_symlink():
             raise ValueError(f"{folder} holds no saved {what} ({POINTER} is missing: nothing was saved, or the first save did not finish)") from None
         raise error
-    try:
-        pointer = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{folder / POINTER} is not valid JSON: {error}") from None
-    if not isinstance(pointer, dict) or pointer.get("format") != FORMAT:
+    pointer = parse_json_object(raw, str(folder / POINTER))
+    if pointer.get("format") != FORMAT:
         raise ValueError(f"{folder / POINTER} is not a {FORMAT} pointer")
     snapshot = pointer.get("snapshot")
     if not isinstance(snapshot, str) or not _SNAPSHOT.fullmatch(snapshot):

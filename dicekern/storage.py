@@ -27,7 +27,7 @@ from torch import nn
 from dicekern.checks import check_int
 from dicekern.objective import LossFn, NodeObjective
 from dicekern.optim import OptimizerSpec, spec_from_dict
-from dicekern.snapshots import open_snapshot, publish, read_file, write_file
+from dicekern.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.trajectory import BatchLayout, Round, Trajectory, check_round
 
 FORMAT = "dicekern-trajectory"
@@ -106,11 +106,8 @@ class Manifest:
 
 def parse_manifest(data: bytes, where: str, objective: NodeObjective) -> Manifest:
     """Every field of a manifest checked; errors are ValueErrors that name where and the field."""
-    try:
-        manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = parse_json_object(data, where)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{where} is not a {FORMAT} manifest of version {VERSION}")
 
     def field(name: str, kind: type | tuple[type, ...]):

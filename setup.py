@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="DICE: data influence cascades in decentralized (gossip) learning",
     python_requires=">=3.11",
-    packages=["dicekern", "dicekern.engine", "dicekern.kernels", "dicekern.bindings"],
+    packages=["dicekern", "dicekern.engine", "dicekern.objectives", "dicekern.kernels", "dicekern.bindings"],
     # kernels/ and bindings/ sit at the top level of the repository but install inside the
     # package, so they never claim the generic import names `kernels` and `bindings`.
     package_dir={"dicekern": "dicekern", "dicekern.kernels": "kernels", "dicekern.bindings": "bindings"},

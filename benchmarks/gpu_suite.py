@@ -32,7 +32,7 @@ import dicekern as dk
 from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
 from dicekern.bindings.linear_head import LinearHeadObjective
 from dicekern.engine.step import gossip_round
-from dicekern.objective import NodeObjective
+from dicekern.objectives.torch_func import NodeObjective
 
 
 def bench(fn, device: torch.device, repeats: int) -> float:

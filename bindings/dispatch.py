@@ -11,7 +11,7 @@ from torch import nn
 from dicekern.checks import check_choice
 from dicekern.losses import ClosedFormLoss
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "closed_form", "triton")
 POISON_ENV = "DICEKERN_POISON_OUTPUTS"  # set to 1 (the tests do) to fill kernel outputs with NaN before launch
 
 
@@ -30,20 +30,30 @@ def is_linear_head(model: nn.Module, loss_fn: object) -> bool:
     return loss_fn.kind != "binary_logistic" or model.out_features == 1
 
 
-def resolve_backend(backend: str, device: torch.device, supported: bool, validated: Callable[[], bool] = lambda: True) -> str:
-    """"torch" or "triton": "auto" takes Triton on CUDA tensors for a supported model whose kernels
-    pass ``validated()`` (a self-check against the torch engine), torch otherwise.
+def resolve_backend(
+    backend: str, device: torch.device, *, kernels: bool, closed_form: str | None, validated: Callable[[], bool] = lambda: True,
+) -> str:
+    """The engine of a query: "torch", "closed_form" or "triton".
 
-    With "triton", an unsupported model still mixes every hop with the Triton kernel.
+    "auto" takes Triton on CUDA tensors for a model the kernels cover whose kernels pass
+    ``validated()`` (a self-check against the torch engine), else the closed-form engine where it
+    covers the model, else torch. closed_form is None when the closed-form engine covers the
+    model, else the reason it does not. With "triton", a model the kernels do not cover still
+    mixes every hop with the Triton kernel.
 
     Raises:
-        ValueError: backend="triton" on CPU tensors without TRITON_INTERPRET=1.
+        ValueError: backend="triton" on CPU tensors without TRITON_INTERPRET=1, or
+            backend="closed_form" for a model it does not cover (with the reason).
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and supported and validated() else "torch"
+        if device.type == "cuda" and kernels and validated():
+            return "triton"
+        return "closed_form" if closed_form is None else "torch"
     if backend == "triton":
         require_triton_device(device)
+    if backend == "closed_form" and closed_form is not None:
+        raise ValueError(f"backend='closed_form' cannot run this model: {closed_form}")
     return backend
 
 

@@ -14,7 +14,7 @@ from dicekern.bindings.dispatch import check_operand, is_linear_head, new_output
 from dicekern.bindings.gossip_mix import CSRMixing
 from dicekern.kernels import linear_head as kernel
 from dicekern.kernels import linear_head_chain as chain_kernel
-from dicekern.objective import Curvature, LossFn, NodeObjective, mean_weights
+from dicekern.objectives.torch_func import Curvature, LossFn, NodeObjective, mean_weights
 
 BLOCK_B, BLOCK_F, BLOCK_D = 32, 64, 128  # samples, features, flat-vector blocks
 LOSS_CODES = {

@@ -20,7 +20,7 @@ from dicekern.checks import check_flag, check_int, check_node, check_samples
 from dicekern.engine.builder import build_chain
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
-from dicekern.objective import LossFn
+from dicekern.objectives.torch_func import LossFn
 from dicekern.online import OnlineDICE, test_digest
 from dicekern.trajectory import Mismatch, Recorder, Round, replay_mismatch
 

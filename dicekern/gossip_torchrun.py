@@ -21,7 +21,7 @@ from dicekern import examples, topology
 from dicekern.distributed import BlockMixer, DistributedOnlineDICE, node_block
 from dicekern.losses import softmax_cross_entropy
 from dicekern.engine.step import local_update
-from dicekern.objective import NodeObjective
+from dicekern.objectives.torch_func import NodeObjective
 from dicekern.optim import SGD
 
 

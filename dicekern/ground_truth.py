@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from dicekern.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
 from dicekern.engine.step import gossip_round
-from dicekern.objective import mean_weights
+from dicekern.objectives.torch_func import mean_weights
 from dicekern.trajectory import Round, Trajectory
 
 

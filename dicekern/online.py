@@ -24,7 +24,7 @@ from dicekern.checks import as_tensor, check_int, check_test
 from dicekern.engine.builder import build_chain, check_query
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
-from dicekern.objective import LossFn
+from dicekern.objectives.torch_func import LossFn
 from dicekern.optim import spec_from_dict
 from dicekern.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.storage import MANIFEST, read_run, write_run

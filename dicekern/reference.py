@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from dicekern.checks import check_node, check_node_weights, check_samples, check_test
 from dicekern.engine.options import DiceOptions
-from dicekern.objective import Curvature, NodeObjective
+from dicekern.objectives.torch_func import Curvature, NodeObjective
 from dicekern.trajectory import Trajectory
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dicekern.checks import check_int
-from dicekern.objective import LossFn, NodeObjective
+from dicekern.objectives.torch_func import LossFn, NodeObjective
 from dicekern.optim import OptimizerSpec, spec_from_dict
 from dicekern.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.trajectory import BatchLayout, Round, Trajectory, check_round

@@ -17,7 +17,7 @@ from torch import nn
 from dicekern.checks import check_batch, check_choice, check_finite, check_int, check_mixing
 from dicekern.losses import ClosedFormLoss
 from dicekern.engine.step import local_update
-from dicekern.objective import LossFn, NodeObjective
+from dicekern.objectives.torch_func import LossFn, NodeObjective
 from dicekern.optim import SGD, OptimizerSpec, State, check_lr, spec_of
 
 

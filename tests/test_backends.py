@@ -139,10 +139,13 @@ def test_auto_takes_triton_only_for_supported_models_on_cuda_that_pass_the_self_
     from dicekern.bindings import resolve_backend
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_backend("auto", cuda, supported=True, validated=lambda: True) == "triton"
-    assert resolve_backend("auto", cuda, supported=True, validated=lambda: False) == "torch"
-    assert resolve_backend("auto", cuda, supported=False) == "torch"
-    assert resolve_backend("auto", cpu, supported=True) == "torch"
+    assert resolve_backend("auto", cuda, kernels=True, closed_form=None, validated=lambda: True) == "triton"
+    assert resolve_backend("auto", cuda, kernels=True, closed_form=None, validated=lambda: False) == "closed_form"
+    assert resolve_backend("auto", cuda, kernels=True, closed_form="a reason", validated=lambda: False) == "torch"
+    assert resolve_backend("auto", cuda, kernels=False, closed_form="a reason") == "torch"
+    assert resolve_backend("auto", cpu, kernels=True, closed_form=None) == "closed_form"
+    with pytest.raises(ValueError, match="backend='closed_form' cannot run this model: a reason"):
+        resolve_backend("closed_form", cpu, kernels=False, closed_form="a reason")
     assert dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.squared_error)
     assert not dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
     assert not dk.bindings.is_linear_head(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))

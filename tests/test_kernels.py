@@ -83,7 +83,7 @@ LINEAR_HEAD_CASES = [
 def test_linear_head_kernel_matches_torch_func(loss, outputs: int, bias: bool, dtype: torch.dtype) -> None:
     """Gradients, test gradients, H V and per-sample scores: B=45, F=100 span two blocks each."""
     from dicekern.bindings.linear_head import LinearHeadObjective
-    from dicekern.objective import NodeObjective
+    from dicekern.objectives.torch_func import NodeObjective
 
     g = torch.Generator().manual_seed(outputs + 10 * bias)
     n, batch, features, columns = 3, 45, 100, 2

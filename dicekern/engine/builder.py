@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from dicekern.bindings.dispatch import is_linear_head, resolve_backend
 from dicekern.checks import check_node_weights, check_test
@@ -11,15 +12,33 @@ from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
 from dicekern.engine.mixing import DenseMixer, Mixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
+from dicekern.objectives.closed_form import ClosedFormObjective, unsupported_reason
 from dicekern.optim import OptimizerSpec
 from dicekern.restrict import PerNodeTest
 from dicekern.trajectory import Trajectory
 
 
-def _kernels_agree(model, loss_fn, traj: Trajectory) -> bool:
-    from dicekern.bindings.selfcheck import kernels_agree  # imports triton: only on CUDA, only for "auto"
+def closed_form_reason(traj: Trajectory) -> str | None:
+    """Why the closed-form engine cannot run this run's model on its batches, or None."""
+    model = traj.objective.model
+    reason = unsupported_reason(model, traj.objective.loss_fn)
+    flattens = isinstance(model, nn.Sequential) and len(model) and isinstance(model[0], nn.Flatten)
+    if reason is None and not flattens and len(traj.batch_layout().input_shape) != 1:
+        reason = f"its inputs are {traj.batch_layout().input_shape} per sample; put an nn.Flatten first"
+    return reason
 
-    return kernels_agree(model, loss_fn, traj.device, traj.dtype)
+
+def engine_of(traj: Trajectory, backend: str, *, validate: bool = True) -> str:
+    """The engine backend resolves to for this run: "torch", "closed_form" or "triton" (see
+    ``resolve_backend``); on CUDA, "auto" self-checks the kernels once (validate=False skips it)."""
+    model, loss_fn = traj.objective.model, traj.objective.loss_fn
+
+    def validated() -> bool:
+        from dicekern.bindings.selfcheck import kernels_agree  # imports triton: only on CUDA, only for "auto"
+
+        return not validate or kernels_agree(model, loss_fn, traj.device, traj.dtype)
+
+    return resolve_backend(backend, traj.device, kernels=is_linear_head(model, loss_fn), closed_form=closed_form_reason(traj), validated=validated)
 
 
 def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
@@ -47,7 +66,7 @@ def check_query(traj: Trajectory, test: object, options: DiceOptions, *, total_n
     if like is None:
         raise ValueError("the trajectory is empty: record at least one round")
     check_node_weights(options.q, total_nodes or traj.num_nodes, like)
-    resolve_backend(options.backend, traj.device, is_linear_head(traj.objective.model, traj.objective.loss_fn))
+    engine_of(traj, options.backend, validate=False)
     if isinstance(test, PerNodeTest):
         return test
     x, y = check_test(test, like)
@@ -74,9 +93,10 @@ def build_chain(
     q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
     model, loss_fn = traj.objective.model, traj.objective.loss_fn
     linear_head = is_linear_head(model, loss_fn)
-    kernels = resolve_backend(options.backend, traj.device, linear_head, validated=lambda: _kernels_agree(model, loss_fn, traj)) == "triton"
-    objective = traj.objective
+    engine = engine_of(traj, options.backend)
+    kernels = engine == "triton"
     stepping = rounds[: max(hops, 1)]
+    objective = ClosedFormObjective(model, loss_fn) if closed_form_reason(traj) is None and engine != "torch" else traj.objective
     if kernels:
         # imported only here: triton must not load before the user can choose its interpreter
         from dicekern.bindings import linear_head as head_kernels

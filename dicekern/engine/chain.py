@@ -79,6 +79,8 @@ class Chain:
 
     def _as_state(self, theta: torch.Tensor) -> torch.Tensor:
         """(N, C, D) theta vectors as (N, C, S, D) state vectors with zero optimizer blocks."""
+        if self.num_blocks == 1:
+            return theta.unsqueeze(2)
         state = theta.new_zeros(*theta.shape[:2], self.num_blocks, theta.shape[-1])
         state[:, :, 0] = theta
         return state

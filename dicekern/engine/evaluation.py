@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dicekern.objective import NodeObjective, mean_weights
+from dicekern.objectives.torch_func import NodeObjective, mean_weights
 from dicekern.restrict import PerNodeTest
 
 

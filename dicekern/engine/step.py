@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from dicekern.objective import Curvature, NodeObjective, mean_weights
+from dicekern.objectives.torch_func import Curvature, NodeObjective, mean_weights
 from dicekern.optim import OptimizerSpec, State
 
 
@@ -94,6 +94,8 @@ class LocalStep:
         return vectors[:, :, 0], dict(zip(self.optimizer.state_blocks, vectors[:, :, 1:].unbind(2)))
 
     def _join(self, theta: torch.Tensor, blocks: State) -> torch.Tensor:
+        if not blocks:
+            return theta.unsqueeze(2)
         return torch.stack([theta] + [blocks[name] for name in self.optimizer.state_blocks], dim=2)
 
     def _curvature(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_totals_equal_offline_dice_e(run) -> None:
 
 
 def test_memory_is_bounded_and_test_gradients_are_computed_once(run, monkeypatch) -> None:
-    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS)
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, backend="torch")  # the engine whose objective is the recorder's
     objective = ledger.recorder.objective
     computed_rows = []
     real = objective.test_grads

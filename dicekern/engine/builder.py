@@ -9,7 +9,7 @@ from dicekern.bindings.dispatch import is_linear_head, resolve_backend
 from dicekern.checks import check_node_weights, check_test
 from dicekern.engine.chain import Chain
 from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
-from dicekern.engine.mixing import DenseMixer, Mixer
+from dicekern.engine.mixing import Mixer, TorchMixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
 from dicekern.objectives.closed_form import ClosedFormObjective, unsupported_reason
@@ -105,7 +105,7 @@ def build_chain(
         mixer = mixer or ColumnMixer([rnd.W for rnd in stepping])
         if linear_head:
             objective = head_kernels.LinearHeadObjective(model, loss_fn)
-    mixer = mixer or DenseMixer([rnd.W for rnd in stepping])
+    mixer = mixer or TorchMixer([rnd.W for rnd in stepping])
     steps = [LocalStep(objective, traj.optimizer, r.params, r.inputs, r.targets, r.lr, r.state, options.curvature) for r in stepping]
     if isinstance(test, PerNodeTest):
         tests = PerNodeTestSet(objective, test, [step + s for s in range(hops + 1)], first.params)

@@ -9,7 +9,7 @@ only the theta block.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,6 +18,9 @@ from dicekern.engine.mixing import Mixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
 from dicekern.trajectory import Round
+
+BATCHED_TEST_GRADS_MAX_ELEMENTS = 1 << 20  # (hops+1) N O D below this: every hop's test gradients in one call
+INFLUENCE_CHUNK_BYTES = 16 << 20  # chain vectors of one chunk of sources in influence_matrix
 
 
 class Chain:
@@ -91,7 +94,7 @@ class Chain:
         """(rows, D) where the hop-0 test gradient is taken: theta^{t+1/2} ("half_step") or theta^t
         ("paper"), at every node or at those of ``first`` (round t's step restricted to some rows)."""
         first = first or self.steps[0]
-        return first.half_step if self.options.direct == "half_step" else first.params
+        return first.half_step() if self.options.direct == "half_step" else first.params
 
     def _test_grad_points(self) -> torch.Tensor:
         """(hops+1, N, D): where the test gradients are taken; [0] the direct points, [s] theta^{t+s}."""
@@ -99,25 +102,43 @@ class Chain:
 
     def _scaled_test_grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool = False) -> torch.Tensor:
         """(R, O, D) q_k grad L(theta; z') at points (R, D) of (hop, node) pairs (R,) each."""
-        return self.q[nodes, None, None] * self.tests.grads(points, hops, nodes, per_test)
+        return self.tests.grads(points, hops, nodes, per_test).mul_(self.q[nodes, None, None])  # the gradients are fresh
 
-    def _scaled_test_grads_all(self, per_test: bool) -> torch.Tensor:
-        """(hops+1, N, O, D): q_k g^{(s)}_k at every node and hop; O = M test points or 1 (their mean).
+    def _scaled_test_grads_at(self, hops: list[int], per_test: bool) -> dict[int, torch.Tensor]:
+        """hop s -> (N, O, D) q_k g^{(s)}_k at every node, for the given hops in one batched call;
+        O = M test points or 1 (their mean).
 
         With a cache (the mean of a shared test set only), hops s >= 1 whose round is cached are
         reused and the others stored; hop 0 is the window's own half step and is always computed.
         """
         n = self.rounds[0].params.shape[0]
-        points = self._test_grad_points()
         cache = self._test_grad_cache if not per_test and self.tests.cacheable else None
-        needed = [s for s in range(self.hops + 1) if cache is None or s == 0 or self.step + s not in cache]
-        flat = points[needed].flatten(0, 1)
-        hops = torch.tensor(needed, device=flat.device).repeat_interleave(n)
-        nodes = torch.arange(n, device=flat.device).repeat(len(needed))
-        computed = dict(zip(needed, self._scaled_test_grads(flat, hops, nodes, per_test).unflatten(0, (len(needed), n))))
-        if cache is not None:
-            cache.update({self.step + s: grads[:, 0] for s, grads in computed.items() if s > 0})
-        return torch.stack([computed[s] if s in computed else cache[self.step + s][:, None] for s in range(self.hops + 1)])
+        needed = [s for s in hops if cache is None or s == 0 or self.step + s not in cache]
+        result = {s: cache[self.step + s][:, None] for s in hops if s not in needed}
+        if needed:
+            points = [self._direct_points() if s == 0 else self.rounds[s].params for s in needed]
+            flat = points[0] if len(points) == 1 else torch.cat(points)
+            hop_of = torch.tensor(needed, device=flat.device).repeat_interleave(n)
+            nodes = torch.arange(n, device=flat.device).repeat(len(needed))
+            computed = dict(zip(needed, self._scaled_test_grads(flat, hop_of, nodes, per_test).unflatten(0, (len(needed), n))))
+            if cache is not None:
+                cache.update({self.step + s: grads[:, 0] for s, grads in computed.items() if s > 0})
+            result.update(computed)
+        return result
+
+    def _mean_test_grads(self) -> torch.Tensor:
+        """(hops+1, N, D): q_k g^{(s)}_k of the mean test loss at every hop."""
+        grads = self._scaled_test_grads_at(list(range(self.hops + 1)), per_test=False)
+        return torch.stack([grads[s][:, 0] for s in range(self.hops + 1)])
+
+    def _test_grad_source(self, per_test: bool) -> Callable[[int], torch.Tensor]:
+        """hop s -> q g^{(s)} (N, O, D): all hops in one batched call while they are small (fewer,
+        larger calls are faster), one hop at a time otherwise (the adjoint then holds one hop's)."""
+        n, dim = self.rounds[0].params.shape
+        objectives = self.tests.points if per_test else 1
+        if (self.hops + 1) * n * objectives * dim <= BATCHED_TEST_GRADS_MAX_ELEMENTS:
+            return self._scaled_test_grads_at(list(range(self.hops + 1)), per_test).__getitem__
+        return lambda s: self._scaled_test_grads_at([s], per_test)[s]
 
     # ---- the three queries ----
 
@@ -164,45 +185,50 @@ class Chain:
         blocks), and a sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j).
         Each objective is a column; with per_hop each hop's term travels in its own block of columns.
         """
-        scaled_test_grads = self._scaled_test_grads_all(per_test)  # (hops+1, N, O, D)
+        scaled_test_grads = self._test_grad_source(per_test)  # hop s -> (N, O, D)
         lam = None  # (N, C, S, D): blocks of O columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):
-            injected = self._as_state(scaled_test_grads[s])
+            injected = self._as_state(scaled_test_grads(s))
             if lam is None:
                 lam = injected
             else:
                 lam = self._adjoint_hop(s, lam)
-                lam = torch.cat([lam, injected], dim=1) if per_hop else lam + injected
-        direct = self._as_state(scaled_test_grads[0])
+                lam = torch.cat([lam, injected], dim=1) if per_hop else lam.add_(injected)  # lam is the hop's fresh output
+        direct = self._as_state(scaled_test_grads(0))
         objectives = direct.shape[1]
         if lam is None:
             vectors = direct
         else:
-            to_sources = self._mix(0, lam, transpose=True)
+            to_sources, lam = self._mix(0, lam, transpose=True), None
             if per_hop:  # hop blocks r..1 -> 1..r
                 to_sources = to_sources.unflatten(1, (self.hops, objectives)).flip(1).flatten(1, 2)
                 vectors = torch.cat([direct, to_sources], dim=1)
             else:
-                vectors = direct + to_sources
+                vectors = to_sources.add_(direct)
         scores = self.steps[0].sample_scores(vectors)  # Delta_j(z_b)^T v, (N, C, B)
         scores = scores.unflatten(1, (-1, objectives)).permute(1, 2, 0, 3)  # (hop blocks, O, N, B)
         scores = scores if per_hop else scores[0]
         return scores if per_test else scores.select(-3, 0)
 
     def influence_matrix(self) -> torch.Tensor:
-        """(hops+1, N_source, N_receiver): e[s, j, k] of every source's whole batch, one forward chain.
+        """(hops+1, N_source, N_receiver): e[s, j, k] of every source's whole batch, in forward chains
+        whose columns are sources: delta^{(0)}[k, j] = Delta_j where k = j, else 0.
 
-        Each source is a column of the chain: delta^{(0)}[k, j] = Delta_j where k = j, else 0.
+        Sources go in chunks of at most INFLUENCE_CHUNK_BYTES of chain vectors (at least one
+        source), so memory stays bounded by the test gradients, not by N x N x D.
         """
         first = self.steps[0]
         n = first.params.shape[0]
-        scaled_test_grads = self._scaled_test_grads_all(per_test=False)[:, :, 0]  # (hops+1, N, D)
+        scaled_test_grads = self._mean_test_grads()  # (hops+1, N, D)
         displacements = first.displacement(first.grads)[:, 0]  # (N, S, D): every node's whole batch
         scores = first.params.new_zeros(self.hops + 1, n, n)
         scores[0] = torch.diag((scaled_test_grads[0] * displacements[:, 0]).sum(-1))
-        delta = first.params.new_zeros(n, n, *displacements.shape[1:])
-        delta[range(n), range(n)] = displacements
-        for s in range(1, self.hops + 1):
-            delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
-            scores[s] = torch.einsum("kd,kjd->jk", scaled_test_grads[s], delta[:, :, 0])
+        chunk = max(1, INFLUENCE_CHUNK_BYTES // (displacements.numel() * displacements.element_size()))
+        for start in range(0, n, chunk):
+            sources = torch.arange(start, min(start + chunk, n), device=displacements.device)
+            delta = first.params.new_zeros(n, len(sources), *displacements.shape[1:])
+            delta[sources, torch.arange(len(sources))] = displacements[sources]
+            for s in range(1, self.hops + 1):
+                delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+                scores[s, sources] = torch.einsum("kd,kjd->jk", scaled_test_grads[s], delta[:, :, 0])
         return scores

@@ -22,6 +22,7 @@ class SharedTestSet:
 
     def __init__(self, objective: NodeObjective, test: tuple[torch.Tensor, torch.Tensor]):
         self.objective, self.test = objective, test
+        self.points = len(test[0])  # M
 
     def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
         x, y = self.test
@@ -41,6 +42,7 @@ class PerNodeTestSet:
     def __init__(self, objective: NodeObjective, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
         self.objective, self.targets = objective, test.targets
         self.features = test.rows(steps, like)  # (hops+1, N, M, F)
+        self.points = len(test.targets)  # M
 
     def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
         x, y = self.features[hops, nodes], self.targets

@@ -71,9 +71,8 @@ class LocalStep:
         """(N, D) every node's batch-mean gradient at its recorded params."""
         return self.objective.node_grads(self.params, self.inputs, self.targets, mean_weights(self.inputs.shape[:2], self.params))
 
-    @cached_property
     def half_step(self) -> torch.Tensor:
-        """(N, D) theta^{tau+1/2}."""
+        """(N, D) theta^{tau+1/2} (computed on each call: the chain needs it once)."""
         return self.optimizer.update(self.params, self.state, self.grads, self.lr)[0]
 
     @cached_property
@@ -111,7 +110,7 @@ class LocalStep:
         """J^T V at every node: (N, C, S, D) -> (N, C, S, D); H is symmetric, so J^T uses H again."""
         c_theta, c_blocks = self._split(vectors)
         theta, blocks, c_grad = self._linearization.cotangent(c_theta, c_blocks)
-        return self._join(theta + self._curvature(c_grad), blocks)
+        return self._join(self._curvature(c_grad).add_(theta), blocks)  # the curvature product is a fresh tensor
 
     def displacement(self, grads: torch.Tensor) -> torch.Tensor:
         """(dO/dg) G at every node: the state change of a gradient change G (N, D), as (N, 1, S, D).

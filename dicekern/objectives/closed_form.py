@@ -116,17 +116,8 @@ class Activated:
 
 
 def _shared(a: torch.Tensor, W: torch.Tensor) -> bool:
-    """Whether one batch a (1.., B, in) meets many weights W (..., out, in): a test set at many nodes."""
+    """Whether one batch a (1.., B, in) meets many rows of g (..., B, out): a test set at many nodes."""
     return math.prod(a.shape[:-2]) == 1 and math.prod(W.shape[:-2]) > 1
-
-
-def _apply(a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """a W^T: (..., B, in) x (..., out, in) -> (..., B, out); a shared batch goes through one GEMM."""
-    if not _shared(a, W):
-        return torch.matmul(a, W.transpose(-1, -2))
-    lead, (out, features) = W.shape[:-2], W.shape[-2:]
-    z = a.reshape(-1, features) @ W.reshape(-1, features).T  # [B, in] @ [in, rows*out]
-    return z.view(z.shape[0], *lead, out).movedim(0, -2)
 
 
 def _outer(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -171,7 +162,7 @@ class ClosedFormObjective(NodeObjective):
             if layer.kind == "linear":
                 tape.append(a)
                 W, b = next(linear)
-                a = _apply(a, W)
+                a = torch.matmul(a, W.transpose(-1, -2))
                 a = a if b is None else a + b.unsqueeze(-2)
             else:
                 tape.append(Activated.of(layer.kind, layer.slope, a))
@@ -185,7 +176,7 @@ class ClosedFormObjective(NodeObjective):
             r_tape.append(r)
             if layer.kind == "linear":
                 (W, _), (V, vb) = next(linear)
-                term = _apply(entry, V)
+                term = torch.matmul(V, entry.transpose(-1, -2)).transpose(-1, -2)  # V's rows stay in place: no copy of V
                 r = term if r is None else term + torch.matmul(r, W.transpose(-1, -2))
                 r = r if vb is None else r + vb.unsqueeze(-2)
             elif r is not None:
@@ -193,14 +184,21 @@ class ClosedFormObjective(NodeObjective):
         return r, r_tape
 
     def _backward(self, params: list, tape: list, g: torch.Tensor, r_tape: list | None = None,
-                  rg: torch.Tensor | None = None, vparams: list | None = None) -> list[torch.Tensor]:
-        """Parameter gradients of the output cotangent g (..., B, K), as a list in layout order.
+                  rg: torch.Tensor | None = None, vparams: list | None = None) -> torch.Tensor:
+        """(..., D) parameter gradients of the output cotangent g (..., B, K).
 
         With r_tape, rg and vparams: instead the R-op of that gradient (the exact Hessian product),
-        rg being R{g}.
+        rg being R{g}. Each layer's part is written into the flat result as it is computed.
         """
-        grads, linear = [], len(params)
+        out, linear = None, len(params)
         exact = r_tape is not None
+
+        def put(columns: slice | None, part: torch.Tensor) -> None:
+            nonlocal out
+            if out is None:
+                out = part.new_empty(*part.shape[:-1], self.layout.dim)
+            out[..., columns] = part
+
         for i in range(len(self.layers) - 1, -1, -1):
             layer, entry = self.layers[i], tape[i]
             if layer.kind == "linear":
@@ -210,12 +208,15 @@ class ClosedFormObjective(NodeObjective):
                 if exact:
                     ra, V = r_tape[i], vparams[linear][0]
                     gW = _outer(rg, a)
-                    gW = gW if ra is None else gW + _outer(g, ra)
-                    grads[:0] = [gW.flatten(-2)] + ([rg.sum(-2)] if layer.bias is not None else [])
+                    put(layer.weight, (gW if ra is None else gW.add_(_outer(g, ra))).flatten(-2))
+                    if layer.bias is not None:
+                        put(layer.bias, rg.sum(-2))
                     if i:
                         rg = torch.matmul(rg, W) + torch.matmul(g, V)
                 else:
-                    grads[:0] = [_outer(g, a).flatten(-2)] + ([g.sum(-2)] if layer.bias is not None else [])
+                    put(layer.weight, _outer(g, a).flatten(-2))
+                    if layer.bias is not None:
+                        put(layer.bias, g.sum(-2))
                 if i:
                     g = torch.matmul(g, W)
             else:
@@ -223,7 +224,7 @@ class ClosedFormObjective(NodeObjective):
                 if exact:
                     rg = rg * entry.d1 if d2 is None else rg * entry.d1 + g * d2 * r_tape[i]
                 g = g * entry.d1
-        return grads
+        return out
 
     def _loss_grad(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(..., B, K) d loss_b / d outputs."""
@@ -249,7 +250,7 @@ class ClosedFormObjective(NodeObjective):
     def node_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         params = self._params(thetas)
         out, tape = self._forward(params, self._flat(inputs, 1))
-        return torch.cat(self._backward(params, tape, weights.unsqueeze(-1) * self._loss_grad(out, targets)), -1)
+        return self._backward(params, tape, weights.unsqueeze(-1) * self._loss_grad(out, targets))
 
     def test_grads(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = test
@@ -263,7 +264,7 @@ class ClosedFormObjective(NodeObjective):
         params = self._params(rows)
         out, tape = self._forward(params, self._flat(inputs, 1).unsqueeze(2))
         g = one.unsqueeze(-1) * self._loss_grad(out, targets.expand(k, *targets.shape).unsqueeze(2))
-        return torch.cat(self._backward(params, tape, g), -1)
+        return self._backward(params, tape, g)
 
     def _curvature_products(
         self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
@@ -278,7 +279,7 @@ class ClosedFormObjective(NodeObjective):
         else:
             g = scale * self._loss_grad(out, targets.unsqueeze(1))
             grads = self._backward(params, tape, g, r_tape, rg, vparams)
-        return torch.cat(grads, -1)
+        return grads
 
     def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         params, vparams = self._params(thetas.unsqueeze(1)), self._params(vectors)

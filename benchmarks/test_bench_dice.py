@@ -32,33 +32,35 @@ def _setting(run, test_set) -> str:
     return f"{str(run.trajectory.dtype).removeprefix('torch.')} M={len(test_set[0])}"
 
 
-@pytest.mark.parametrize("engine", ["cascade", "walks"])
+@pytest.mark.parametrize("engine", ["closed_form", "torch", "walks"])
 @pytest.mark.parametrize("hops", [HOPS, HOPS + 1], ids=lambda h: f"hops{h}")
 def test_one_source_batch(benchmark, run, test_set, hops, engine) -> None:
-    """cascade (one chain over the network) vs the paper's walk-by-walk reference."""
+    """cascade (one chain over the network) on both torch engines vs the paper's walk-by-walk reference."""
     benchmark.group = f"cascade-vs-walks {_setting(run, test_set)} hops={hops}"
     traj = run.trajectory
-    fast = lambda: dk.cascade(traj, STEP, 3, test_set, hops)
-    slow = lambda: dk.reference.dice_e_walks(traj, STEP, 3, test_set, hops)
-    expected = slow()
+    walks = lambda: dk.reference.dice_e_walks(traj, STEP, 3, test_set, hops)
+    fast = {backend: (lambda b=backend: dk.cascade(traj, STEP, 3, test_set, hops, backend=b)) for backend in ("closed_form", "torch")}
+    expected = walks()
     rtol = 1e-9 if traj.dtype == torch.float64 else 1e-4
-    assert (fast() - expected).abs().max() <= rtol * expected.abs().max()
-    benchmark(fast if engine == "cascade" else slow)
+    for query in fast.values():
+        assert (query() - expected).abs().max() <= rtol * expected.abs().max()
+    benchmark(walks if engine == "walks" else fast[engine])
 
 
-@pytest.mark.parametrize("job", ["dice_e", "training_round"])
+@pytest.mark.parametrize("job", ["closed_form", "torch", "training_round"])
 def test_all_samples_vs_training_round(benchmark, run, test_set, job) -> None:
-    """dice_e for every sample of a round vs one vectorised gossip SGD round of the same nodes."""
+    """dice_e for every sample of a round, on both torch engines, vs one vectorised gossip SGD round of the same nodes."""
     benchmark.group = f"dice_e-vs-round {_setting(run, test_set)} hops={HOPS}"
     traj = run.trajectory
     rnd, objective = traj[STEP], traj.objective
-    scores = dk.dice_e(traj, STEP, test_set, HOPS)
-    whole = torch.stack([dk.cascade(traj, STEP, j, test_set, HOPS).sum() for j in range(16)])
-    assert torch.allclose(scores.sum(1), whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
-    if job == "dice_e":
-        benchmark(dk.dice_e, traj, STEP, test_set, HOPS)
-    else:
+    whole = torch.stack([dk.cascade(traj, STEP, j, test_set, HOPS, backend="torch").sum() for j in range(16)])
+    for backend in ("closed_form", "torch"):
+        scores = dk.dice_e(traj, STEP, test_set, HOPS, backend=backend)
+        assert torch.allclose(scores.sum(1), whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    if job == "training_round":
         benchmark(gossip_round, objective, traj.optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr, rnd.W)
+    else:
+        benchmark(dk.dice_e, traj, STEP, test_set, HOPS, backend=job)
 
 
 _OPTIMIZER_RUNS: dict = {}

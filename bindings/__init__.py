@@ -4,6 +4,6 @@ Installed inside the package: the repository's top-level ``bindings/`` imports a
 ``dicekern.bindings``, never as a generic top-level ``bindings``.
 """
 
-from dicekern.bindings.dispatch import BACKENDS, is_linear_head, resolve_backend
+from dicekern.bindings.dispatch import BACKENDS, kernels_cover, resolve_backend
 
-__all__ = ["BACKENDS", "is_linear_head", "resolve_backend"]
+__all__ = ["BACKENDS", "kernels_cover", "resolve_backend"]

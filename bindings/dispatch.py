@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dicekern.bindings.plan import mlp_plan
 from dicekern.checks import check_choice
-from dicekern.losses import ClosedFormLoss
 
 BACKENDS = ("auto", "torch", "closed_form", "triton")
 POISON_ENV = "DICEKERN_POISON_OUTPUTS"  # set to 1 (the tests do) to fill kernel outputs with NaN before launch
@@ -23,11 +23,9 @@ def new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def is_linear_head(model: nn.Module, loss_fn: object) -> bool:
-    """True for a single nn.Linear under a closed-form loss of ``dicekern.losses``: the kernels' models."""
-    if not isinstance(model, nn.Linear) or not isinstance(loss_fn, ClosedFormLoss):
-        return False
-    return loss_fn.kind != "binary_logistic" or model.out_features == 1
+def kernels_cover(model: nn.Module, loss_fn: object) -> bool:
+    """True for the MLPs under a ``dk.losses`` loss that the Triton kernels run (see ``plan.mlp_plan``)."""
+    return not isinstance(mlp_plan(model, loss_fn), str)
 
 
 def resolve_backend(

@@ -16,6 +16,7 @@ from dicekern.checks import check_mixing
 from dicekern.kernels.gossip_mix import gossip_mix_fwd_kernel
 
 BLOCK_D = 128
+MAX_ROWS = 65535  # CUDA's limit on grid axis 1, where the rows go
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def gossip_mix(
     check_operand("vectors", vectors, vectors, (n, d))
     if mixing.num_nodes != n:
         raise ValueError(f"mixing is for N={mixing.num_nodes} nodes, vectors hold N={n}")
+    if n > MAX_ROWS:
+        raise ValueError(f"the mixing kernel takes at most {MAX_ROWS} nodes (a CUDA grid axis), got N={n}")
     check_operand("mixing.val", mixing.val, vectors, tuple(mixing.val.shape))
     if scale is not None:
         check_operand("scale", scale, vectors, (n,))
@@ -96,7 +99,7 @@ def _gossip_mix_op(
     n, d = vectors.shape
     out = new_output(tuple(vectors.shape), vectors)
     unused = vectors  # any valid pointer for a pointer the constexpr flags switch off
-    wrap_triton(gossip_mix_fwd_kernel)[(n, triton.cdiv(d, BLOCK_D))](
+    wrap_triton(gossip_mix_fwd_kernel)[(triton.cdiv(d, BLOCK_D), n)](
         out, vectors, rowptr, col, val,
         unused if scale is None else scale,
         unused if added is None else added,

@@ -13,19 +13,20 @@ import warnings
 import torch
 from torch import nn
 
+from dicekern.bindings.plan import mlp_plan
 from dicekern.losses import ClosedFormLoss
 
 _VERDICTS: dict[tuple, bool] = {}
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}  # of the result's scale: float32 scores are cancelling dot products
 
 
-def kernels_agree(model: nn.Linear, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernels for this head (its outputs, bias and loss) agree with the torch engine on
-    device in dtype: checked once per configuration, then remembered for the process."""
-    key = (str(device), dtype, loss_fn.kind, model.out_features, model.bias is not None)
+def kernels_agree(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels for this MLP (its layers, activation and loss) agree with the torch
+    engine on device in dtype: checked once per configuration, then remembered for the process."""
+    key = (str(device), dtype, mlp_plan(model, loss_fn))
     if key not in _VERDICTS:
         try:
-            error = _worst_relative_error(model.out_features, model.bias is not None, loss_fn, device, dtype)
+            error = _worst_relative_error(model, loss_fn, device, dtype)
             _VERDICTS[key] = error <= RTOL.get(dtype, 1e-2)
             detail = f"relative error {error:.2e}"
         except Exception as failure:  # a kernel that does not even run must not be used either
@@ -33,22 +34,23 @@ def kernels_agree(model: nn.Linear, loss_fn: ClosedFormLoss, device: torch.devic
             detail = f"{type(failure).__name__}: {failure}"
         if not _VERDICTS[key]:
             warnings.warn(
-                f"dicekern: the Triton kernels for {loss_fn.kind} with {model.out_features} outputs disagree with the torch "
+                f"dicekern: the Triton kernels for this {type(model).__name__} under {loss_fn.kind} disagree with the torch "
                 f"engine on {device} in {dtype} ({detail}); backend='auto' uses the torch engine", RuntimeWarning, stacklevel=2,
             )
     return _VERDICTS[key]
 
 
-def _worst_relative_error(outputs: int, bias: bool, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> float:
-    """Both engines on a 3-node, 2-hop run of nn.Linear(5, outputs): per-hop scores, per-test scores
-    (one launch) and the influence matrix (one launch)."""
+def _worst_relative_error(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> float:
+    """Both engines on a 3-node, 2-hop run of this architecture with random parameters and data:
+    per-hop scores, per-test scores (one launch) and the influence matrix (one launch)."""
     from dicekern import topology
     from dicekern.engine.step import gossip_round
     from dicekern.influence import dice_e, influence_matrix
     from dicekern.trajectory import Recorder
 
     g = torch.Generator().manual_seed(0)
-    n, batch, features, hops = 3, 5, 5, 2
+    plan = mlp_plan(model, loss_fn)
+    n, batch, features, hops, outputs = 3, 5, plan.widths[0], 2, plan.widths[-1]
 
     def targets(*lead: int) -> torch.Tensor:
         if loss_fn.kind == "softmax_cross_entropy":
@@ -57,8 +59,8 @@ def _worst_relative_error(outputs: int, bias: bool, loss_fn: ClosedFormLoss, dev
             return torch.rand(*lead, generator=g, dtype=dtype).round()
         return torch.randn(*lead, outputs, generator=g, dtype=dtype)
 
-    rec = Recorder(nn.Linear(features, outputs, bias=bias), loss_fn, replay_check="off")
-    theta = 0.5 * torch.randn(n, rec.objective.layout.dim, generator=g, dtype=dtype)
+    rec = Recorder(model, loss_fn, replay_check="off")
+    theta = 0.5 * torch.randn(n, rec.objective.layout.dim, generator=g, dtype=dtype) / features**0.5
     W, lr = topology.ring(n, dtype=dtype), torch.full((n,), 0.3, dtype=dtype)
     on = lambda t: t.to(device)
     for t in range(hops + 1):

@@ -10,9 +10,12 @@ def gossip_mix_fwd_kernel(
     D,
     HAS_C: tl.constexpr, HAS_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[k] = a[k] G[k] + sum_{j in row k} M[k, j] c[j] V[j]; one program per (row k, D block)."""
-    i_k = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1)
+    """out[k] = a[k] G[k] + sum_{j in row k} M[k, j] c[j] V[j]; one program per (D block, row k).
+
+    The D blocks run on grid axis 0 (up to 2^31 - 1 programs), the rows on axis 1 (up to 65535).
+    """
+    i_d = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1).to(tl.int64)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
     start = tl.load(p_rowptr + i_k)

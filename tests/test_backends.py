@@ -35,9 +35,20 @@ def assert_matches(run_kernel, traj, test) -> None:
         assert_close(result.cpu().double(), exact, FLOAT32_END_TO_END)
 
 
-def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, dtype: torch.dtype, bias: bool = True, optimizer=None):
-    """A recorded gossip run of one nn.Linear(13, K) under a closed-form loss, fresh directed W and
-    per-node learning rates each round."""
+ACTIVATIONS = [nn.Tanh, nn.GELU, nn.ReLU, nn.SiLU]
+
+
+def kernel_model(outputs: int, *, hidden: int | None, activation=nn.Tanh, bias: bool = True) -> nn.Module:
+    """nn.Linear(13, K) (the linear head), or 13-hidden-K with the activation between."""
+    if hidden is None:
+        return nn.Linear(13, outputs, bias=bias)
+    return nn.Sequential(nn.Linear(13, hidden, bias=bias), activation(), nn.Linear(hidden, outputs))
+
+
+def kernel_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, dtype: torch.dtype, bias: bool = True, optimizer=None,
+               hidden: int | None = None, activation=nn.Tanh):
+    """A recorded gossip run of a model the kernels cover under a closed-form loss, fresh directed W
+    and per-node learning rates each round."""
     g = torch.Generator().manual_seed(seed)
     features, batch = 13, 7
     outputs = 1 if loss.kind == "binary_logistic" else 3
@@ -49,9 +60,9 @@ def linear_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, 
             return torch.rand(*lead, generator=g, dtype=dtype).round()
         return torch.randn(*lead, outputs, generator=g, dtype=dtype)
 
-    rec = dk.Recorder(nn.Linear(features, outputs, bias=bias), loss, optimizer=optimizer, replay_check="off")
+    rec = dk.Recorder(kernel_model(outputs, hidden=hidden, activation=activation, bias=bias), loss, optimizer=optimizer, replay_check="off")
     obj, spec = rec.objective, rec.optimizer
-    theta = 0.5 * torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
+    theta = 0.4 * torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
     state = spec.initial_state(n, obj.layout.dim, theta)
     on_device = lambda st: {k: v.to(DEVICE) for k, v in st.items()}
     for t in range(hops + 1):
@@ -75,9 +86,14 @@ CASES = [
 ]
 
 
+def shape_of(hops: int) -> dict:
+    """The linear head at even hops, a two-layer MLP with one of the activations at odd ones."""
+    return dict(hidden=None) if hops % 2 == 0 else dict(hidden=19, activation=ACTIVATIONS[hops % 4])
+
+
 @pytest.mark.parametrize("loss, n, hops, dtype, bias", CASES)
-def test_linear_head_kernels_match_torch(loss, n: int, hops: int, dtype: torch.dtype, bias: bool) -> None:
-    traj, test = linear_run(loss, n, hops, seed=hops + 10 * n, dtype=dtype, bias=bias)
+def test_mlp_kernels_match_torch(loss, n: int, hops: int, dtype: torch.dtype, bias: bool) -> None:
+    traj, test = kernel_run(loss, n, hops, seed=hops + 10 * n, dtype=dtype, bias=bias, **shape_of(hops))
     q = torch.rand(n, dtype=dtype, device=DEVICE) + 0.1
     q = q / q.sum()
     for curvature_at in ("sender", "receiver"):
@@ -94,17 +110,18 @@ ONE_LAUNCH_CASES = [
     pytest.param(loss, hops, (torch.float64, torch.float32)[hops % 2], ("sender", "receiver")[(hops // 2) % 2],
                  id=f"{loss.kind}-hops{hops}")
     for loss in LOSSES
-    for hops in range(5)
+    for hops in range(4)
 ]
+EXTRA_CURVATURE = {2: "none", 3: "ggn"}  # the interpreter is slow: one more linearisation per case
 
 
 @pytest.mark.parametrize("loss, hops, dtype, curvature_at", ONE_LAUNCH_CASES)
 def test_one_launch_chains_match_torch(loss, hops: int, dtype: torch.dtype, curvature_at: str) -> None:
     """dice_e(per_test=True) and influence_matrix run each objective column's whole chain in one launch."""
-    traj, test = linear_run(loss, 4, hops, seed=7 * hops + 1, dtype=dtype, bias=hops != 1)
-    q = torch.rand(4, dtype=dtype, device=DEVICE) + 0.1
+    traj, test = kernel_run(loss, 3, hops, seed=7 * hops + 1, dtype=dtype, bias=hops != 1, **shape_of(hops + 1))
+    q = torch.rand(3, dtype=dtype, device=DEVICE) + 0.1
     q = q / q.sum()
-    curvatures = ("exact", "none") if hops >= 2 else ("exact",)
+    curvatures = ("exact",) + ((EXTRA_CURVATURE[hops],) if hops in EXTRA_CURVATURE else ())
     for curvature in curvatures:
         opts = dict(curvature=curvature, curvature_at=curvature_at)
         assert_matches(lambda tr, te, backend, o=opts: dk.dice_e(tr, 0, te, hops, q=q.to(tr.dtype), per_test=True, backend=backend, **o), traj, test)
@@ -112,10 +129,10 @@ def test_one_launch_chains_match_torch(loss, hops: int, dtype: torch.dtype, curv
 
 
 @pytest.mark.parametrize("optimizer", [dk.optim.SGD(0.9, nesterov=True, weight_decay=0.01), dk.optim.AdamW(weight_decay=0.1)], ids=["nesterov", "adamw"])
-def test_linear_head_kernels_serve_every_optimizer(optimizer) -> None:
+def test_mlp_kernels_serve_every_optimizer(optimizer) -> None:
     """The kernels give gradients, curvature products and per-sample dots; the optimizer's
     linearisation composes with them (the one-launch chains cover plain SGD only)."""
-    traj, test = linear_run(dk.losses.softmax_cross_entropy, 5, 3, seed=3, dtype=torch.float64, optimizer=optimizer)
+    traj, test = kernel_run(dk.losses.softmax_cross_entropy, 5, 3, seed=3, dtype=torch.float64, optimizer=optimizer, hidden=9)
     q = torch.rand(5, dtype=torch.float64, device=DEVICE) + 0.1
     q = q / q.sum()
     assert_matches(lambda tr, te, backend: dk.dice_e(tr, 0, te, 3, q=q, per_hop=True, backend=backend), traj, test)
@@ -125,8 +142,8 @@ def test_linear_head_kernels_serve_every_optimizer(optimizer) -> None:
 
 
 def test_any_model_mixes_with_the_kernel() -> None:
-    """An MLP has no closed-form kernel: backend="triton" still mixes every hop with Triton."""
-    run = random_run(5, rounds=4, seed=8)
+    """A Softplus MLP has no kernel: backend="triton" still mixes every hop with Triton."""
+    run = random_run(5, rounds=4, seed=8, model=nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 3)))
     traj, test = recast(run.trajectory, run.test, torch.float64, DEVICE)
     for curvature in ("exact", "ggn"):
         assert_matches(
@@ -146,22 +163,26 @@ def test_auto_takes_triton_only_for_supported_models_on_cuda_that_pass_the_self_
     assert resolve_backend("auto", cpu, kernels=True, closed_form=None) == "closed_form"
     with pytest.raises(ValueError, match="backend='closed_form' cannot run this model: a reason"):
         resolve_backend("closed_form", cpu, kernels=False, closed_form="a reason")
-    assert dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.squared_error)
-    assert not dk.bindings.is_linear_head(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
-    assert not dk.bindings.is_linear_head(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
+    assert dk.bindings.kernels_cover(nn.Linear(3, 2), dk.losses.squared_error)
+    assert dk.bindings.kernels_cover(nn.Sequential(nn.Flatten(), nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2)), dk.losses.squared_error)
+    assert not dk.bindings.kernels_cover(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
+    assert not dk.bindings.kernels_cover(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
+    assert not dk.bindings.kernels_cover(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), dk.losses.squared_error)
+    assert not dk.bindings.kernels_cover(nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 2)), dk.losses.squared_error)
 
 
 def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatch) -> None:
     """Run here in the interpreter (on CPU tensors): the same check "auto" runs once per CUDA device."""
     from dicekern.bindings import selfcheck
-    from dicekern.bindings.linear_head import LinearHeadObjective
+    from dicekern.bindings.mlp import MLPKernelObjective
 
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
     head, device = nn.Linear(7, 4), torch.device(DEVICE)
     assert selfcheck.kernels_agree(head, dk.losses.softmax_cross_entropy, device, torch.float64)
-    assert selfcheck.kernels_agree(head, dk.losses.squared_error, device, torch.float32)
-    real = LinearHeadObjective.per_sample_dots
-    monkeypatch.setattr(LinearHeadObjective, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
+    mlp = nn.Sequential(nn.Linear(7, 6), nn.SiLU(), nn.Linear(6, 4))
+    assert selfcheck.kernels_agree(mlp, dk.losses.squared_error, device, torch.float32)
+    real = MLPKernelObjective.per_sample_dots
+    monkeypatch.setattr(MLPKernelObjective, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
     with pytest.warns(RuntimeWarning, match="disagree with the torch engine .* backend='auto' uses the torch engine"):
         assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)
     assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)  # remembered

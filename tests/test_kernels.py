@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import dicekern as dk
 from conftest import DEVICE, assert_close, random_mixing
@@ -71,26 +72,38 @@ def test_gossip_mix_rejects_bad_input(monkeypatch) -> None:
             gossip_mix(V, mixing)
 
 
-LINEAR_HEAD_CASES = [
-    pytest.param(loss, outputs, bias, dtype, id=f"{loss.kind}-{'bias' if bias else 'nobias'}-{str(dtype)[6:]}")
-    for loss, outputs in ((dk.losses.softmax_cross_entropy, 5), (dk.losses.binary_logistic, 1), (dk.losses.squared_error, 3))
-    for bias in (True, False)
-    for dtype in (torch.float64, torch.float32)
+MLP_CASES = [
+    pytest.param(loss, act, hidden, bias, dtype, id=f"{loss.kind}-{act.__name__}-{len(hidden)}hidden-{str(dtype)[6:]}")
+    for loss, act, hidden, bias, dtype in [
+        (dk.losses.softmax_cross_entropy, nn.Tanh, (37,), True, torch.float64),
+        (dk.losses.binary_logistic, nn.ReLU, (37,), False, torch.float32),
+        (dk.losses.squared_error, nn.GELU, (37, 20), True, torch.float64),
+        (dk.losses.softmax_cross_entropy, nn.SiLU, (37,), True, torch.float32),
+        (dk.losses.squared_error, nn.Sigmoid, (37,), True, torch.float64),
+        (dk.losses.binary_logistic, lambda: nn.LeakyReLU(0.1), (37,), True, torch.float64),
+        (dk.losses.softmax_cross_entropy, nn.Identity, (), False, torch.float32),  # the linear head
+    ]
 ]
 
 
-@pytest.mark.parametrize("loss, outputs, bias, dtype", LINEAR_HEAD_CASES)
-def test_linear_head_kernel_matches_torch_func(loss, outputs: int, bias: bool, dtype: torch.dtype) -> None:
-    """Gradients, test gradients, H V and per-sample scores: B=45, F=100 span two blocks each."""
-    from dicekern.bindings.linear_head import LinearHeadObjective
-    from dicekern.objectives.torch_func import NodeObjective
+@pytest.mark.parametrize("loss, act, hidden, bias, dtype", MLP_CASES)
+def test_mlp_kernel_matches_the_closed_form_engine(loss, act, hidden: tuple[int, ...], bias: bool, dtype: torch.dtype) -> None:
+    """Gradients, test gradients, exact and Gauss-Newton products and per-sample scores: B = 20,
+    F = 40 and the 37-wide layer span two blocks each."""
+    from dicekern.bindings.mlp import MLPKernelObjective
+    from dicekern.objectives.closed_form import ClosedFormObjective
 
-    g = torch.Generator().manual_seed(outputs + 10 * bias)
-    n, batch, features, columns = 3, 45, 100, 2
-    model = torch.nn.Linear(features, outputs, bias=bias)
-    reference, kernel = NodeObjective(model, loss), LinearHeadObjective(model, loss)
+    g = torch.Generator().manual_seed(len(hidden) + 10 * bias)
+    n, batch, features, columns = 3, 20, 40, 2
+    outputs = 1 if loss.kind == "binary_logistic" else 5
+    widths = (features, *hidden, outputs)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(a, b, bias=bias)] + ([act()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers)
+    reference, kernel = ClosedFormObjective(model, loss), MLPKernelObjective(model, loss)
     d = reference.layout.dim
-    thetas = 0.3 * torch.randn(n, d, generator=g, dtype=dtype)
+    thetas = torch.randn(n, d, generator=g, dtype=dtype) / features**0.5
     x = torch.randn(n, batch, features, generator=g, dtype=dtype)
     if loss.kind == "softmax_cross_entropy":
         y = torch.randint(outputs, (n, batch), generator=g)
@@ -106,6 +119,7 @@ def test_linear_head_kernel_matches_torch_func(loss, outputs: int, bias: bool, d
         (kernel.node_grads(*to(thetas, x, y, weights)), reference.node_grads(thetas, x, y, weights)),
         (kernel.test_grads(*to(thetas), tuple(to(*test))), reference.test_grads(thetas, test)),
         (kernel.curvature_products(*to(thetas, x, y, vectors), "exact"), reference.curvature_products(thetas, x, y, vectors, "exact")),
+        (kernel.curvature_products(*to(thetas, x, y, vectors), "ggn"), reference.curvature_products(thetas, x, y, vectors, "ggn")),
         (kernel.per_sample_dots(*to(thetas, x, y, vectors)), reference.per_sample_dots(thetas, x, y, vectors)),
     ]
     for actual, expected in pairs:
@@ -113,11 +127,11 @@ def test_linear_head_kernel_matches_torch_func(loss, outputs: int, bias: bool, d
         assert_close(actual.cpu(), expected, RTOL[dtype])
 
 
-def test_linear_head_launcher_rejects_bad_operands() -> None:
-    from dicekern.bindings.linear_head import LinearHeadObjective
+def test_mlp_launcher_rejects_bad_operands_and_models() -> None:
+    from dicekern.bindings.mlp import MLPKernelObjective
 
-    model = torch.nn.Linear(4, 3)
-    kernel = LinearHeadObjective(model, dk.losses.softmax_cross_entropy)
+    model = nn.Linear(4, 3)
+    kernel = MLPKernelObjective(model, dk.losses.softmax_cross_entropy)
     on = dict(dtype=torch.float64, device=DEVICE)
     thetas = torch.zeros(2, 15, **on)
     x, y, w = torch.zeros(2, 5, 4, **on), torch.zeros(2, 5, dtype=torch.long, device=DEVICE), torch.full((2, 5), 0.2, **on)
@@ -127,7 +141,9 @@ def test_linear_head_launcher_rejects_bad_operands() -> None:
         kernel.node_grads(thetas, x, y.double(), w)
     with pytest.raises(ValueError, match="inputs is torch.float32"):
         kernel.node_grads(thetas, x.float(), y, w)
-    with pytest.raises(ValueError, match="single nn.Linear"):
-        LinearHeadObjective(torch.nn.Sequential(model), dk.losses.softmax_cross_entropy)
-    with pytest.raises(ValueError, match="single nn.Linear"):
-        LinearHeadObjective(torch.nn.Linear(4, 2), dk.losses.binary_logistic)
+    with pytest.raises(ValueError, match="one activation between each two"):
+        MLPKernelObjective(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), dk.losses.softmax_cross_entropy)
+    with pytest.raises(ValueError, match="binary_logistic needs one output"):
+        MLPKernelObjective(nn.Linear(4, 2), dk.losses.binary_logistic)
+    with pytest.raises(ValueError, match="wider than the kernels' 256 outputs"):
+        MLPKernelObjective(nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 2)), dk.losses.squared_error)

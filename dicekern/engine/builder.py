@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dicekern.bindings.dispatch import is_linear_head, resolve_backend
+from dicekern.bindings.dispatch import kernels_cover, resolve_backend
 from dicekern.checks import check_node_weights, check_test
 from dicekern.engine.chain import Chain
 from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
@@ -38,7 +38,7 @@ def engine_of(traj: Trajectory, backend: str, *, validate: bool = True) -> str:
 
         return not validate or kernels_agree(model, loss_fn, traj.device, traj.dtype)
 
-    return resolve_backend(backend, traj.device, kernels=is_linear_head(model, loss_fn), closed_form=closed_form_reason(traj), validated=validated)
+    return resolve_backend(backend, traj.device, kernels=kernels_cover(model, loss_fn), closed_form=closed_form_reason(traj), validated=validated)
 
 
 def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
@@ -92,19 +92,19 @@ def build_chain(
     nodes = range(traj.num_nodes) if nodes is None else nodes
     q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
     model, loss_fn = traj.objective.model, traj.objective.loss_fn
-    linear_head = is_linear_head(model, loss_fn)
+    covered = kernels_cover(model, loss_fn)
     engine = engine_of(traj, options.backend)
     kernels = engine == "triton"
     stepping = rounds[: max(hops, 1)]
     objective = ClosedFormObjective(model, loss_fn) if closed_form_reason(traj) is None and engine != "torch" else traj.objective
     if kernels:
         # imported only here: triton must not load before the user can choose its interpreter
-        from dicekern.bindings import linear_head as head_kernels
         from dicekern.bindings.gossip_mix import ColumnMixer
+        from dicekern.bindings.mlp import MLPKernelObjective
 
         mixer = mixer or ColumnMixer([rnd.W for rnd in stepping])
-        if linear_head:
-            objective = head_kernels.LinearHeadObjective(model, loss_fn)
+        if covered:
+            objective = MLPKernelObjective(model, loss_fn)
     mixer = mixer or TorchMixer([rnd.W for rnd in stepping])
     steps = [LocalStep(objective, traj.optimizer, r.params, r.inputs, r.targets, r.lr, r.state, options.curvature) for r in stepping]
     if isinstance(test, PerNodeTest):
@@ -112,9 +112,9 @@ def build_chain(
     else:
         tests = SharedTestSet(objective, test)
     chain_class = Chain
-    if kernels and linear_head and traj.optimizer.is_plain_sgd:
-        from dicekern.engine.fused import FusedLinearHeadChain  # one launch for the queries it covers
+    if kernels and covered and traj.optimizer.is_plain_sgd:
+        from dicekern.engine.fused import FusedMLPChain  # one launch for the queries it covers
 
-        chain_class = FusedLinearHeadChain
+        chain_class = FusedMLPChain
     return chain_class(rounds, steps, mixer, tests, q, options, mix_state=traj.mix_state, nodes=nodes,
                        test_grad_cache=test_grad_cache, step=step)

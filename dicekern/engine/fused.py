@@ -1,4 +1,4 @@
-"""The one-launch chains of a linear head as another implementation of the chain's queries.
+"""The one-launch MLP chains as another implementation of the chain's queries.
 
 Importing this module imports triton: on CPU set ``TRITON_INTERPRET=1`` before that import.
 """
@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from dicekern.bindings.linear_head import adjoint_chain_per_test, forward_chain
+from dicekern.bindings.mlp import adjoint_chain_per_test, forward_chain
 from dicekern.engine.chain import Chain
 
 
-class FusedLinearHeadChain(Chain):
-    """The chain of a linear head under plain SGD, with the queries the one-launch kernels cover
-    (``dice_e(per_test=True)`` and ``influence_matrix``) run as one launch each."""
+class FusedMLPChain(Chain):
+    """The chain of an MLP the kernels cover, under plain SGD, with the queries the one-launch
+    kernels cover (``dice_e(per_test=True)`` and ``influence_matrix``) run as one launch each."""
 
     def _kernel_flags(self) -> dict:
-        return dict(sender=self.options.curvature_at == "sender", curvature=self.options.curvature != "none")
+        return dict(sender=self.options.curvature_at == "sender", curvature=self.options.curvature)
 
     def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
         if not per_test or per_hop:

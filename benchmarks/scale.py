@@ -1,11 +1,11 @@
-"""Scale benchmark (issue 4): dice_e for one round, hops 3, at N = 64, 256, 1024 on three graphs.
+"""Scale benchmark (issues 4 and 10): dice_e for one round, hops 3, at N = 64, 256, 1024 on three graphs.
 
     python benchmarks/scale.py        # prints a markdown table, writes results/scale.json
 
 Each configuration runs in a fresh subprocess. CPU tensors are invisible to tracemalloc, so the
 peak is read from the process: the rise of its peak resident set (Linux ru_maxrss) over the first
-dice_e call. That call also pays torch.func's one-off set-up (about 170 MB here), so the table
-reports the rise above an N=2 run of the same graph. The walk count is what the paper's
+dice_e call. That call also pays one-off set-up costs, so the table reports the rise above an N=2
+run of the same graph. The walk count is what the paper's
 walk-by-walk evaluation would enumerate per source; dice_e's cost should follow nnz(W)·D + N·HVP.
 """
 

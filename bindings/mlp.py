@@ -110,11 +110,6 @@ def _stacked_csr(mixings: list[torch.Tensor], transpose: bool) -> tuple[torch.Te
     return rowptr.contiguous(), torch.cat([p.col for p in parts]), torch.cat([p.val for p in parts])
 
 
-def _chain_flags(plan: MLPPlan, hops: int, sender: bool, curvature: str) -> dict:
-    return dict(HOPS=hops, SENDER=sender, CURVATURE=CURVATURE_MODES[curvature], LOSS=plan.loss, ACT=plan.activation,
-                BLOCK_B=BLOCK_B, BW=BW, WMAX=plan.wmax, BLOCK_D=BLOCK_D)
-
-
 @triton_op("dicekern::mlp_adjoint_chain", mutates_args={})
 def _adjoint_chain_op(
     thetas: torch.Tensor, theta0: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, coefs: torch.Tensor,

@@ -38,7 +38,9 @@ def engine_of(traj: Trajectory, backend: str, *, validate: bool = True) -> str:
 
         return not validate or kernels_agree(model, loss_fn, traj.device, traj.dtype)
 
-    return resolve_backend(backend, traj.device, kernels=kernels_cover(model, loss_fn), closed_form=closed_form_reason(traj), validated=validated)
+    closed_form = closed_form_reason(traj)
+    kernels = closed_form is None and kernels_cover(model, loss_fn)
+    return resolve_backend(backend, traj.device, kernels=kernels, closed_form=closed_form, validated=validated)
 
 
 def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
@@ -92,11 +94,12 @@ def build_chain(
     nodes = range(traj.num_nodes) if nodes is None else nodes
     q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
     model, loss_fn = traj.objective.model, traj.objective.loss_fn
-    covered = kernels_cover(model, loss_fn)
+    closed_form = closed_form_reason(traj) is None
+    covered = closed_form and kernels_cover(model, loss_fn)  # the kernels' models are closed-form ones, narrower
     engine = engine_of(traj, options.backend)
     kernels = engine == "triton"
     stepping = rounds[: max(hops, 1)]
-    objective = ClosedFormObjective(model, loss_fn) if closed_form_reason(traj) is None and engine != "torch" else traj.objective
+    objective = ClosedFormObjective(model, loss_fn) if closed_form and engine != "torch" else traj.objective
     if kernels:
         # imported only here: triton must not load before the user can choose its interpreter
         from dicekern.bindings.gossip_mix import ColumnMixer

@@ -12,25 +12,19 @@ round 5, test objectives of M = 16 and 200 points.
 
 from __future__ import annotations
 
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dicekern as dk
+from timing import wall_seconds
 from dicekern.engine.step import gossip_round
 
 HOPS, STEP = 3, 5
 
 
 def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(wall_seconds(fn, repeats))
 
 
 def flops(fn) -> int:

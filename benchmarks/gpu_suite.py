@@ -34,6 +34,7 @@ from dicekern.bindings.mlp import MLPKernelObjective
 from dicekern.engine.step import gossip_round
 from dicekern.objectives.closed_form import ClosedFormObjective
 from dicekern.objectives.torch_func import NodeObjective
+from timing import wall_seconds
 
 
 def bench(fn, device: torch.device, repeats: int) -> float:
@@ -42,13 +43,8 @@ def bench(fn, device: torch.device, repeats: int) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=5, rep=max(repeats, 20), return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times = sorted(wall_seconds(fn, repeats))
+    return times[len(times) // 2]
 
 
 def check(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> float:

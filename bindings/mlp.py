@@ -7,7 +7,6 @@ of ``dicekern.bindings.plan.mlp_plan``. Importing this module imports triton: on
 from __future__ import annotations
 
 import torch
-import triton
 from torch import nn
 from torch.library import triton_op, wrap_triton
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dicekern.kernels import codes
-from dicekern.losses import ClosedFormLoss
+from dicekern.objectives.closed_form import unsupported_reason
 
 MAX_WIDTH = 256  # the widest layer output whose tiles fit a program; wider models run the closed-form engine
 LOSS_CODES = {"softmax_cross_entropy": codes.LOSS_SOFTMAX_CE, "binary_logistic": codes.LOSS_LOGISTIC, "squared_error": codes.LOSS_SQUARED}
@@ -38,13 +38,13 @@ class MLPPlan:
 
 
 def mlp_plan(model: nn.Module, loss_fn: object) -> MLPPlan | str:
-    """The kernels' plan of this model and loss, or the reason they do not cover it."""
-    if not isinstance(loss_fn, ClosedFormLoss):
-        return "the loss is not one of dk.losses"
-    modules = [model] if isinstance(model, nn.Linear) else list(model) if isinstance(model, nn.Sequential) else None
-    if modules is None:
-        return f"the model is a {type(model).__name__}, not an nn.Linear or an nn.Sequential"
-    if modules and isinstance(modules[0], nn.Flatten) and modules[0].start_dim == 1 and modules[0].end_dim == -1:
+    """The kernels' plan of this model and loss, or the reason they do not cover it. They cover
+    the closed-form engine's models whose layers alternate with one kind of activation."""
+    reason = unsupported_reason(model, loss_fn)
+    if reason is not None:
+        return reason
+    modules = [model] if isinstance(model, nn.Linear) else list(model)
+    if isinstance(modules[0], nn.Flatten):  # the closed-form engine admits it only first, flattening all
         modules = modules[1:]
     linears, activations = modules[0::2], modules[1::2]
     if not linears or not all(isinstance(m, nn.Linear) for m in linears) or len(activations) != len(linears) - 1:
@@ -54,8 +54,6 @@ def mlp_plan(model: nn.Module, loss_fn: object) -> MLPPlan | str:
         return "the kernels take one kind of activation (Tanh, ReLU, LeakyReLU, exact GELU, SiLU, Sigmoid or Identity) between all layers"
     if max(m.out_features for m in linears) > MAX_WIDTH:
         return f"a layer is wider than the kernels' {MAX_WIDTH} outputs"
-    if loss_fn.kind == "binary_logistic" and linears[-1].out_features != 1:
-        return "binary_logistic needs one output"
     widths, weights, biases, offset = [linears[0].in_features], [], [], 0
     for m in linears:
         widths.append(m.out_features)

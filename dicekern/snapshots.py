@@ -65,6 +65,27 @@ def write_file(folder: Path, name: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def replace_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Make path hold data, atomically: a kill leaves the old file or the new one, whole. The data
+    goes to a fresh file beside it (created exclusively, never through a link, fsynced) that then
+    replaces it; the parent folder is created if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+    return path
+
+
 def make_folder(parent: Path, name: str) -> Path:
     """Create parent/name exclusively (a link or anything already there is an error)."""
     path = parent / check_plain_name(name, "a folder name")

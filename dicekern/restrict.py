@@ -3,12 +3,13 @@
 An approximation: the feature extractor of every node is held at its recorded parameters, so a
 removed sample moves only the last layer's weights, and curvature is that layer's Hessian block.
 It turns any ``nn.Sequential`` ending in ``nn.Linear`` into a linear head, which the closed-form
-Triton kernels run. The exact full-model DICE-E remains ``dice_e`` on the original trajectory.
+engine and the MLP kernels run. Head rounds and test features are derived when a query first reads them. The exact full-model DICE-E remains ``dice_e`` on the original trajectory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from dicekern.checks import check_finite, check_test
-from dicekern.trajectory import Recorder, Trajectory
+from dicekern.objectives.torch_func import NodeObjective
+from dicekern.trajectory import Round, Trajectory, check_round
+
+CACHE_ROUNDS = 8  # derived rounds (or test features) kept in memory, the least recently used dropped first
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,12 @@ class PerNodeTest:
     """A test objective seen through each node's own feature extractor, round by round.
 
     Attributes:
-        features: step -> (N, M, F) test features under node k's extractor at that round.
+        features: step -> (N, M, F) test features under node k's extractor at that round; any
+            mapping (``last_layer`` gives one that computes a round's features when first read).
         targets: (M, ...) test targets.
     """
 
-    features: dict[int, torch.Tensor]
+    features: Mapping[int, torch.Tensor]
     targets: torch.Tensor
 
     def rows(self, steps: Sequence[int], like: torch.Tensor) -> torch.Tensor:
@@ -48,11 +53,48 @@ class PerNodeTest:
         return rows
 
 
+class DerivedRounds(Mapping):
+    """step -> derive(step) for every step of traj, computed when first read.
+
+    Its keys are traj's steps, listed without reading a round; the newest ``CACHE_ROUNDS`` values
+    are kept, so a run longer than memory can be scored round by round.
+    """
+
+    def __init__(self, traj: Trajectory, derive: Callable[[int], object]):
+        self._traj, self._derive = traj, derive
+        self._cache: OrderedDict[int, object] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._traj.steps)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._traj.steps)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._traj
+
+    def __getitem__(self, step: int):
+        if step not in self._traj:
+            raise KeyError(step)
+        if step in self._cache:
+            self._cache.move_to_end(step)
+            return self._cache[step]
+        value = self._derive(step)
+        self._cache[step] = value
+        while len(self._cache) > CACHE_ROUNDS:
+            self._cache.popitem(last=False)
+        return value
+
+
 def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tuple[Trajectory, PerNodeTest]:
     """The trajectory of the final nn.Linear alone, with every node's features as its inputs.
 
+    Nothing is computed up front: a round of the head (its params, state block and batch
+    features) and a round's test features are derived from the recorded round when first read.
+
     Args:
-        traj: recorded with an ``nn.Sequential`` whose last module is ``nn.Linear``.
+        traj: recorded with an ``nn.Sequential`` whose last module is ``nn.Linear`` (index-named,
+            or named through an OrderedDict).
         test: (inputs (M, ...), targets (M, ...)).
 
     Returns:
@@ -70,31 +112,48 @@ def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tup
     model = traj.objective.model
     if not isinstance(model, nn.Sequential) or len(model) < 2 or not isinstance(model[-1], nn.Linear):
         raise ValueError("last_layer needs an nn.Sequential whose last module is nn.Linear")
-    extractor, head = model[:-1], model[-1]
-    head_prefix = f"{len(model) - 1}."
+    # the name in the module tree: named_children() would skip a module that appears twice
+    head_name = list(model._modules)[-1]
+    extractor, head = model[:-1], model[-1]  # slicing keeps the names, so the extractor's parameters keep theirs
+    prefix = f"{head_name}."
+    layout = traj.objective.layout
+    owned = [prefix + name for name, _ in head.named_parameters()]
+    found = [name for name in layout.names if name.startswith(prefix)]
+    if found != owned:
+        raise ValueError(
+            f"last_layer needs a last nn.Linear ({head_name!r}) whose parameters are its own, but the model's parameters "
+            f"under {prefix!r} are {found}, not {owned}: is it shared with (or tied to) an earlier module?"
+        )
+    if not traj.steps:
+        raise ValueError("the trajectory is empty: record at least one round")
+    # PerNodeTest holds its targets, so the test takes the run's dtype and device now: one round's params
     x_test, y_test = check_test(test, traj[traj.steps[0]].params)
-    # features move between rounds, which this mode deliberately ignores: no replay check
-    recorder = Recorder(head, traj.objective.loss_fn, optimizer=traj.optimizer, mix_state=traj.mix_state, replay_check="off")
-    head_columns = torch.cat([torch.arange(c.start, c.stop) for name, c in traj.objective.layout.slices() if name.startswith(head_prefix)])
+    head_objective = NodeObjective(head, traj.objective.loss_fn)
+    columns = torch.cat([torch.arange(c.start, c.stop) for name, c in layout.slices() if name.startswith(prefix)])
     blocks = traj.optimizer.state_blocks
-    features: dict[int, torch.Tensor] = {}
 
-    def embed(extractor_params: dict[str, torch.Tensor], x: torch.Tensor, per_node: bool) -> torch.Tensor:
-        """(N, M, F) features of x ((N, M, ...) per node, or (M, ...) shared) under each node's extractor."""
-        if not extractor_params:  # a parameter-free extractor gives every node the same features
+    def embed(params: dict[str, torch.Tensor], x: torch.Tensor, nodes: int, per_node: bool) -> torch.Tensor:
+        """(N, M, F) features of x ((N, M, ...) per node, or (M, ...) shared) under each node's extractor params."""
+        if not params and not per_node:  # a parameter-free extractor gives every node the same features
             shared = extractor(x)
-            return shared if per_node else shared.expand(traj.num_nodes, *shared.shape)
-        return vmap(lambda p, xs: functional_call(extractor, p, (xs,)), in_dims=(0, 0 if per_node else None))(extractor_params, x)
+            return shared.expand(nodes, *shared.shape)
+        return vmap(lambda p, xs: functional_call(extractor, p, (xs,)), in_dims=(0, 0 if per_node else None))(params, x)
 
-    for t in traj.steps:
-        params = traj.params(t)
-        rnd = traj[t]
-        state = None if rnd.state is None else {k: v[:, head_columns] if k in blocks else v for k, v in rnd.state.items()}
-        head_params = {n.removeprefix(head_prefix): p for n, p in params.items() if n.startswith(head_prefix)}
-        extractor_params = {n: p for n, p in params.items() if not n.startswith(head_prefix)}
-        features[t] = embed(extractor_params, x_test, per_node=False)
-        if rnd.has_batch:
-            recorder.record(t, head_params, embed(extractor_params, rnd.inputs, per_node=True), rnd.targets, lr=rnd.lr, W=rnd.W, state=state)
-        else:
-            recorder.record(t, head_params, state=state)
-    return recorder.trajectory(), PerNodeTest(features, y_test)
+    def extractor_params(rnd: Round) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in layout.unflatten(rnd.params).items() if not n.startswith(prefix)}
+
+    def head_round(step: int) -> Round:
+        # features move between rounds, which this mode deliberately ignores: no replay check
+        rnd = traj[step]
+        flat = rnd.params[:, columns]
+        state = None if rnd.state is None else {k: v[:, columns] if k in blocks else v for k, v in rnd.state.items()}
+        inputs = embed(extractor_params(rnd), rnd.inputs, len(flat), per_node=True) if rnd.has_batch else None
+        total = rnd.W.shape[0] if rnd.has_batch else len(flat)
+        return check_round(traj.optimizer, flat, inputs, rnd.targets, rnd.lr, rnd.W, state, total_nodes=total, where=f"last-layer round {step}")
+
+    def test_features(step: int) -> torch.Tensor:
+        rnd = traj[step]
+        return embed(extractor_params(rnd), x_test, len(rnd.params), per_node=False)
+
+    head_traj = Trajectory(head_objective, DerivedRounds(traj, head_round), traj.optimizer, mix_state=traj.mix_state)
+    return head_traj, PerNodeTest(DerivedRounds(traj, test_features), y_test)

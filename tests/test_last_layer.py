@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+
 import pytest
 import torch
+from torch import nn
 
 import dicekern as dk
-from conftest import RTOL, assert_close, random_run
+from conftest import RTOL, assert_close, cross_entropy, random_run
+from dicekern.objectives.torch_func import NodeObjective
+
+
+class CountedRounds(Mapping):
+    """A run's rounds that note every step read (listing or testing a step reads none)."""
+
+    def __init__(self, traj: dk.Trajectory):
+        self.rounds = {t: traj[t] for t in traj.steps}
+        self.reads: list[int] = []
+
+    def __getitem__(self, step: int) -> dk.Round:
+        self.reads.append(step)
+        return self.rounds[step]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rounds)
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self.rounds
 
 
 def test_last_layer_equals_the_head_block_of_the_full_model() -> None:
@@ -63,11 +89,59 @@ def test_last_layer_runs_on_the_kernels() -> None:
         assert_close(query("triton"), query("torch"), 1e-10)
 
 
+def test_last_layer_takes_the_head_name_from_the_module_tree() -> None:
+    """The same recorded rounds under an OrderedDict-named nn.Sequential score as under the index-named one."""
+    run = random_run(5, rounds=3, seed=31)
+    named = nn.Sequential(OrderedDict(body=nn.Linear(3, 4), act=nn.Tanh(), head=nn.Linear(4, 3)))
+    rounds = {t: run.trajectory[t] for t in run.trajectory.steps}  # same flat layout: body = 0, head = 2
+    traj = dk.Trajectory(NodeObjective(named, cross_entropy), rounds, run.trajectory.optimizer)
+    head_traj, head_test = dk.last_layer(traj, run.test)
+    index_traj, index_test = dk.last_layer(run.trajectory, run.test)
+    assert head_traj.objective.layout.names == ("weight", "bias")
+    for step, hops in ((0, 2), (1, 2), (2, 0)):
+        expected = dk.dice_e(index_traj, step, index_test, hops, q=run.q)
+        assert_close(dk.dice_e(head_traj, step, head_test, hops, q=run.q), expected, 1e-12)
+
+
+def test_last_layer_reads_rounds_when_a_query_needs_them() -> None:
+    """last_layer itself reads one round's params (the run's dtype and device); a query from t with h hops
+    derives rounds t..t+h, plus the first round the query's checks look at, and no other."""
+    run = random_run(3, rounds=7, seed=37)
+    counted = CountedRounds(run.trajectory)
+    traj = dk.Trajectory(run.trajectory.objective, counted, run.trajectory.optimizer)
+    head_traj, head_test = dk.last_layer(traj, run.test)
+    assert counted.reads == [0]
+    assert head_traj.steps == traj.steps and 5 in head_traj and 9 not in head_traj and len(head_test.features) == 8
+    assert counted.reads == [0]
+    counted.reads.clear()
+    scores = dk.dice_e(head_traj, 3, head_test, 2, q=run.q)
+    assert set(counted.reads) == {0, 3, 4, 5}
+    plain_traj, plain_test = dk.last_layer(run.trajectory, run.test)  # the same rounds, uncounted
+    assert_close(scores, dk.dice_e(plain_traj, 3, plain_test, 2, q=run.q), 1e-12)
+    counted.reads.clear()
+    dk.dice_e(head_traj, 4, head_test, 2, q=run.q)  # rounds 0, 4 and 5 are cached: only round 6 is new
+    assert set(counted.reads) == {6}
+
+
+def test_last_layer_with_a_parameter_free_extractor() -> None:
+    """nn.Flatten then nn.Linear: every node's features are its own batch, so the head is the whole model."""
+    run = random_run(4, rounds=2, seed=41, model=nn.Sequential(nn.Flatten(), nn.Linear(3, 3)))
+    head_traj, head_test = dk.last_layer(run.trajectory, run.test)
+    assert torch.equal(head_traj[1].inputs, run.trajectory[1].inputs)
+    assert torch.equal(head_test.features[2], run.test[0].expand(4, *run.test[0].shape))
+    assert_close(dk.dice_e(head_traj, 0, head_test, 2, q=run.q), dk.dice_e(run.trajectory, 0, run.test, 2, q=run.q), 1e-12)
+
+
 def test_last_layer_rejects_other_models() -> None:
     run = random_run(3, rounds=1, seed=0)
     rec = dk.Recorder(torch.nn.Linear(3, 3), lambda o, y: torch.nn.functional.cross_entropy(o, y, reduction="none"))
     rec.record(0, {"weight": torch.zeros(3, 3, 3, dtype=torch.float64), "bias": torch.zeros(3, 3, dtype=torch.float64)})
     with pytest.raises(ValueError, match="nn.Sequential whose last module is nn.Linear"):
+        dk.last_layer(rec.trajectory(), run.test)
+    shared = torch.nn.Linear(3, 3)  # the same module first and last: its parameters are named "0.", not "2."
+    rec = dk.Recorder(torch.nn.Sequential(shared, torch.nn.Tanh(), shared), cross_entropy)
+    rec.record(0, {"0.weight": torch.zeros(3, 3, 3, dtype=torch.float64), "0.bias": torch.zeros(3, 3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="parameters under '2.' are \\[\\], not \\['2.weight', '2.bias'\\]"):
         dk.last_layer(rec.trajectory(), run.test)
 
 

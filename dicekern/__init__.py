@@ -8,6 +8,7 @@
 """
 
 from dicekern import adapters, analysis, examples, losses, optim, plots, reference, topology
+from dicekern.description import RunDescription
 from dicekern.engine.options import DiceOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
@@ -21,6 +22,7 @@ __all__ = [
     "PerNodeTest",
     "Recorder",
     "Round",
+    "RunDescription",
     "Trajectory",
     "VerifyReport",
     "adapters",

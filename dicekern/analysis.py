@@ -116,26 +116,32 @@ def detection_auc(scores: torch.Tensor, anomalous: Sequence[int], num_nodes: int
     return float(roc_auc_score(truth, scores.detach().cpu().numpy()))
 
 
+ANOMALY_ROUNDS = 24  # training rounds of each run of the digits anomaly experiment
+
+
 def anomaly_experiment(
-    kind: str, seeds: Sequence[int], *, num_nodes: int = 16, corrupted: int = 3, rounds: int = 24, scored_from: int = 10,
-    hops: Sequence[int] = (1, 3), optimizer: str = "sgd", progress: bool = False,
+    kind: str, seeds: Sequence[int], *, num_nodes: int = 16, corrupted: int = 3, rounds: int = ANOMALY_ROUNDS, scored_from: int = 10,
+    hops: Sequence[int] = (1, 3), optimizer: str = "sgd", graph: str = "exponential", batch_size: int = 16, lr: float | None = None,
+    progress: bool = False,
 ) -> dict:
     """Flag corrupted nodes on digits: for each seed, corrupt ``corrupted`` random nodes' data
     (``kind`` "flip" or "noise"), train, score every node with :func:`node_scores` over rounds
-    scored_from.., and report the ROC AUC per number of hops. optimizer: a name of
-    ``dk.examples.OPTIMIZER_PRESETS``.
+    scored_from.., and report the ROC AUC per number of hops. optimizer, graph, batch_size, lr:
+    as for ``dk.examples.digits_run``.
 
     Returns:
-        {"auc": {hops: [AUC per seed]}, "runs": [{"seed", "anomalous", "scores": {hops: [...]}}]}.
+        {"kind", "scored_from", "auc": {hops: [AUC per seed]}, "runs": [{"seed", "anomalous", "scores": {hops: [...]}}]}.
     """
     from tqdm.auto import tqdm
 
     from dicekern.examples import digits_run
 
-    results: dict = {"kind": kind, "auc": {h: [] for h in hops}, "runs": []}
+    if rounds - max(hops) < scored_from:
+        raise ValueError(f"rounds {rounds} leave nothing to score from round {scored_from} with hops {max(hops)}: use rounds >= {scored_from + max(hops)}")
+    results: dict = {"kind": kind, "scored_from": scored_from, "auc": {h: [] for h in hops}, "runs": []}
     for seed in tqdm(seeds, desc=f"anomaly detection ({kind})", disable=not progress):
         bad = sorted(int(b) for b in np.random.default_rng(seed).choice(num_nodes, corrupted, replace=False))
-        run = digits_run(num_nodes, rounds, seed=seed, corrupt={b: kind for b in bad}, optimizer=optimizer)
+        run = digits_run(num_nodes, rounds, seed=seed, corrupt={b: kind for b in bad}, optimizer=optimizer, graph=graph, batch_size=batch_size, lr=lr)
         entry = {"seed": seed, "anomalous": bad, "scores": {}}
         for h in hops:
             scores = node_scores(run.trajectory, range(scored_from, rounds - h + 1), run.test, h)

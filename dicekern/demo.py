@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from dicekern.analysis import pearson, relative_error
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e
 from dicekern.restrict import last_layer
+from dicekern.report import provenance, write_json
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class DemoConfig:
     graph: str = "exponential"
     step: int = 30
     hops: int = 3
+    rounds: int | None = None  # None: step + max(hops, 1), just enough
     batch_size: int = 16
     optimizer: str = "sgd"
     lr: float | None = None  # None: the optimizer preset's (dk.examples.OPTIMIZER_PRESETS)
@@ -43,15 +44,22 @@ def _timed(fn: Callable[[], torch.Tensor], *, warmup: bool = True) -> tuple[torc
     return result, time.perf_counter() - start
 
 
-def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+def run_demo(
+    out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool = True, echo: Callable[[str], None] = print,
+    command_line: list[str] | None = None,
+) -> dict:
     """Run the demo, print its table, write ``results.json``, ``cascade.png``, ``e_vs_gt.png`` and ``decay.png``.
 
     Returns:
         The numbers written to results.json.
     """
+    needed = config.step + max(config.hops, 1)
+    rounds = needed if config.rounds is None else config.rounds
+    if rounds < needed:
+        raise ValueError(f"rounds {rounds} is too few: step {config.step} with hops {config.hops} needs rounds >= {needed}")
     out_dir.mkdir(parents=True, exist_ok=True)
     run = examples.digits_run(
-        config.num_nodes, config.step + max(config.hops, 1), batch_size=config.batch_size, lr=config.lr,
+        config.num_nodes, rounds, batch_size=config.batch_size, lr=config.lr,
         graph=config.graph, hidden=config.hidden, seed=config.seed, optimizer=config.optimizer, progress=progress,
     )
     traj, test, step, hops = run.trajectory, run.test, config.step, config.hops
@@ -91,6 +99,9 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
 
     results = {
         "config": asdict(config),
+        "metadata": {"run": "bundled digits", "step": step, "hops": hops, "N": config.num_nodes, "B": config.batch_size,
+                     "M": len(test[0]), "dtype": str(traj.dtype).removeprefix("torch."), "topology": config.graph,
+                     "optimizer": traj.optimizer.to_dict(), "seed": config.seed, **provenance(command_line or [])},
         "replay_mismatch": report.max_rel_mismatch,
         "per_hop": rows,
         "most_helpful": [describe(i) for i in order[: config.top]],
@@ -107,10 +118,12 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), *, progress: bool
                     "walk_reference_one_source": t_walks, "dice_gt_subset": t_gt},
         "samples": {"dice_e": int(total.numel()), "dice_gt": int(gt[0].numel())},
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    plots.cascade_on_graph(traj[step].W, flow, source, out_dir / "cascade.png")
-    plots.estimate_vs_truth(estimate.sum(0), gt.sum(0), out_dir / "e_vs_gt.png")
-    plots.decay_over_hops(per_hop, out_dir / "decay.png")
+    caption = (f"run: bundled digits ({config.num_nodes} nodes, {config.graph}, {traj.optimizer}, seed {config.seed}); "
+               f"round {step}, hops 0..{hops}; {len(test[0])} test points")
+    plots.cascade_on_graph(traj[step].W, flow, source, out_dir / "cascade.png", caption=f"{caption}; node {source}'s batch")
+    plots.estimate_vs_truth_per_hop(estimate, gt, out_dir / "e_vs_gt.png", caption=f"{caption}; {gt[0].numel()} samples replayed")
+    plots.decay_over_hops(per_hop, out_dir / "decay.png", caption=f"{caption}; {total.numel()} samples")
+    write_json(out_dir, "results.json", results)
     _print_table(results, echo)
     echo(f"wrote {out_dir / 'results.json'}, cascade.png, e_vs_gt.png and decay.png there")
     return results

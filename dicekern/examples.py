@@ -17,10 +17,22 @@ from dicekern.engine.step import gossip_round
 from dicekern.optim import SGD, Adam, OptimizerSpec
 from dicekern.trajectory import Recorder, Trajectory
 
+TEST_SIZE = 200  # held-out digits of the bundled run's test objective
+
+
+def square_torus(n: int) -> torch.Tensor:
+    """The most nearly square rows x cols torus of n nodes, both sides >= 3."""
+    sides = [(rows, n // rows) for rows in range(3, int(n**0.5) + 1) if n % rows == 0]
+    if not sides:
+        raise ValueError(f"a torus needs N = rows x cols with both >= 3 (9, 12, 15, 16, ...), got N = {n}")
+    return topology.torus(*sides[-1])
+
+
 TOPOLOGIES: dict[str, Callable[[int, int], torch.Tensor]] = {
     "exponential": lambda n, t: topology.exponential(n),
     "one_peer_exponential": lambda n, t: topology.one_peer_exponential(n, t),
     "ring": lambda n, t: topology.ring(n),
+    "torus": lambda n, t: square_torus(n),
     "complete": lambda n, t: topology.complete(n),
 }
 
@@ -54,7 +66,7 @@ class DigitsRun:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def digits_split(num_nodes: int, *, seed: int = 0, test_size: int = 200) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+def digits_split(num_nodes: int, *, seed: int = 0, test_size: int = TEST_SIZE) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Non-IID split of digits: labels sorted into 2 * num_nodes shards, two shards per node.
 
     Returns:
@@ -84,7 +96,7 @@ def digits_run(
     hidden: int = 32,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
-    test_size: int = 200,
+    test_size: int = TEST_SIZE,
     corrupt: dict[int, str] | None = None,
     optimizer: OptimizerSpec | str = "sgd",
     progress: bool = False,

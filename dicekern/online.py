@@ -33,7 +33,8 @@ from dicekern.trajectory import Recorder
 LEDGER = "ledger.json"
 TEST_GRADS = "test_grads.safetensors"
 PENDING = "pending"
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3  # 3 added round_totals; a version 2 ledger resumes with them empty
+READABLE_LEDGER_VERSIONS = (2, 3)
 
 
 def test_digest(test: object) -> str:
@@ -62,6 +63,8 @@ class OnlineDICE:
             rounds (negative: it helped).
         sample_totals: sample id -> total, for rounds recorded with ``sample_ids``.
         matrix_totals: (N, N) when node_matrix, else None.
+        round_totals: scored round -> (N,) each node's share of that round alone, for
+            ``dk.plots.contribution_over_rounds`` (node_totals is their sum).
         scored_steps: the rounds folded in so far.
 
     Example:
@@ -97,6 +100,7 @@ class OnlineDICE:
         self.recorder = self._make_recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, replay_check=replay_check)
         self.node_matrix = bool(node_matrix)
         self.node_totals: torch.Tensor | None = None
+        self.round_totals: dict[int, torch.Tensor] = {}
         self.matrix_totals: torch.Tensor | None = None
         self.sample_totals: dict[int, float] = {}
         self.scored_steps: list[int] = []
@@ -154,6 +158,7 @@ class OnlineDICE:
             for sample_id, score in zip(ids.flatten().tolist(), scores.flatten().tolist()):
                 by_id[sample_id] = by_id.get(sample_id, self.sample_totals.get(sample_id, 0.0)) + score
         self.node_totals = scores.sum(1) if self.node_totals is None else self.node_totals + scores.sum(1)
+        self.round_totals[t] = scores.sum(1)
         if matrix is not None:
             self.matrix_totals = matrix if self.matrix_totals is None else self.matrix_totals + matrix
         self.sample_totals.update(by_id)
@@ -202,6 +207,7 @@ class OnlineDICE:
             "test": self._test_digest,
             "scored_steps": self.scored_steps,
             "node_totals": None if self.node_totals is None else self.node_totals.tolist(),
+            "round_totals": {str(t): totals.tolist() for t, totals in self.round_totals.items()},
             "matrix_totals": None if self.matrix_totals is None else self.matrix_totals.tolist(),
             "sample_totals": {str(k): v for k, v in self.sample_totals.items()},
             "sample_ids": {str(s): ids.tolist() for s, ids in self._sample_ids.items()},
@@ -258,6 +264,7 @@ class OnlineDICE:
             raise ValueError(f"{where}: totals or test gradients without pending rounds")
         to = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
         ledger.node_totals, ledger.matrix_totals = to(state["node_totals"]), to(state["matrix_totals"])
+        ledger.round_totals = {int(t): to(totals) for t, totals in state["round_totals"].items()}
         ledger.scored_steps = state["scored_steps"]
         ledger.sample_totals = {int(k): v for k, v in state["sample_totals"].items()}
         ledger._sample_ids = {int(s): torch.tensor(ids) for s, ids in state["sample_ids"].items()}
@@ -267,11 +274,13 @@ class OnlineDICE:
 def _parse_ledger(data: bytes, where: str) -> dict:
     """A ledger's fields, each checked for its type; a ValueError names the field otherwise."""
     state = parse_json_object(data, where)
-    if state.get("version") != LEDGER_VERSION:
-        raise ValueError(f"{where} is not an OnlineDICE ledger of version {LEDGER_VERSION}")
+    if state.get("version") not in READABLE_LEDGER_VERSIONS:
+        raise ValueError(f"{where} is not an OnlineDICE ledger of version {' or '.join(map(str, READABLE_LEDGER_VERSIONS))}")
+    if state["version"] == 2:
+        state["round_totals"] = {}
     kinds = {
         "hops": int, "node_matrix": bool, "optimizer": dict, "mix_state": bool, "replay_check": str, "options": dict,
-        "q": (list, type(None)), "test": str, "scored_steps": list, "node_totals": (list, type(None)),
+        "q": (list, type(None)), "test": str, "scored_steps": list, "node_totals": (list, type(None)), "round_totals": dict,
         "matrix_totals": (list, type(None)), "sample_totals": dict, "sample_ids": dict, "pending": list, "checksums": dict,
     }
     for name, kind in kinds.items():
@@ -279,4 +288,8 @@ def _parse_ledger(data: bytes, where: str) -> dict:
             raise ValueError(f"{where}: field {name!r} is missing or of the wrong type")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in state["scored_steps"] + state["pending"]):
         raise ValueError(f"{where}: fields 'scored_steps' and 'pending' must list round numbers")
+    nodes = len(state["node_totals"] or [])
+    for t, totals in state["round_totals"].items():
+        if t not in map(str, state["scored_steps"]) or not isinstance(totals, list) or len(totals) != nodes:
+            raise ValueError(f"{where}: field 'round_totals' must map scored rounds to {nodes} node totals, got round {t!r}")
     return state

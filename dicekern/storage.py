@@ -25,13 +25,15 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dicekern.checks import check_int
+from dicekern.description import RunDescription, check_describes, described
 from dicekern.objectives.torch_func import LossFn, NodeObjective
 from dicekern.optim import OptimizerSpec, spec_from_dict
 from dicekern.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.trajectory import BatchLayout, Round, Trajectory, check_round
 
 FORMAT = "dicekern-trajectory"
-VERSION = 3
+VERSION = 4  # 4 added the run's description; version 3 runs (none) still load
+READABLE_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
 STATE_PREFIX = "state."
 MANIFEST_MAX_BYTES = 1 << 30
@@ -49,8 +51,10 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def write_run(traj: Trajectory, folder: Path) -> str:
-    """Write every round of traj and its manifest into the (new, empty) folder; returns the manifest's name."""
+def write_run(traj: Trajectory, folder: Path, description: RunDescription | None = None) -> str:
+    """Write every round of traj and its manifest (with description, default traj's) into the
+    (new, empty) folder; returns the manifest's name."""
+    description = description or traj.description
     layout = traj.objective.layout
     rounds = {}
     total_nodes = traj.num_nodes
@@ -79,17 +83,24 @@ def write_run(traj: Trajectory, folder: Path) -> str:
         "dtype": str(traj.dtype).removeprefix("torch."),
         "optimizer": traj.optimizer.to_dict(),
         "mix_state": traj.mix_state,
+        "description": None if description is None else description.to_dict(),
         "rounds": rounds,
     }
     write_file(folder, MANIFEST, json.dumps(manifest, indent=1).encode())
     return MANIFEST
 
 
-def save_trajectory(traj: Trajectory, directory: str | os.PathLike) -> None:
-    """Publish every recorded round of traj as the new content of directory (created if missing)."""
+def save_trajectory(traj: Trajectory, directory: str | os.PathLike, description: RunDescription | None = None) -> None:
+    """Publish every recorded round of traj as the new content of directory (created if missing),
+    with description (checked against traj's model, loss and first batch) or traj's own."""
     if not traj.steps:
         raise ValueError("the trajectory is empty: there is nothing to save")
-    publish(directory, lambda folder: write_run(traj, folder))
+    if description is not None:
+        description = described(description, traj.objective)
+        first = next((traj[t] for t in traj.steps if traj[t].has_batch), None)
+        if first is not None:
+            check_describes(description, traj.objective, first.params[0], first.inputs[0])
+    publish(directory, lambda folder: write_run(traj, folder, description))
 
 
 @dataclass(frozen=True)
@@ -104,11 +115,17 @@ class Manifest:
     rounds: dict[int, dict]
 
 
-def parse_manifest(data: bytes, where: str, objective: NodeObjective) -> Manifest:
-    """Every field of a manifest checked; errors are ValueErrors that name where and the field."""
-    manifest = parse_json_object(data, where)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{where} is not a {FORMAT} manifest of version {VERSION}")
+def parse_description(manifest: dict, where: str) -> RunDescription | None:
+    """The description in a manifest's fields (None when saved without one), after its format and version."""
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{where} is not a {FORMAT} manifest of version {' or '.join(map(str, READABLE_VERSIONS))}")
+    fields = manifest.get("description")
+    return None if fields is None else RunDescription.from_dict(fields, where)
+
+
+def parse_manifest(manifest: dict, where: str, objective: NodeObjective) -> Manifest:
+    """Every field of a manifest's JSON checked; errors are ValueErrors that name where and the field."""
+    parse_description(manifest, where)
 
     def field(name: str, kind: type | tuple[type, ...]):
         value = manifest.get(name)
@@ -246,24 +263,80 @@ class RoundFiles(Mapping):
         return rnd
 
 
-def read_run(root: Path, parts: tuple[str, ...], manifest_bytes: bytes, model: nn.Module, loss_fn: LossFn, device, cache_rounds: int) -> Trajectory:
-    """The trajectory whose manifest (already read and checksummed) sits at root/parts."""
+def read_run(
+    root: Path, parts: tuple[str, ...], manifest_bytes: bytes, model: nn.Module | None, loss_fn: LossFn | None, device, cache_rounds: int
+) -> Trajectory:
+    """The trajectory whose manifest (already read and checksummed) sits at root/parts; model and
+    loss_fn None are rebuilt from its description. The trajectory keeps the description only when
+    what it describes was not overridden."""
+    where = str(root.joinpath(*parts, MANIFEST))
+    fields = parse_json_object(manifest_bytes, where)
+    description = parse_description(fields, where)
+    if model is None or loss_fn is None:
+        if description is None:
+            raise ValueError(f"{where}: the run was saved without a dk.RunDescription; pass the model and loss_fn it was recorded with")
+        if description.loss is None and loss_fn is None:
+            raise ValueError(f"{where}: the run's description names no loss; pass the loss_fn it was recorded with")
+    overridden = model is not None or (loss_fn is not None and description is not None and description.loss is not None)
+    model = description.build_model(DTYPES.get(fields.get("dtype"), torch.float32)) if model is None else model
+    loss_fn = description.build_loss() if loss_fn is None else loss_fn
+    description = None if overridden else description
     objective = NodeObjective(model, loss_fn)
-    manifest = parse_manifest(manifest_bytes, str(root.joinpath(*parts, MANIFEST)), objective)
+    manifest = parse_manifest(fields, where, objective)
     rounds = RoundFiles(root, parts, manifest, objective, torch.device(device), cache_rounds)
-    return Trajectory(objective, rounds, manifest.optimizer, mix_state=manifest.mix_state)
+    return Trajectory(objective, rounds, manifest.optimizer, mix_state=manifest.mix_state, description=description)
 
 
 def load_trajectory(
-    directory: str | os.PathLike, model: nn.Module, loss_fn: LossFn, *, device: torch.device | str = "cpu", cache_rounds: int = 8
+    directory: str | os.PathLike, model: nn.Module | None = None, loss_fn: LossFn | None = None, *,
+    device: torch.device | str = "cpu", cache_rounds: int = 8,
 ) -> Trajectory:
-    """Open a saved trajectory lazily; rounds are read (and checked) when first used.
+    """Open a saved trajectory lazily; rounds are read (and checked) when first used. model and
+    loss_fn default to those the run's description rebuilds.
 
     Raises:
-        ValueError: nothing saved, a malformed manifest, a model whose parameters differ from the
+        ValueError: nothing saved, a malformed manifest, no description to rebuild a missing model
+            or loss, a factory that cannot be imported, a model whose parameters differ from the
             saved ones; on access, a missing, truncated, corrupted, mismatched or invalid round, named.
     """
     cache_rounds = check_int("cache_rounds", cache_rounds, minimum=1)
     directory = Path(directory)
     snapshot, manifest = open_snapshot(directory, what="trajectory", index=MANIFEST)
     return read_run(directory, (snapshot.name,), manifest, model, loss_fn, device, cache_rounds)
+
+
+TEST_SET_KEYS = {"inputs", "targets"}
+
+
+def read_test_set(path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A test set from a .safetensors or .npz file holding exactly ``inputs`` (M, ...) and ``targets``
+    (M, ...): inputs (floating point) and floating targets in dtype, integer targets as int64.
+    Neither format can hold code: .npz is read with allow_pickle=False.
+
+    Raises:
+        ValueError: a missing or unreadable file, another format, other arrays, integer inputs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"test file {path} does not exist or is not a file")
+    if path.suffix not in (".safetensors", ".npz"):
+        raise ValueError(f"test file {path} must be a .safetensors or .npz file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            arrays = load_file(path)
+        else:
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: torch.from_numpy(npz[name].copy()) for name in npz.files}
+    except Exception as error:  # safetensors and numpy raise their own error types on malformed files
+        raise ValueError(f"test file {path} cannot be read: {error}") from None
+    if set(arrays) != TEST_SET_KEYS:
+        raise ValueError(f"test file {path} must hold exactly the arrays {sorted(TEST_SET_KEYS)}, found {sorted(arrays)}")
+    inputs, targets = arrays["inputs"], arrays["targets"]
+    if not inputs.is_floating_point():
+        raise ValueError(f"test file {path}: inputs must be floating point, got {inputs.dtype}")
+    targets = targets.to(dtype) if targets.is_floating_point() else targets.to(torch.int64)
+    return inputs.to(dtype), targets

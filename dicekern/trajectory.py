@@ -8,13 +8,14 @@ The recorder checks that recorded rounds follow from each other under the declar
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dicekern.checks import check_batch, check_choice, check_finite, check_int, check_mixing
+from dicekern.description import RunDescription, check_describes, described
 from dicekern.losses import ClosedFormLoss
 from dicekern.engine.step import local_update
 from dicekern.objectives.torch_func import LossFn, NodeObjective
@@ -228,15 +229,17 @@ class Trajectory:
         objective: the model and loss of every node.
         optimizer: the spec of every node's local step.
         mix_state: whether the optimizer state is gossiped with the params.
+        description: how a save rebuilds the model and loss (see :class:`dk.RunDescription`), or None.
     """
 
     def __init__(
         self, objective: NodeObjective, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *,
-        mix_state: bool = False, layout: BatchLayout | None = None,
+        mix_state: bool = False, layout: BatchLayout | None = None, description: RunDescription | None = None,
     ):
         self.objective = objective
         self.optimizer = SGD() if optimizer is None else optimizer
         self.mix_state = bool(mix_state)
+        self.description = description
         self._rounds = rounds  # a dict in memory, or rounds read lazily from disk
         self._steps = tuple(sorted(rounds))
         self._layout = layout
@@ -336,24 +339,37 @@ class Trajectory:
             )
         return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol, worst.excess)
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write every round as safetensors plus a checksummed manifest (see dicekern.storage)."""
+    def save(self, directory: str | os.PathLike, *, description: RunDescription | None = None) -> None:
+        """Write every round as safetensors plus a checksummed manifest (see dicekern.storage),
+        published whole or not at all.
+
+        Args:
+            description: how to rebuild the model and loss on load (default: the recorder's);
+                checked against this run's model, loss and first batch before anything is written.
+        """
         from dicekern.storage import save_trajectory  # storage builds on this module
 
-        save_trajectory(self, directory)
+        save_trajectory(self, directory, description)
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, model: nn.Module, loss_fn: LossFn, *, device: torch.device | str = "cpu", cache_rounds: int = 8
+        cls, directory: str | os.PathLike, model: nn.Module | None = None, loss_fn: LossFn | None = None, *,
+        device: torch.device | str = "cpu", cache_rounds: int = 8,
     ) -> Trajectory:
-        """Open a saved run lazily; model and loss_fn must be those it was recorded with.
+        """Open a saved run lazily. A run saved with a :class:`dk.RunDescription` rebuilds its model
+        and loss by importing them (never unpickling; see ``dicekern.description`` for what that
+        trusts); otherwise, or to override them, pass the model and loss it was recorded with.
+
+        Raises:
+            ValueError: nothing saved, a malformed manifest, a model that cannot be imported or whose
+                parameters differ from the saved ones; on access, a bad round, named.
 
         Example:
             >>> import tempfile, dicekern as dk
             >>> run = dk.examples.digits_run(num_nodes=4, rounds=2, batch_size=3)
             >>> folder = tempfile.mkdtemp()
-            >>> run.trajectory.save(folder)
-            >>> dk.Trajectory.load(folder, run.model, run.loss_fn).steps
+            >>> run.trajectory.save(folder, description=dk.RunDescription("dicekern.examples:mlp"))
+            >>> dk.Trajectory.load(folder).steps
             (0, 1, 2)
         """
         from dicekern.storage import load_trajectory
@@ -385,6 +401,9 @@ class Recorder:
             hops needs ``hops + 1`` consecutive rounds.
         total_nodes: the size of W when params hold only a block of the nodes (one process's share,
             see ``dicekern.distributed``); None means params hold every node.
+        description: how a saved run rebuilds the model and loss (a :class:`dk.RunDescription`),
+            checked against model, loss_fn and the first batch; None saves runs that need the
+            model and loss passed to ``Trajectory.load``.
         replay_check: "sampled" (default) replays the first two transitions t -> t+1 recorded and
             then one in 32 (a replay costs about one training round of all nodes), "every"
             replays all, "off" none. A recorded round t+1 that is not the declared optimizer's
@@ -405,8 +424,10 @@ class Recorder:
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, *, optimizer: object = None, mix_state: bool = False,
         window: int | None = None, total_nodes: int | None = None, replay_check: str = "sampled",
+        description: RunDescription | None = None,
     ):
         self.objective = NodeObjective(model, loss_fn)
+        self.description = described(description, self.objective)
         self.optimizer = SGD() if optimizer is None else spec_of(optimizer)
         if not isinstance(mix_state, bool):
             raise TypeError(f"mix_state must be a bool, got {type(mix_state).__name__}")
@@ -474,7 +495,8 @@ class Recorder:
 
     def trajectory(self) -> Trajectory:
         """A snapshot of what is recorded so far."""
-        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state, layout=self._layout)
+        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state, layout=self._layout,
+                          description=self.description)
 
     def _check_replay(self, step: int, rnd: Round) -> None:
         """Replay round step-1 and compare with rnd when the policy samples this transition."""
@@ -528,4 +550,6 @@ class Recorder:
                 f"use reduction='none'"
             )
         self.objective.check_deterministic(theta, x)
+        if self.description is not None:
+            check_describes(self.description, self.objective, theta, x)
         self._layout = layout

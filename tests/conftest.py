@@ -75,7 +75,8 @@ class RandomRun:
 
 def random_run(
     n: int, rounds: int, *, seed: int, batch: int = 5, dtype: torch.dtype = torch.float64, model: nn.Module | None = None,
-    optimizer: dk.optim.OptimizerSpec | None = None, lr: float = 0.2, mix_state: bool = False,
+    optimizer: dk.optim.OptimizerSpec | None = None, lr: float = 0.2, mix_state: bool = False, loss_fn=cross_entropy,
+    description: dk.RunDescription | None = None,
 ) -> RandomRun:
     """A recorded run on random data with a small tanh MLP and a fresh directed W every round.
 
@@ -84,7 +85,7 @@ def random_run(
     """
     g = torch.Generator().manual_seed(seed)
     model = model or nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    rec = dk.Recorder(model, cross_entropy, optimizer=optimizer, mix_state=mix_state, replay_check="every")
+    rec = dk.Recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, replay_check="every", description=description)
     obj, spec = rec.objective, rec.optimizer
     theta = torch.randn(n, obj.layout.dim, generator=g, dtype=dtype)
     state = spec.initial_state(n, obj.layout.dim, theta)

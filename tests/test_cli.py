@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from dicekern.__main__ import main
+from dicekern.cli import main
 from test_plots import is_png
 
 SMALL = ["--nodes", "5", "--no-progress"]
 
 
-@pytest.mark.parametrize("command", ["demo", "cascade", "validate", "detect"])
+@pytest.mark.parametrize("command", ["demo", "score", "cascade", "validate", "detect"])
 def test_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -36,8 +37,11 @@ def test_cascade(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 def test_validate(optimizer: str, tmp_path) -> None:
     assert main(["validate", "--out", str(tmp_path), "--step", "3", "--hops", "2", "--gt-nodes", "2", "--optimizer", optimizer, *SMALL]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())["per_hops"]
-    assert [r["hops"] for r in rows] == [0, 1, 2] and all(r["pearson"] > 0.99 for r in rows)
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["per_hop"]
+    assert [r["hop"] for r in rows] == [0, 1, 2] and all(r["hops_0_to_s"]["pearson"] > 0.99 for r in rows)
+    assert all(set(r["hop_alone"]) == {"pearson", "spearman", "rel_error"} for r in rows)
+    assert results["metadata"]["optimizer"]["kind"] in ("sgd", "adam") and results["metadata"]["step"] == 3
     assert is_png(tmp_path / "e_vs_gt.png")
 
 
@@ -76,8 +80,14 @@ def test_hops_zero_and_force(tmp_path) -> None:
 def test_help_texts(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
     assert "default: out/demo" in text and "round whose samples are scored" in text and "rounds after it" in text
+    for option in ("--nodes", "--topology", "--rounds", "--batch-size", "--lr", "--optimizer", "--seed"):
+        assert option in text
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "imports the model factory" in text and "nothing is unpickled" in text and "--nodes" not in text
 
 
 def test_exit_status_for_bad_requests(capsys, tmp_path) -> None:
@@ -89,3 +99,31 @@ def test_exit_status_for_bad_requests(capsys, tmp_path) -> None:
         main(["frobnicate"])
     assert exit_info.value.code == 2
     assert main(["detect", "--corrupted", "5", "--out", str(out), *SMALL]) == 1
+
+
+def test_bundled_run_options(tmp_path) -> None:
+    """--topology, --rounds, --batch-size, --lr and --seed shape the digits run, and results.json says so."""
+    argv = ["cascade", "--out", str(tmp_path), "--nodes", "9", "--topology", "torus", "--rounds", "5", "--batch-size", "4",
+            "--lr", "0.05", "--seed", "3", "--step", "1", "--hops", "2", "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    meta = results["metadata"]
+    assert (meta["N"], meta["B"], meta["topology"], meta["seed"], meta["step"], meta["hops"]) == (9, 4, "torus", 3, 1, 2)
+    assert meta["command_line"] == ["dicekern", *argv] and meta["versions"]["python"]
+    import dicekern as dk
+
+    run = dk.examples.digits_run(9, 5, batch_size=4, lr=0.05, graph="torus", seed=3)
+    assert torch.equal(run.trajectory[1].W, dk.topology.torus(3, 3))
+    torch.testing.assert_close(torch.tensor(results["cascade"], dtype=torch.float64), dk.cascade(run.trajectory, 1, 0, run.test, 2),
+                               rtol=0, atol=0)
+
+
+def test_bundled_run_options_are_checked(tmp_path, capsys) -> None:
+    assert main(["cascade", "--out", str(tmp_path / "a"), "--rounds", "2", "--step", "2", "--hops", "1", *SMALL]) == 1
+    assert "--rounds 2 is too few" in capsys.readouterr().err
+    assert main(["cascade", "--out", str(tmp_path / "b"), "--topology", "torus", *SMALL]) == 1
+    assert "a torus needs N = rows x cols with both >= 3" in capsys.readouterr().err
+    for bad in (["--lr", "0"], ["--batch-size", "0"], ["--topology", "hypercube"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["cascade", "--out", str(tmp_path / "c"), *bad, *SMALL])
+        assert exit_info.value.code == 2

@@ -52,6 +52,9 @@ def test_totals_equal_offline_dice_e(run) -> None:
     assert_close(torch.tensor([ledger.sample_totals[i] for i in by_id]), torch.tensor(list(by_id.values())), RTOL[torch.float64])
     matrix = sum(dk.influence_matrix(run.trajectory, t, run.test, HOPS, q=q).sum(0) for t in scored)
     assert_close(ledger.matrix_totals, matrix, RTOL[torch.float64])
+    assert sorted(ledger.round_totals) == scored
+    for t, s in zip(scored, offline):
+        assert_close(ledger.round_totals[t], s.sum(1), RTOL[torch.float64])
 
 
 def test_memory_is_bounded_and_test_gradients_are_computed_once(run, monkeypatch) -> None:
@@ -82,6 +85,11 @@ def test_a_stopped_run_resumes_with_identical_totals(run, tmp_path) -> None:
     assert torch.equal(resumed.node_totals, whole.node_totals)
     assert torch.equal(resumed.matrix_totals, whole.matrix_totals)
     assert resumed.sample_totals == whole.sample_totals
+    assert resumed.round_totals.keys() == whole.round_totals.keys()
+    assert all(torch.equal(resumed.round_totals[t], whole.round_totals[t]) for t in whole.round_totals)
+    steps = sorted(resumed.round_totals)
+    picture = dk.plots.contribution_over_rounds(steps, torch.stack([resumed.round_totals[t] for t in steps]), tmp_path / "c.png")
+    assert picture.stat().st_size > 0
 
 
 def test_bad_sample_ids(run) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -22,8 +27,8 @@ def run_block(index: int) -> dict:
     return scope
 
 
-def test_readme_has_its_two_examples() -> None:
-    assert len(python_blocks()) == 2
+def test_readme_has_its_three_examples() -> None:
+    assert len(python_blocks()) == 3
 
 
 def test_readme_example_runs() -> None:
@@ -43,3 +48,27 @@ def test_readme_optimizers_example_runs() -> None:
     assert scores.shape == (3, 6, 8) and truth.shape == (3, 1, 8)
     for s in range(3):
         assert dk.analysis.pearson(scores[s, 0], truth[s, 0]) > 0.99
+
+
+def test_readme_your_own_run_section_runs(tmp_path, monkeypatch) -> None:
+    """The python block saves a described run, and the sh block's commands score it; every score equals dk.dice_e."""
+    monkeypatch.chdir(tmp_path)
+    scope = run_block(2)
+    loaded = dk.Trajectory.load("out/my_run")
+    assert loaded.description.model == "dicekern.examples:mlp" and loaded.description.metadata["data"] == "sklearn digits"
+    torch.testing.assert_close(scope["scores"], dk.dice_e(scope["run"].trajectory, 2, scope["run"].test, 2), rtol=0, atol=0)
+    commands = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(commands) == 1
+    for line in commands[0].strip().splitlines():
+        argv = shlex.split(line)
+        assert argv[:3] == ["python", "-m", "dicekern"]
+        done = subprocess.run([sys.executable, *argv[1:], "--no-progress"], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        assert done.returncode == 0, done.stderr
+    with open("out/my_scores/scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({int(r["step"]) for r in rows}) == [2, 3, 4, 5]
+    for step in (2, 5):
+        expected = dk.dice_e(loaded, step, scope["run"].test, 2)
+        written = torch.tensor([float(r["score"]) for r in rows if int(r["step"]) == step], dtype=torch.float64).reshape(expected.shape)
+        torch.testing.assert_close(written, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
+    assert all((tmp_path / "out" / folder / "results.json").is_file() for folder in ("my_scores", "my_cascade", "my_validate"))

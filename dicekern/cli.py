@@ -1,0 +1,380 @@
+"""Command line: ``python -m dicekern {demo,score,cascade,validate,detect} [--help]``.
+
+``score`` reads a saved run; ``cascade``, ``validate`` and ``detect`` read one (RUN_DIR) or train
+the bundled digits. Exit status: 0 on success, 1 when the library rejects the request (its
+message on stderr), 2 for bad command-line arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dicekern import analysis, examples, plots
+from dicekern.checks import check_node
+from dicekern.demo import DemoConfig, run_demo
+from dicekern.ground_truth import dice_gt_samples
+from dicekern.influence import cascade, dice_e, influence_matrix
+from dicekern.report import provenance, write_csv, write_json
+from dicekern.storage import read_test_set
+from dicekern.trajectory import Trajectory
+
+TRUST = (
+    "RUN_DIR is a folder written by Trajectory.save with a dk.RunDescription. Loading it imports the "
+    "model factory (and loss) the run names, which runs that package's code as `import` would; nothing "
+    "is unpickled. Score only runs whose code you trust. TEST is a .safetensors or .npz file holding "
+    "exactly `inputs` (M, ...) and `targets` (M, ...)."
+)
+BUNDLED = {  # option -> (default, help): the bundled digits run, when no RUN_DIR is given
+    "nodes": (16, "gossip nodes (default 16)"),
+    "topology": ("exponential", f"graph of the gossip: {', '.join(examples.TOPOLOGIES)} (default exponential)"),
+    "rounds": (None, "training rounds (default: just enough for --step and --hops)"),
+    "batch_size": (16, "samples per node and round (default 16)"),
+    "lr": (None, "learning rate (default: the optimizer's preset)"),
+    "optimizer": ("sgd", "every node's local optimizer: sgd, momentum (0.9) or adam (default sgd)"),
+    "seed": (0, "seed of the data split, the batches and the initial model (default 0)"),
+}
+
+DIGITS_EXPERIMENT = {"kind": "flip", "corrupted": 3, "seeds": 3}  # detect's defaults on digits
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def _step_range(value: str) -> range:
+    start, sep, stop = value.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"must be A:B (rounds A to B-1), got {value!r}")
+    first, end = _non_negative(start), _non_negative(stop)
+    if end <= first:
+        raise argparse.ArgumentTypeError(f"A:B must have A < B, got {value!r}")
+    return range(first, end)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicekern", description="DICE: data influence cascades in gossip learning", epilog=TRUST)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str, *, run: str | None) -> argparse.ArgumentParser:
+        """A subcommand; run: "required" or "optional" RUN_DIR (then --test), or None (bundled digits only)."""
+        sub = commands.add_parser(name, help=text, description=text, epilog=TRUST if run else None)
+        if run:
+            sub.add_argument("run", metavar="RUN_DIR", type=Path, nargs=None if run == "required" else "?",
+                             help="a saved run" + ("" if run == "required" else " (default: train the bundled digits)"))
+            sub.add_argument("--test", metavar="TEST", type=Path, help="test set file (.safetensors or .npz with inputs and targets)")
+        if run != "required":
+            group = sub.add_argument_group("bundled digits run" + (" (without RUN_DIR)" if run else ""))
+            types = {"nodes": _positive, "rounds": _positive, "batch_size": _positive, "lr": _positive_float, "seed": int}
+            choices = {"topology": list(examples.TOPOLOGIES), "optimizer": list(examples.OPTIMIZER_PRESETS)}
+            for option, (_, text) in BUNDLED.items():
+                group.add_argument(f"--{option.replace('_', '-')}", type=types.get(option, str), choices=choices.get(option), help=text)
+        sub.add_argument("--out", type=Path, default=Path(f"out/{name}"), help=f"folder for results.json, CSV and PNG (default: out/{name})")
+        sub.add_argument("--force", action="store_true", help="overwrite the results already in --out")
+        sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        return sub
+
+    demo = command("demo", "train on digits, score every sample over hops, check against DICE-GT", run=None)
+    demo.add_argument("--step", type=_non_negative, default=DemoConfig.step, help=f"round whose samples are scored (default {DemoConfig.step})")
+    demo.add_argument("--hops", type=_non_negative, default=DemoConfig.hops, help=f"rounds after it that are followed (default {DemoConfig.hops})")
+    score = command("score", "DICE-E of every sample of a saved run, node totals and the node influence matrix", run="required")
+    steps = score.add_mutually_exclusive_group()
+    steps.add_argument("--step", type=_non_negative, help="the one round to score (default: every round with --hops rounds after it)")
+    steps.add_argument("--steps", type=_step_range, metavar="A:B", help="score rounds A..B-1")
+    score.add_argument("--hops", type=_non_negative, default=3, help="rounds after each scored round that are followed (default 3)")
+    score.add_argument("--per-hop", action="store_true", help="also write every hop's share of each score")
+    flow = command("cascade", "how one node's batch influences every node, hop by hop, drawn on the graph", run="optional")
+    flow.add_argument("--source", type=_non_negative, default=0, help="node whose batch is followed (default 0)")
+    flow.add_argument("--step", type=_non_negative, default=20, help="round whose batch is followed (default 20)")
+    flow.add_argument("--hops", type=_non_negative, default=3, help="rounds after it that are followed (default 3)")
+    check = command("validate", "DICE-E of single samples against exact DICE-GT replay, hop by hop", run="optional")
+    check.add_argument("--step", type=_non_negative, default=20, help="round whose samples are scored (default 20)")
+    check.add_argument("--hops", type=_non_negative, default=3, help="rounds after it that are followed (default 3)")
+    check.add_argument("--gt-nodes", type=_positive, default=4, help="nodes whose samples are replayed one by one (default 4)")
+    detect = command("detect", "rank nodes by how their data changed the others' test loss; on digits, flag corrupted nodes (ROC AUC over seeds)",
+                     run="optional")
+    detect.add_argument("--hops", type=_positive, nargs="+", default=[1, 3], help="hop counts to compare (default 1 3)")
+    detect.add_argument("--steps", type=_step_range, metavar="A:B", help="RUN_DIR: rounds whose scores are summed (default: all that fit)")
+    detect.add_argument("--anomalous", type=_non_negative, nargs="+", default=[], help="RUN_DIR: nodes known to be corrupted, for the ROC AUC")
+    detect.add_argument("--kind", choices=["flip", "noise"], help="digits: labels flipped or features drowned in noise (default flip)")
+    detect.add_argument("--corrupted", type=_positive, help="digits: corrupted nodes per run (default 3)")
+    detect.add_argument("--seeds", type=_positive, help="digits: runs, one per seed (default 3)")
+    return parser
+
+
+@dataclass
+class Source:
+    """What a command scores: a trajectory and a test set, and how to describe them in results.json."""
+
+    trajectory: Trajectory
+    test: tuple[torch.Tensor, torch.Tensor]
+    name: str
+    topology: str | None
+    seed: int | None
+
+
+def _check_sources(parser: argparse.ArgumentParser, args) -> None:
+    """RUN_DIR with --test and no bundled options, or the bundled options alone; defaults filled in."""
+    run = getattr(args, "run", None)
+    given = [option for option in BUNDLED if getattr(args, option, None) is not None]
+    if run is not None:
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} describes the bundled digits run; RUN_DIR {run} brings its own")
+        if args.test is None:
+            parser.error("RUN_DIR needs --test TEST, the test set to score against")
+        if any(getattr(args, option, None) is not None for option in DIGITS_EXPERIMENT):
+            parser.error("--kind, --corrupted and --seeds describe the digits experiment; with RUN_DIR use --anomalous")
+        return
+    if getattr(args, "test", None) is not None:
+        parser.error("--test goes with RUN_DIR; the bundled digits run brings its own test set")
+    if getattr(args, "anomalous", []):
+        parser.error("--anomalous goes with RUN_DIR; the digits experiment corrupts its own nodes")
+    defaults = {option: default for option, (default, _) in BUNDLED.items()}
+    if args.command == "detect":
+        defaults.update(DIGITS_EXPERIMENT)
+    for option, default in defaults.items():
+        if getattr(args, option, None) is None:
+            setattr(args, option, default)
+
+
+def _source(args, rounds_needed: int) -> Source:
+    """The saved run and test file of the command line, or the bundled digits trained for it."""
+    if args.run is not None:
+        traj = Trajectory.load(args.run)
+        described = traj.description.metadata if traj.description else {}
+        return Source(traj, read_test_set(args.test, traj.dtype), str(args.run), described.get("topology"), described.get("seed"))
+    rounds = args.rounds or rounds_needed
+    if rounds < rounds_needed:
+        raise ValueError(f"--rounds {rounds} is too few: the request needs rounds 0..{rounds_needed}, so --rounds >= {rounds_needed}")
+    run = examples.digits_run(args.nodes, rounds, batch_size=args.batch_size, lr=args.lr, graph=args.topology, seed=args.seed,
+                              optimizer=args.optimizer, progress=not args.no_progress)
+    return Source(run.trajectory, run.test, "bundled digits", args.topology, args.seed)
+
+
+def _metadata(source: Source, argv: list[str], **query) -> dict:
+    """What results.json says about the run and the query (step(s), hops), with its provenance."""
+    traj = source.trajectory
+    batch = next((traj[t].inputs.shape[1] for t in traj.steps if traj[t].has_batch), None)
+    return {
+        "run": source.name, **query, "N": traj.num_nodes, "B": batch, "M": len(source.test[0]), "dtype": str(traj.dtype).removeprefix("torch."),
+        "topology": source.topology, "optimizer": traj.optimizer.to_dict(), "seed": source.seed,
+        "description": None if traj.description is None else traj.description.to_dict(), **provenance(["dicekern", *argv]),
+    }
+
+
+def _caption(source: Source, text: str) -> str:
+    traj = source.trajectory
+    return f"run: {source.name} ({traj.num_nodes} nodes, {traj.optimizer}); {text}; {len(source.test[0])} test points"
+
+
+def _scored_steps(traj: Trajectory, chosen: range | int | None, hops: int) -> list[int]:
+    """The rounds to score: those chosen, or every round that a hops-hop query can start from."""
+    if isinstance(chosen, int):
+        return [chosen]
+    if chosen is not None:
+        return list(chosen)
+
+    def scoreable(step: int) -> bool:
+        try:
+            traj.window(step, hops)
+        except ValueError:
+            return False
+        return True
+
+    steps = [t for t in traj.steps if scoreable(t)]
+    if not steps:
+        raise ValueError(f"no round of the run has its batch and {hops} recorded rounds after it (recorded: {traj.steps[0]}..{traj.steps[-1]})")
+    return steps
+
+
+def _score(args, argv: list[str]) -> dict:
+    source = _source(args, 0)
+    traj, test, hops = source.trajectory, source.test, args.hops
+    steps = _scored_steps(traj, args.step if args.step is not None else args.steps, hops)
+    scores, per_hop, matrices = {}, {}, {}
+    for t in tqdm(steps, desc="scoring rounds", disable=args.no_progress):
+        if args.per_hop:
+            per_hop[t] = dice_e(traj, t, test, hops, per_hop=True)  # (hops+1, N, B)
+        scores[t] = per_hop[t].sum(0) if args.per_hop else dice_e(traj, t, test, hops)  # (N, B)
+        matrices[t] = influence_matrix(traj, t, test, hops)  # (hops+1, N_source, N_receiver)
+    hop_names = [f"hop_{s}" for s in range(hops + 1)] if args.per_hop else []
+    sample_rows, matrix_rows = [], []
+    for t in steps:
+        n, b = scores[t].shape
+        for node in range(n):
+            for sample in range(b):
+                shares = per_hop[t][:, node, sample].tolist() if args.per_hop else []
+                sample_rows.append([t, node, sample, scores[t][node, sample].item(), *shares])
+            for receiver in range(n):
+                shares = matrices[t][:, node, receiver].tolist() if args.per_hop else []
+                matrix_rows.append([t, node, receiver, matrices[t][:, node, receiver].sum().item(), *shares])
+    totals = torch.stack([scores[t].sum(1) for t in steps])  # (rounds, N)
+    write_csv(args.out, "scores.csv", ["step", "node", "sample", "score", *hop_names], sample_rows)
+    write_csv(args.out, "node_totals.csv", ["step", "node", "total"], [[t, k, totals[i, k].item()] for i, t in enumerate(steps) for k in range(traj.num_nodes)])
+    write_csv(args.out, "influence_matrix.csv", ["step", "source", "receiver", "influence", *hop_names], matrix_rows)
+
+    span = f"round {steps[0]}" if len(steps) == 1 else f"rounds {steps[0]}..{steps[-1]} ({len(steps)} rounds)"
+    caption = _caption(source, f"{span}, hops 0..{hops}")
+    summed = torch.stack([matrices[t].sum(0) for t in steps]).sum(0)
+    plots.influence_heatmap(summed, args.out / "influence_matrix.png", title=f"node influence over hops 0..{hops}, {span}", caption=caption)
+    plots.contribution_over_rounds(steps, totals, args.out / "contribution.png", caption=caption)
+    if args.per_hop:
+        plots.decay_over_hops(torch.cat([per_hop[t] for t in steps], dim=1), args.out / "decay.png", caption=caption)
+    print(f"scored {len(steps)} round(s) of {source.name}: {sum(s.numel() for s in scores.values())} samples, hops 0..{hops}")
+    order = totals.sum(0).argsort()
+    print("nodes whose data helped most (lowest total): " + ", ".join(f"{int(k)} ({totals.sum(0)[k].item():+.3e})" for k in order[:3]))
+    return {
+        "metadata": _metadata(source, argv, steps=steps, hops=hops),
+        "scores": {str(t): scores[t].tolist() for t in steps},
+        "per_hop_scores": {str(t): per_hop[t].tolist() for t in steps} if args.per_hop else None,
+        "node_totals": {str(t): totals[i].tolist() for i, t in enumerate(steps)},
+        "influence_matrix": {str(t): matrices[t].tolist() for t in steps},
+    }
+
+
+def _cascade(args, argv: list[str]) -> dict:
+    if args.run is None:
+        check_node("source", args.source, args.nodes)  # before any training
+    source = _source(args, args.step + max(args.hops, 1))
+    traj = source.trajectory
+    check_node("source", args.source, traj.num_nodes)
+    flow = cascade(traj, args.step, args.source, source.test, args.hops)
+    caption = _caption(source, f"round {args.step}, hops 0..{args.hops}, node {args.source}'s batch of {traj[args.step].inputs.shape[1]}")
+    plots.cascade_on_graph(traj[args.step].W, flow, args.source, args.out / "cascade.png", caption=caption)
+    print(f"cascade of node {args.source}'s batch at round {args.step} (negative lowers a node's test loss)")
+    for s, row in enumerate(flow):
+        reached = int((row != 0).sum())
+        print(f"hop {s}: total {row.sum().item():+.3e} over {reached} node(s)")
+    return {"metadata": _metadata(source, argv, step=args.step, hops=args.hops), "source": args.source, "cascade": flow.tolist()}
+
+
+def _agreement(estimate: torch.Tensor, truth: torch.Tensor) -> dict:
+    from scipy.stats import spearmanr
+
+    return {"pearson": analysis.pearson(estimate, truth), "spearman": float(spearmanr(estimate.flatten().cpu(), truth.flatten().cpu()).statistic),
+            "rel_error": analysis.relative_error(estimate, truth)}
+
+
+def _validate(args, argv: list[str]) -> dict:
+    source = _source(args, args.step + max(args.hops, 1))
+    traj, test = source.trajectory, source.test
+    nodes = list(range(min(args.gt_nodes, traj.num_nodes)))
+    estimate = dice_e(traj, args.step, test, args.hops, per_hop=True)[:, nodes]  # (hops+1, nodes, B)
+    truth = dice_gt_samples(traj, args.step, test, args.hops, nodes=nodes, per_hop=True, progress=not args.no_progress)
+    caption = _caption(source, f"round {args.step}, hops 0..{args.hops}, {estimate[0].numel()} samples of nodes {nodes[0]}..{nodes[-1]}")
+    plots.estimate_vs_truth_per_hop(estimate, truth, args.out / "e_vs_gt.png", caption=caption)
+    rows = []
+    print(f"{'hop':>3}  {'pearson(hop)':>12}  {'spearman(hop)':>13}  {'rel.err(hop)':>12}  {'pearson(0..hop)':>15}  {'rel.err(0..hop)':>15}")
+    for s in range(args.hops + 1):
+        alone, total = _agreement(estimate[s], truth[s]), _agreement(estimate[: s + 1].sum(0), truth[: s + 1].sum(0))
+        rows.append({"hop": s, "hop_alone": alone, "hops_0_to_s": total})
+        print(f"{s:>3}  {alone['pearson']:>12.6f}  {alone['spearman']:>13.6f}  {alone['rel_error']:>12.2e}  "
+              f"{total['pearson']:>15.6f}  {total['rel_error']:>15.2e}")
+    return {"metadata": _metadata(source, argv, step=args.step, hops=args.hops), "nodes": nodes, "per_hop": rows}
+
+
+def _detect(args, argv: list[str]) -> dict:
+    return (_detect_in_run if args.run is not None else _detect_on_digits)(args, argv)
+
+
+def _detect_in_run(args, argv: list[str]) -> dict:
+    source = _source(args, 0)
+    traj, deepest = source.trajectory, max(args.hops)
+    for node in args.anomalous:
+        check_node("--anomalous node", node, traj.num_nodes)
+    steps = _scored_steps(traj, args.steps, deepest)
+    scores = {h: analysis.node_scores(traj, steps, source.test, h) for h in tqdm(args.hops, desc="node scores", disable=args.no_progress)}
+    auc = {h: analysis.detection_auc(scores[h], args.anomalous) for h in args.hops} if args.anomalous else None
+    print(f"node scores over rounds {steps[0]}..{steps[-1]} (positive: the node's data raised the others' test loss)")
+    for h in args.hops:
+        ranked = scores[h].argsort(descending=True)[:5]
+        suffix = f"  ROC AUC {auc[h]:.3f}" if auc else ""
+        print(f"hops {h}: most harmful {', '.join(f'{int(k)} ({scores[h][k].item():+.2e})' for k in ranked)}{suffix}")
+    caption = _caption(source, f"rounds {steps[0]}..{steps[-1]}, hops 1..{deepest}")
+    plots.anomaly_ranking(scores[deepest], args.anomalous, args.out / "anomaly.png", auc=auc[deepest] if auc else None, caption=caption)
+    return {"metadata": _metadata(source, argv, steps=steps, hops=args.hops), "scores": {h: s.tolist() for h, s in scores.items()},
+            "anomalous": args.anomalous, "auc": auc}
+
+
+def _detect_on_digits(args, argv: list[str]) -> dict:
+    if args.corrupted >= args.nodes:
+        raise ValueError(f"--corrupted {args.corrupted} must leave some clean nodes among --nodes {args.nodes}")
+    rounds = args.rounds or analysis.ANOMALY_ROUNDS
+    results = analysis.anomaly_experiment(args.kind, range(args.seed, args.seed + args.seeds), num_nodes=args.nodes,
+                                          corrupted=args.corrupted, rounds=rounds, hops=tuple(args.hops), optimizer=args.optimizer,
+                                          graph=args.topology, batch_size=args.batch_size, lr=args.lr, progress=not args.no_progress)
+    print(f"ROC AUC of ranking nodes by DICE score ({args.kind}, {args.corrupted} of {args.nodes} nodes corrupted, {args.seeds} seeds)")
+    for h, aucs in results["auc"].items():
+        print(f"hops {h}: mean {np.mean(aucs):.3f}  per seed {', '.join(f'{a:.2f}' for a in aucs)}")
+    first, deepest = results["runs"][0], max(args.hops)
+    caption = (f"run: bundled digits ({args.nodes} nodes, {args.topology}, {args.optimizer}), seed {first['seed']}; "
+               f"rounds {results['scored_from']}..{rounds - deepest}, hops 1..{deepest}")
+    plots.anomaly_ranking(torch.tensor(first["scores"][deepest]), first["anomalous"], args.out / "anomaly.png",
+                          auc=results["auc"][deepest][0], caption=caption)
+    results["metadata"] = {
+        "run": "bundled digits, one run per seed", "steps": {h: [results["scored_from"], rounds - h] for h in args.hops}, "hops": args.hops, "N": args.nodes,
+        "B": args.batch_size, "M": examples.TEST_SIZE, "dtype": "float64", "topology": args.topology,
+        "optimizer": examples.OPTIMIZER_PRESETS[args.optimizer][0].to_dict(), "seed": list(range(args.seed, args.seed + args.seeds)),
+        **provenance(["dicekern", *argv]),
+    }
+    return results
+
+
+def _prepare_out(parser: argparse.ArgumentParser, args) -> None:
+    """--out checked and created before any work: a folder we can write, without results unless --force."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a folder")
+    if (out / "results.json").exists() and not args.force:
+        parser.error(f"--out {out} already holds results; pass --force to overwrite them, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        parser.error(f"--out {out} cannot be written: {error.strerror or error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_sources(parser, args)
+    _prepare_out(parser, args)
+    try:
+        if args.command == "demo":
+            config = DemoConfig(num_nodes=args.nodes, graph=args.topology, step=args.step, hops=args.hops, rounds=args.rounds,
+                                batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+                                gt_nodes=min(DemoConfig.gt_nodes, args.nodes))
+            run_demo(args.out, config, progress=not args.no_progress, command_line=["dicekern", *argv])
+            return 0
+        results = {"score": _score, "cascade": _cascade, "validate": _validate, "detect": _detect}[args.command](args, argv)
+    except (ValueError, TypeError) as error:
+        print(f"dicekern {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    write_json(args.out, "results.json", results)
+    print(f"wrote {args.out}/results.json and its pictures")
+    return 0

@@ -8,7 +8,7 @@
 """
 
 from dicekern import adapters, analysis, examples, losses, optim, plots, reference, topology
-from dicekern.description import RunDescription
+from dicekern.description import RunDescription, rebuildable
 from dicekern.engine.options import DiceOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
@@ -37,6 +37,7 @@ __all__ = [
     "losses",
     "optim",
     "plots",
+    "rebuildable",
     "reference",
     "topology",
 ]

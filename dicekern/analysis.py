@@ -28,6 +28,26 @@ def relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
     return float((estimate - truth).norm() / truth.norm())
 
 
+def agreement(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float | None]:
+    """Pearson, Spearman and relative error of an estimate against the truth (flattened), None where
+    undefined: correlations of a constant input, the relative error of an all-zero truth.
+
+    Example:
+        >>> import torch, dicekern as dk
+        >>> dk.analysis.agreement(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))["spearman"]
+        1.0
+    """
+    from scipy.stats import spearmanr
+
+    e, g = estimate.detach().flatten().cpu().double(), truth.detach().flatten().cpu().double()
+    varies = len(g) > 1 and bool(e.max() > e.min()) and bool(g.max() > g.min())
+    return {
+        "pearson": pearson(e, g) if varies else None,
+        "spearman": float(spearmanr(e.numpy(), g.numpy()).statistic) if varies else None,
+        "rel_error": relative_error(e, g) if g.norm() > 0 else None,
+    }
+
+
 def proximal_influence(
     traj: Trajectory, step: int, test: tuple[torch.Tensor, torch.Tensor], *, options: DiceOptions | None = None, **option_fields
 ) -> torch.Tensor:

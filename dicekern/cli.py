@@ -8,6 +8,7 @@ message on stderr), 2 for bad command-line arguments.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -17,25 +18,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dicekern import analysis, examples, plots
+from dicekern import analysis, examples, plots, report
 from dicekern.checks import check_node
 from dicekern.demo import DemoConfig, run_demo
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
-from dicekern.report import provenance, write_csv, write_json
+from dicekern.report import write_csv, write_json
 from dicekern.storage import read_test_set
 from dicekern.trajectory import Trajectory
 
 TRUST = (
     "RUN_DIR is a folder written by Trajectory.save with a dk.RunDescription. Loading it imports the "
-    "model factory (and loss) the run names, which runs that package's code as `import` would; nothing "
-    "is unpickled. Score only runs whose code you trust. TEST is a .safetensors or .npz file holding "
-    "exactly `inputs` (M, ...) and `targets` (M, ...)."
+    "modules the run names, which runs their top-level code as `import` would, and calls only the model "
+    "factory and loss their authors marked with @dk.rebuildable; nothing is unpickled. TEST is a "
+    ".safetensors or .npz file holding exactly `inputs` (M, ...) and `targets` (M, ...). Put RUN_DIR "
+    "before options that take several values (--hops, --anomalous)."
 )
 BUNDLED = {  # option -> (default, help): the bundled digits run, when no RUN_DIR is given
     "nodes": (16, "gossip nodes (default 16)"),
     "topology": ("exponential", f"graph of the gossip: {', '.join(examples.TOPOLOGIES)} (default exponential)"),
-    "rounds": (None, "training rounds (default: just enough for --step and --hops)"),
+    "rounds": (None, "training rounds (default: just enough for the query; detect: 24)"),
     "batch_size": (16, "samples per node and round (default 16)"),
     "lr": (None, "learning rate (default: the optimizer's preset)"),
     "optimizer": ("sgd", "every node's local optimizer: sgd, momentum (0.9) or adam (default sgd)"),
@@ -43,24 +45,32 @@ BUNDLED = {  # option -> (default, help): the bundled digits run, when no RUN_DI
 }
 
 DIGITS_EXPERIMENT = {"kind": "flip", "corrupted": 3, "seeds": 3}  # detect's defaults on digits
+DIGITS_STEP = 20  # the round cascade and validate follow on digits
+
+
+def _integer(value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+    return number
 
 
 def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+    return _integer(value, 1)
 
 
 def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
+    return _integer(value, 0)
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
     if not 0 < number < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return number
@@ -89,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--test", metavar="TEST", type=Path, help="test set file (.safetensors or .npz with inputs and targets)")
         if run != "required":
             group = sub.add_argument_group("bundled digits run" + (" (without RUN_DIR)" if run else ""))
-            types = {"nodes": _positive, "rounds": _positive, "batch_size": _positive, "lr": _positive_float, "seed": int}
+            types = {"nodes": _positive, "rounds": _positive, "batch_size": _positive, "lr": _positive_float, "seed": _non_negative}
             choices = {"topology": list(examples.TOPOLOGIES), "optimizer": list(examples.OPTIMIZER_PRESETS)}
             for option, (_, text) in BUNDLED.items():
                 group.add_argument(f"--{option.replace('_', '-')}", type=types.get(option, str), choices=choices.get(option), help=text)
@@ -109,10 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--per-hop", action="store_true", help="also write every hop's share of each score")
     flow = command("cascade", "how one node's batch influences every node, hop by hop, drawn on the graph", run="optional")
     flow.add_argument("--source", type=_non_negative, default=0, help="node whose batch is followed (default 0)")
-    flow.add_argument("--step", type=_non_negative, default=20, help="round whose batch is followed (default 20)")
+    flow.add_argument("--step", type=_non_negative, help=f"round whose batch is followed (default: {DIGITS_STEP} on digits, the first that fits in RUN_DIR)")
     flow.add_argument("--hops", type=_non_negative, default=3, help="rounds after it that are followed (default 3)")
     check = command("validate", "DICE-E of single samples against exact DICE-GT replay, hop by hop", run="optional")
-    check.add_argument("--step", type=_non_negative, default=20, help="round whose samples are scored (default 20)")
+    check.add_argument("--step", type=_non_negative, help=f"round whose samples are scored (default: {DIGITS_STEP} on digits, the first that fits in RUN_DIR)")
     check.add_argument("--hops", type=_non_negative, default=3, help="rounds after it that are followed (default 3)")
     check.add_argument("--gt-nodes", type=_positive, default=4, help="nodes whose samples are replayed one by one (default 4)")
     detect = command("detect", "rank nodes by how their data changed the others' test loss; on digits, flag corrupted nodes (ROC AUC over seeds)",
@@ -135,6 +145,7 @@ class Source:
     name: str
     topology: str | None
     seed: int | None
+    test_file: dict | None = None  # path and sha256 of TEST
 
 
 def _check_sources(parser: argparse.ArgumentParser, args) -> None:
@@ -148,6 +159,8 @@ def _check_sources(parser: argparse.ArgumentParser, args) -> None:
             parser.error("RUN_DIR needs --test TEST, the test set to score against")
         if any(getattr(args, option, None) is not None for option in DIGITS_EXPERIMENT):
             parser.error("--kind, --corrupted and --seeds describe the digits experiment; with RUN_DIR use --anomalous")
+        if args.out.resolve().is_relative_to(run.resolve()):
+            parser.error(f"--out {args.out} is inside RUN_DIR {run}: keep results out of the run's folder")
         return
     if getattr(args, "test", None) is not None:
         parser.error("--test goes with RUN_DIR; the bundled digits run brings its own test set")
@@ -161,42 +174,46 @@ def _check_sources(parser: argparse.ArgumentParser, args) -> None:
             setattr(args, option, default)
 
 
-def _source(args, rounds_needed: int) -> Source:
-    """The saved run and test file of the command line, or the bundled digits trained for it."""
+def _source(args, hops: int) -> Source:
+    """The saved run and test file of the command line, or the bundled digits trained for the query."""
     if args.run is not None:
         traj = Trajectory.load(args.run)
         described = traj.description.metadata if traj.description else {}
-        return Source(traj, read_test_set(args.test, traj.dtype), str(args.run), described.get("topology"), described.get("seed"))
-    rounds = args.rounds or rounds_needed
-    if rounds < rounds_needed:
-        raise ValueError(f"--rounds {rounds} is too few: the request needs rounds 0..{rounds_needed}, so --rounds >= {rounds_needed}")
+        test = read_test_set(args.test, traj.dtype)
+        test_file = {"path": str(args.test.resolve()), "sha256": hashlib.sha256(args.test.read_bytes()).hexdigest()}
+        return Source(traj, test, str(args.run.resolve()), described.get("topology"), described.get("seed"), test_file)
+    step = DIGITS_STEP if args.step is None else args.step
+    rounds = examples.rounds_needed(step, hops, args.rounds)
     run = examples.digits_run(args.nodes, rounds, batch_size=args.batch_size, lr=args.lr, graph=args.topology, seed=args.seed,
                               optimizer=args.optimizer, progress=not args.no_progress)
     return Source(run.trajectory, run.test, "bundled digits", args.topology, args.seed)
 
 
 def _metadata(source: Source, argv: list[str], **query) -> dict:
-    """What results.json says about the run and the query (step(s), hops), with its provenance."""
+    """What results.json says about the run, its test set and the query (step or steps, hops)."""
     traj = source.trajectory
     batch = next((traj[t].inputs.shape[1] for t in traj.steps if traj[t].has_batch), None)
-    return {
-        "run": source.name, **query, "N": traj.num_nodes, "B": batch, "M": len(source.test[0]), "dtype": str(traj.dtype).removeprefix("torch."),
-        "topology": source.topology, "optimizer": traj.optimizer.to_dict(), "seed": source.seed,
-        "description": None if traj.description is None else traj.description.to_dict(), **provenance(["dicekern", *argv]),
-    }
+    return report.run_metadata(run=source.name, test_file=source.test_file, **query, num_nodes=traj.num_nodes, batch_size=batch,
+                               test_points=len(source.test[0]), dtype=traj.dtype, topology=source.topology, optimizer=traj.optimizer,
+                               seed=source.seed, description=traj.description, command_line=["dicekern", *argv])
 
 
 def _caption(source: Source, text: str) -> str:
     traj = source.trajectory
-    return f"run: {source.name} ({traj.num_nodes} nodes, {traj.optimizer}); {text}; {len(source.test[0])} test points"
+    return f"run: {source.name} ({traj.num_nodes} nodes, {report.describe_optimizer(traj.optimizer)}); {text}; {len(source.test[0])} test points"
 
 
-def _scored_steps(traj: Trajectory, chosen: range | int | None, hops: int) -> list[int]:
-    """The rounds to score: those chosen, or every round that a hops-hop query can start from."""
-    if isinstance(chosen, int):
-        return [chosen]
+def _scored_steps(traj: Trajectory, chosen: range | int | None, hops: int, *, first_only: bool = False) -> list[int]:
+    """The rounds to score, each checked before any work: those chosen, or every round (the first
+    one with first_only) that a hops-hop query can start from."""
     if chosen is not None:
-        return list(chosen)
+        steps = [chosen] if isinstance(chosen, int) else list(chosen)
+        for t in steps:
+            try:
+                traj.window(t, hops)
+            except ValueError as error:
+                raise ValueError(f"round {t} cannot be scored with hops {hops}: {error}") from None
+        return steps
 
     def scoreable(step: int) -> bool:
         try:
@@ -205,14 +222,26 @@ def _scored_steps(traj: Trajectory, chosen: range | int | None, hops: int) -> li
             return False
         return True
 
-    steps = [t for t in traj.steps if scoreable(t)]
+    steps = []
+    for t in traj.steps:
+        if scoreable(t):
+            steps.append(t)
+            if first_only:
+                break
     if not steps:
         raise ValueError(f"no round of the run has its batch and {hops} recorded rounds after it (recorded: {traj.steps[0]}..{traj.steps[-1]})")
     return steps
 
 
+def _query_step(args, traj: Trajectory, hops: int) -> int:
+    """--step, or its default: DIGITS_STEP on digits, the first round that fits in a saved run."""
+    if args.step is not None or args.run is None:
+        return DIGITS_STEP if args.step is None else args.step
+    return _scored_steps(traj, None, hops, first_only=True)[0]
+
+
 def _score(args, argv: list[str]) -> dict:
-    source = _source(args, 0)
+    source = _source(args, args.hops)
     traj, test, hops = source.trajectory, source.test, args.hops
     steps = _scored_steps(traj, args.step if args.step is not None else args.steps, hops)
     scores, per_hop, matrices = {}, {}, {}
@@ -259,42 +288,41 @@ def _score(args, argv: list[str]) -> dict:
 def _cascade(args, argv: list[str]) -> dict:
     if args.run is None:
         check_node("source", args.source, args.nodes)  # before any training
-    source = _source(args, args.step + max(args.hops, 1))
+    source = _source(args, args.hops)
     traj = source.trajectory
+    step = _query_step(args, traj, args.hops)
     check_node("source", args.source, traj.num_nodes)
-    flow = cascade(traj, args.step, args.source, source.test, args.hops)
-    caption = _caption(source, f"round {args.step}, hops 0..{args.hops}, node {args.source}'s batch of {traj[args.step].inputs.shape[1]}")
-    plots.cascade_on_graph(traj[args.step].W, flow, args.source, args.out / "cascade.png", caption=caption)
-    print(f"cascade of node {args.source}'s batch at round {args.step} (negative lowers a node's test loss)")
+    flow = cascade(traj, step, args.source, source.test, args.hops)
+    caption = _caption(source, f"round {step}, hops 0..{args.hops}, node {args.source}'s batch of {traj[step].inputs.shape[1]}")
+    plots.cascade_on_graph(traj[step].W, flow, args.source, args.out / "cascade.png", caption=caption)
+    print(f"cascade of node {args.source}'s batch at round {step} (negative lowers a node's test loss)")
     for s, row in enumerate(flow):
         reached = int((row != 0).sum())
         print(f"hop {s}: total {row.sum().item():+.3e} over {reached} node(s)")
-    return {"metadata": _metadata(source, argv, step=args.step, hops=args.hops), "source": args.source, "cascade": flow.tolist()}
+    return {"metadata": _metadata(source, argv, step=step, hops=args.hops), "source": args.source, "cascade": flow.tolist()}
 
 
-def _agreement(estimate: torch.Tensor, truth: torch.Tensor) -> dict:
-    from scipy.stats import spearmanr
-
-    return {"pearson": analysis.pearson(estimate, truth), "spearman": float(spearmanr(estimate.flatten().cpu(), truth.flatten().cpu()).statistic),
-            "rel_error": analysis.relative_error(estimate, truth)}
+def _shown(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _validate(args, argv: list[str]) -> dict:
-    source = _source(args, args.step + max(args.hops, 1))
+    source = _source(args, args.hops)
     traj, test = source.trajectory, source.test
+    step = _query_step(args, traj, args.hops)
     nodes = list(range(min(args.gt_nodes, traj.num_nodes)))
-    estimate = dice_e(traj, args.step, test, args.hops, per_hop=True)[:, nodes]  # (hops+1, nodes, B)
-    truth = dice_gt_samples(traj, args.step, test, args.hops, nodes=nodes, per_hop=True, progress=not args.no_progress)
-    caption = _caption(source, f"round {args.step}, hops 0..{args.hops}, {estimate[0].numel()} samples of nodes {nodes[0]}..{nodes[-1]}")
+    estimate = dice_e(traj, step, test, args.hops, per_hop=True)[:, nodes]  # (hops+1, nodes, B)
+    truth = dice_gt_samples(traj, step, test, args.hops, nodes=nodes, per_hop=True, progress=not args.no_progress)
+    caption = _caption(source, f"round {step}, hops 0..{args.hops}, {estimate[0].numel()} samples of nodes {nodes[0]}..{nodes[-1]}")
     plots.estimate_vs_truth_per_hop(estimate, truth, args.out / "e_vs_gt.png", caption=caption)
     rows = []
     print(f"{'hop':>3}  {'pearson(hop)':>12}  {'spearman(hop)':>13}  {'rel.err(hop)':>12}  {'pearson(0..hop)':>15}  {'rel.err(0..hop)':>15}")
     for s in range(args.hops + 1):
-        alone, total = _agreement(estimate[s], truth[s]), _agreement(estimate[: s + 1].sum(0), truth[: s + 1].sum(0))
+        alone, total = analysis.agreement(estimate[s], truth[s]), analysis.agreement(estimate[: s + 1].sum(0), truth[: s + 1].sum(0))
         rows.append({"hop": s, "hop_alone": alone, "hops_0_to_s": total})
-        print(f"{s:>3}  {alone['pearson']:>12.6f}  {alone['spearman']:>13.6f}  {alone['rel_error']:>12.2e}  "
-              f"{total['pearson']:>15.6f}  {total['rel_error']:>15.2e}")
-    return {"metadata": _metadata(source, argv, step=args.step, hops=args.hops), "nodes": nodes, "per_hop": rows}
+        print(f"{s:>3}  {_shown(alone['pearson'], '12.6f')}  {_shown(alone['spearman'], '13.6f')}  {_shown(alone['rel_error'], '12.2e')}  "
+              f"{_shown(total['pearson'], '15.6f')}  {_shown(total['rel_error'], '15.2e')}")
+    return {"metadata": _metadata(source, argv, step=step, hops=args.hops), "nodes": nodes, "per_hop": rows}
 
 
 def _detect(args, argv: list[str]) -> dict:
@@ -302,7 +330,7 @@ def _detect(args, argv: list[str]) -> dict:
 
 
 def _detect_in_run(args, argv: list[str]) -> dict:
-    source = _source(args, 0)
+    source = _source(args, max(args.hops))
     traj, deepest = source.trajectory, max(args.hops)
     for node in args.anomalous:
         check_node("--anomalous node", node, traj.num_nodes)
@@ -331,16 +359,17 @@ def _detect_on_digits(args, argv: list[str]) -> dict:
     for h, aucs in results["auc"].items():
         print(f"hops {h}: mean {np.mean(aucs):.3f}  per seed {', '.join(f'{a:.2f}' for a in aucs)}")
     first, deepest = results["runs"][0], max(args.hops)
-    caption = (f"run: bundled digits ({args.nodes} nodes, {args.topology}, {args.optimizer}), seed {first['seed']}; "
+    optimizer = examples.OPTIMIZER_PRESETS[args.optimizer][0]
+    caption = (f"run: bundled digits ({args.nodes} nodes, {args.topology}, {report.describe_optimizer(optimizer)}), seed {first['seed']}; "
                f"rounds {results['scored_from']}..{rounds - deepest}, hops 1..{deepest}")
     plots.anomaly_ranking(torch.tensor(first["scores"][deepest]), first["anomalous"], args.out / "anomaly.png",
                           auc=results["auc"][deepest][0], caption=caption)
-    results["metadata"] = {
-        "run": "bundled digits, one run per seed", "steps": {h: [results["scored_from"], rounds - h] for h in args.hops}, "hops": args.hops, "N": args.nodes,
-        "B": args.batch_size, "M": examples.TEST_SIZE, "dtype": "float64", "topology": args.topology,
-        "optimizer": examples.OPTIMIZER_PRESETS[args.optimizer][0].to_dict(), "seed": list(range(args.seed, args.seed + args.seeds)),
-        **provenance(["dicekern", *argv]),
-    }
+    results["metadata"] = report.run_metadata(
+        run="bundled digits, one run per seed", steps={h: list(range(results["scored_from"], rounds - h + 1)) for h in args.hops},
+        hops=args.hops, num_nodes=args.nodes, batch_size=args.batch_size, test_points=examples.TEST_SIZE, dtype=torch.float64,
+        topology=args.topology, optimizer=optimizer, seed=list(range(args.seed, args.seed + args.seeds)), description=None,
+        command_line=["dicekern", *argv],
+    )
     return results
 
 

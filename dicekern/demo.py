@@ -14,7 +14,7 @@ from dicekern.analysis import pearson, relative_error
 from dicekern.ground_truth import dice_gt_samples
 from dicekern.influence import cascade, dice_e
 from dicekern.restrict import last_layer
-from dicekern.report import provenance, write_json
+from dicekern.report import describe_optimizer, run_metadata, write_json
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,7 @@ def run_demo(
     Returns:
         The numbers written to results.json.
     """
-    needed = config.step + max(config.hops, 1)
-    rounds = needed if config.rounds is None else config.rounds
-    if rounds < needed:
-        raise ValueError(f"rounds {rounds} is too few: step {config.step} with hops {config.hops} needs rounds >= {needed}")
+    rounds = examples.rounds_needed(config.step, config.hops, config.rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = examples.digits_run(
         config.num_nodes, rounds, batch_size=config.batch_size, lr=config.lr,
@@ -99,9 +96,9 @@ def run_demo(
 
     results = {
         "config": asdict(config),
-        "metadata": {"run": "bundled digits", "step": step, "hops": hops, "N": config.num_nodes, "B": config.batch_size,
-                     "M": len(test[0]), "dtype": str(traj.dtype).removeprefix("torch."), "topology": config.graph,
-                     "optimizer": traj.optimizer.to_dict(), "seed": config.seed, **provenance(command_line or [])},
+        "metadata": run_metadata(run="bundled digits", step=step, hops=hops, num_nodes=config.num_nodes, batch_size=config.batch_size,
+                                 test_points=len(test[0]), dtype=traj.dtype, topology=config.graph, optimizer=traj.optimizer,
+                                 seed=config.seed, description=None, command_line=command_line or []),
         "replay_mismatch": report.max_rel_mismatch,
         "per_hop": rows,
         "most_helpful": [describe(i) for i in order[: config.top]],
@@ -118,7 +115,7 @@ def run_demo(
                     "walk_reference_one_source": t_walks, "dice_gt_subset": t_gt},
         "samples": {"dice_e": int(total.numel()), "dice_gt": int(gt[0].numel())},
     }
-    caption = (f"run: bundled digits ({config.num_nodes} nodes, {config.graph}, {traj.optimizer}, seed {config.seed}); "
+    caption = (f"run: bundled digits ({config.num_nodes} nodes, {config.graph}, {describe_optimizer(traj.optimizer)}, seed {config.seed}); "
                f"round {step}, hops 0..{hops}; {len(test[0])} test points")
     plots.cascade_on_graph(traj[step].W, flow, source, out_dir / "cascade.png", caption=f"{caption}; node {source}'s batch")
     plots.estimate_vs_truth_per_hop(estimate, gt, out_dir / "e_vs_gt.png", caption=f"{caption}; {gt[0].numel()} samples replayed")

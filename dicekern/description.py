@@ -1,16 +1,22 @@
 """How a saved run rebuilds its model and loss: import paths and JSON, never pickle.
 
 Trust model: a description names code, it does not contain any. Loading a described run imports
-the factory's module (and the loss's, when it is given by import path), which runs that module's
-top-level code exactly as ``import`` would, from the interpreter's own ``sys.path``; the run's
-folder is never added to it. Load described runs only in an environment whose packages you trust.
+the module it names (the factory's, and the loss's when that is given by import path), which runs
+the module's top-level code exactly as ``import`` would, from the interpreter's own ``sys.path``;
+the run's folder is never added to it. It then calls only what its author marked with
+:func:`rebuildable`, so a forged run folder cannot make dicekern call any other function of the
+environment (``subprocess``, ``os``, ...) with arguments of its choosing. What remains trusted:
+the installed modules, whose import runs their code, and the marked factories.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
+import sys
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +30,39 @@ from dicekern.objectives.torch_func import NodeObjective
 
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 LOSS_NAMES = {loss.kind: loss for loss in (losses.softmax_cross_entropy, losses.binary_logistic, losses.squared_error)}
+MARK = "__dicekern_rebuildable__"
+
+
+def rebuildable(function: Callable) -> Callable:
+    """Mark a model factory or a per-sample loss as one that a saved run may name by import path.
+
+    Example:
+        >>> import dicekern as dk
+        >>> from torch import nn
+        >>> @dk.rebuildable
+        ... def build(width: int) -> nn.Module:
+        ...     return nn.Linear(width, 2)
+        >>> build(3).out_features
+        2
+    """
+    if not callable(function):
+        raise TypeError(f"rebuildable marks a function, got {type(function).__name__}")
+    setattr(function, MARK, True)
+    return function
+
+
+def _check_not_the_script(module_name: str, path: str, what: str) -> None:
+    """Importing the script being run (``python train.py``) by its module name would run it again."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if script is None or module_name in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return  # import_module reports it
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == Path(script).resolve():
+        raise ValueError(f"{what} {path!r} lives in the script being run ({script}); importing it would run the script "
+                         f"again: move it to a module of its own")
 
 
 def _check_json(name: str, value: object) -> dict[str, Any]:
@@ -41,6 +80,7 @@ def import_object(path: str, what: str) -> Any:
     if not isinstance(path, str) or not IMPORT_PATH.fullmatch(path):
         raise ValueError(f"{what} must be an import path 'package.module:attribute', got {path!r}")
     module_name, attributes = path.split(":")
+    _check_not_the_script(module_name, path, what)
     try:
         value = importlib.import_module(module_name)
     except Exception as error:  # the module's own code may raise anything while it imports
@@ -49,6 +89,9 @@ def import_object(path: str, what: str) -> Any:
         if not hasattr(value, attribute):
             raise ValueError(f"cannot import {what} {path!r}: {module_name} has no attribute {attributes!r}")
         value = getattr(value, attribute)
+    if not getattr(value, MARK, False):
+        raise ValueError(f"{what} {path!r} is not marked with @dk.rebuildable: a saved run may name only the factories and "
+                         f"losses their authors marked, so that a run folder cannot make dicekern call other code")
     return value
 
 
@@ -57,12 +100,13 @@ class RunDescription:
     """How to rebuild a run's model and loss, and what else its author wants kept with it.
 
     Attributes:
-        model: import path ``"package.module:factory"`` of a callable returning the nn.Module
-            (its parameter values do not matter: the recorded ones are used).
+        model: import path ``"package.module:factory"`` of a function marked with
+            :func:`rebuildable` that returns the nn.Module (its parameter values do not matter:
+            the recorded ones are used).
         model_kwargs: JSON keyword arguments of the factory.
         loss: a ``dk.losses`` name ("softmax_cross_entropy", "binary_logistic", "squared_error")
-            or the import path of a per-sample loss; None for a ``dk.losses`` loss, which the
-            save names itself.
+            or the import path of a per-sample loss marked with :func:`rebuildable`; None for a
+            ``dk.losses`` loss, which the recorder names itself.
         metadata: free-form JSON kept with the run (topology, seed, dataset, ...).
 
     Example:
@@ -88,14 +132,12 @@ class RunDescription:
     def build_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """Import the factory and call it with model_kwargs; the module in dtype."""
         factory = import_object(self.model, "model factory")
-        if not callable(factory):
-            raise ValueError(f"model factory {self.model!r} is a {type(factory).__name__}, not a callable")
         try:
             model = factory(**self.model_kwargs)
-        except Exception as error:  # the user's factory may raise anything on bad kwargs
+        except (Exception, SystemExit) as error:  # the user's factory may raise anything on bad kwargs, or exit
             raise ValueError(f"model factory {self.model!r}({self.model_kwargs}) failed: {type(error).__name__}: {error}") from None
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model factory {self.model!r} returned a {type(model).__name__}, not an nn.Module")
+            raise ValueError(f"model factory {self.model!r} returned an object of type {type(model).__name__}, not an nn.Module")
         return model.to(dtype)
 
     def build_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -104,10 +146,7 @@ class RunDescription:
             raise ValueError("the description names no loss: pass loss_fn")
         if self.loss in LOSS_NAMES:
             return LOSS_NAMES[self.loss]
-        loss_fn = import_object(self.loss, "loss")
-        if not callable(loss_fn):
-            raise ValueError(f"loss {self.loss!r} is a {type(loss_fn).__name__}, not a callable")
-        return loss_fn
+        return import_object(self.loss, "loss")
 
     def naming(self, loss_fn: object) -> RunDescription:
         """This description, its loss named after loss_fn when that is a ``dk.losses`` loss and none is given."""
@@ -116,6 +155,7 @@ class RunDescription:
         return RunDescription(self.model, self.model_kwargs, loss_fn.kind, self.metadata)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON fields a manifest stores; ``from_dict`` reads them back."""
         return {"model": self.model, "model_kwargs": self.model_kwargs, "loss": self.loss, "metadata": self.metadata}
 
     @classmethod
@@ -152,5 +192,8 @@ def described(description: object, objective: NodeObjective) -> RunDescription |
     if not isinstance(description, RunDescription):
         raise TypeError(f"description must be a dk.RunDescription, got {type(description).__name__}")
     description = description.naming(objective.loss_fn)
+    if description.loss is None:
+        raise ValueError(f"the run's loss {objective.loss_fn!r} is not one of dk.losses: name it in the description by the import "
+                         f"path of a function marked with @dk.rebuildable, so that a load can rebuild it")
     check_describes(description, objective)
     return description

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from dicekern import topology
 from dicekern.losses import softmax_cross_entropy
 from dicekern.checks import check_choice, check_int
+from dicekern.description import rebuildable
 from dicekern.engine.step import gossip_round
 from dicekern.optim import SGD, Adam, OptimizerSpec
 from dicekern.trajectory import Recorder, Trajectory
@@ -45,6 +46,16 @@ OPTIMIZER_PRESETS: dict[str, tuple[OptimizerSpec, float]] = {
 }
 
 
+def rounds_needed(step: int, hops: int, rounds: int | None = None) -> int:
+    """Training rounds for a query from round step with hops hops: step + max(hops, 1) (hops 0 still
+    needs round step's batch); rounds, when given, must be at least that."""
+    needed = step + max(hops, 1)
+    if rounds is not None and rounds < needed:
+        raise ValueError(f"rounds {rounds} is too few: step {step} with hops {hops} needs rounds 0..{needed}, so rounds >= {needed}")
+    return needed if rounds is None else rounds
+
+
+@rebuildable
 def mlp(inputs: int = 64, hidden: int = 32, classes: int = 10) -> nn.Module:
     """inputs-hidden-classes tanh MLP."""
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes))

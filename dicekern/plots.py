@@ -28,7 +28,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from dicekern.analysis import pearson, relative_error
+from dicekern.analysis import agreement
 from dicekern.checks import as_tensor, check_node
 from dicekern.snapshots import replace_file
 
@@ -166,7 +166,7 @@ def anomaly_ranking(scores: torch.Tensor, anomalous: Sequence[int], path: str | 
     n = len(scores)
     marked = {check_node("anomalous node", node, n) for node in anomalous}
     order = np.argsort(-scores.numpy(), kind="stable")
-    fig, (ax,) = _panels(1, caption, width=min(max(5.0, 0.35 * n), 14.0), height=3.8)
+    fig, (ax,) = _panels(1, caption, width=min(max(6.5, 0.35 * n), 14.0), height=3.8)
     ax.bar(range(n), scores.numpy()[order], color=["tab:red" if node in marked else "tab:gray" for node in order])
     ax.axhline(0, color="black", linewidth=0.6)
     ticks = _ticks(n)
@@ -192,7 +192,7 @@ def influence_heatmap(matrix: torch.Tensor, path: str | os.PathLike, *, title: s
     side = min(4.0 + 0.12 * n, 10.0)
     fig, (ax,) = _panels(1, caption, width=side + 1.2, height=side)
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    _colorbar(fig, image, ax)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="influence of the source's data on the receiver's test loss\n(blue: lowered it, red: raised it)")
     ticks = _ticks(n)
     ax.set(xticks=ticks, yticks=ticks, xlabel="receiver node", ylabel="source node", title=title)
     ax.tick_params(labelsize=7)
@@ -214,14 +214,16 @@ def contribution_over_rounds(steps: Sequence[int], per_round: torch.Tensor, path
     if steps.shape != (per_round.shape[0],):
         raise ValueError(f"steps must list the R = {per_round.shape[0]} rounds of per_round's rows, got shape {steps.shape}")
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
 
     cumulative = per_round.cumsum(0).numpy()
     n = cumulative.shape[1]
     fig, (ax,) = _panels(1, caption, width=8.0, height=4.5)
     marker = "o" if len(steps) <= 30 else None
     if n <= 20:
-        for k in range(n):
-            ax.plot(steps, cumulative[:, k], marker=marker, markersize=3, color=colormaps["tab20"](k), label=f"node {k}")
+        for k in range(n):  # tab20's even colours first: neighbouring nodes never get a pair's two shades
+            ax.plot(steps, cumulative[:, k], marker=marker, markersize=3, color=colormaps["tab20"]((2 * k) % 20 + (2 * k) // 20),
+                    label=f"node {k}")
         fig.legend(loc="outside right upper", fontsize=7, ncols=1 if n <= 10 else 2)
     else:
         ax.plot(steps, cumulative, color="lightgray", linewidth=0.7)
@@ -232,6 +234,7 @@ def contribution_over_rounds(steps: Sequence[int], per_round: torch.Tensor, path
             ax.annotate(f"node {k}", (steps[-1], height), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7,
                         color=line.get_color(), annotation_clip=False)
     ax.axhline(0, color="black", linewidth=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel=f"cumulative {INFLUENCE}\n(negative: helped)",
            title=f"Each node's contribution to the test loss over {len(steps)} scored rounds"
            + ("" if n <= 20 else f"\n(the 5 largest of {n} nodes labelled)"))
@@ -320,15 +323,10 @@ def _ticks(n: int) -> range:
 
 
 def _agreement(estimate: torch.Tensor, truth: torch.Tensor) -> str:
-    """Pearson, Spearman and relative error ||e - g|| / ||g|| of two flat tensors, "n/a" where undefined."""
-    from scipy.stats import spearmanr
-
-    # correlations of a constant input are undefined (numpy and scipy warn): show n/a instead
-    varies = len(truth) > 1 and bool(estimate.max() > estimate.min()) and bool(truth.max() > truth.min())
-    correlation = f"{pearson(estimate, truth):.5f}" if varies else "n/a"
-    spearman = f"{spearmanr(estimate.numpy(), truth.numpy()).statistic:.5f}" if varies else "n/a"
-    error = f"{relative_error(estimate, truth):.2e}" if truth.norm() > 0 else "n/a"
-    return f"Pearson {correlation}, Spearman {spearman}\nrelative error {error}"
+    """Pearson, Spearman and relative error ||e - g|| / ||g||, "n/a" where undefined."""
+    numbers = agreement(estimate, truth)
+    shown = {name: "n/a" if value is None else f"{value:.2e}" if name == "rel_error" else f"{value:.5f}" for name, value in numbers.items()}
+    return f"Pearson {shown['pearson']}, Spearman {shown['spearman']}\nrelative error {shown['rel_error']}"
 
 
 def _scatter(ax: Axes, estimate: torch.Tensor, truth: torch.Tensor, label: str, title: str) -> None:

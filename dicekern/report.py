@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicekern.description import RunDescription
+from dicekern.optim import OptimizerSpec
 from dicekern.snapshots import replace_file
 
 
@@ -30,8 +32,28 @@ def provenance(command_line: list[str]) -> dict:
             "command_line": list(command_line)}
 
 
+def describe_optimizer(spec: OptimizerSpec) -> str:
+    """A spec in a few words for captions: its kind and the settings that differ from the kind's defaults."""
+    fields, defaults = spec.to_dict(), type(spec)().to_dict()
+    changed = [f"{name}={value}" for name, value in fields.items() if name != "kind" and value != defaults.get(name)]
+    return " ".join([fields["kind"], *changed])
+
+
+def run_metadata(
+    *, run: str, num_nodes: int, batch_size: int | None, test_points: int, dtype: torch.dtype, topology: str | None,
+    optimizer: OptimizerSpec, seed: object, description: RunDescription | None, command_line: list[str], **query,
+) -> dict:
+    """What every results.json says about the run, the query (step or steps, hops, ...) and its provenance."""
+    return {
+        "run": run, **query, "N": num_nodes, "B": batch_size, "M": test_points, "dtype": str(dtype).removeprefix("torch."),
+        "topology": topology, "optimizer": optimizer.to_dict(), "seed": seed,
+        "description": None if description is None else description.to_dict(), **provenance(command_line),
+    }
+
+
 def write_json(folder: Path, name: str, value: object) -> Path:
-    return replace_file(folder / name, json.dumps(value, indent=2, default=str).encode())
+    """folder/name holds value as JSON (undefined numbers must already be None: no NaN is written)."""
+    return replace_file(folder / name, json.dumps(value, indent=2, default=str, allow_nan=False).encode())
 
 
 def write_csv(folder: Path, name: str, header: list[str], rows: list[list]) -> Path:

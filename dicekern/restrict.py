@@ -3,13 +3,13 @@
 An approximation: the feature extractor of every node is held at its recorded parameters, so a
 removed sample moves only the last layer's weights, and curvature is that layer's Hessian block.
 It turns any ``nn.Sequential`` ending in ``nn.Linear`` into a linear head, which the closed-form
-engine and the MLP kernels run. Head rounds and test features are derived when a query first reads them. The exact full-model DICE-E remains ``dice_e`` on the original trajectory.
+engine and the MLP kernels run. Head rounds and test features are derived when a query first
+reads them. The exact full-model DICE-E remains ``dice_e`` on the original trajectory.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from torch.func import functional_call, vmap
 
 from dicekern.checks import check_finite, check_test
 from dicekern.objectives.torch_func import NodeObjective
-from dicekern.trajectory import Round, Trajectory, check_round
+from dicekern.trajectory import LazyRounds, Round, Trajectory, check_round
 
 CACHE_ROUNDS = 8  # derived rounds (or test features) kept in memory, the least recently used dropped first
 
@@ -51,39 +51,6 @@ class PerNodeTest:
             raise ValueError(f"per-node test features are {rows.dtype} on {rows.device}; params are {like.dtype} on {like.device}")
         check_finite("per-node test features", rows)
         return rows
-
-
-class DerivedRounds(Mapping):
-    """step -> derive(step) for every step of traj, computed when first read.
-
-    Its keys are traj's steps, listed without reading a round; the newest ``CACHE_ROUNDS`` values
-    are kept, so a run longer than memory can be scored round by round.
-    """
-
-    def __init__(self, traj: Trajectory, derive: Callable[[int], object]):
-        self._traj, self._derive = traj, derive
-        self._cache: OrderedDict[int, object] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._traj.steps)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._traj.steps)
-
-    def __contains__(self, step: object) -> bool:
-        return step in self._traj
-
-    def __getitem__(self, step: int):
-        if step not in self._traj:
-            raise KeyError(step)
-        if step in self._cache:
-            self._cache.move_to_end(step)
-            return self._cache[step]
-        value = self._derive(step)
-        self._cache[step] = value
-        while len(self._cache) > CACHE_ROUNDS:
-            self._cache.popitem(last=False)
-        return value
 
 
 def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tuple[Trajectory, PerNodeTest]:
@@ -155,5 +122,5 @@ def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tup
         rnd = traj[step]
         return embed(extractor_params(rnd), x_test, len(rnd.params), per_node=False)
 
-    head_traj = Trajectory(head_objective, DerivedRounds(traj, head_round), traj.optimizer, mix_state=traj.mix_state)
-    return head_traj, PerNodeTest(DerivedRounds(traj, test_features), y_test)
+    head_traj = Trajectory(head_objective, LazyRounds(traj.steps, head_round, CACHE_ROUNDS), traj.optimizer, mix_state=traj.mix_state)
+    return head_traj, PerNodeTest(LazyRounds(traj.steps, test_features, CACHE_ROUNDS), y_test)

@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import re
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -29,7 +27,7 @@ from dicekern.description import RunDescription, check_describes, described
 from dicekern.objectives.torch_func import LossFn, NodeObjective
 from dicekern.optim import OptimizerSpec, spec_from_dict
 from dicekern.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
-from dicekern.trajectory import BatchLayout, Round, Trajectory, check_round
+from dicekern.trajectory import BatchLayout, LazyRounds, Round, Trajectory, check_round
 
 FORMAT = "dicekern-trajectory"
 VERSION = 4  # 4 added the run's description; version 3 runs (none) still load
@@ -84,10 +82,39 @@ def write_run(traj: Trajectory, folder: Path, description: RunDescription | None
         "optimizer": traj.optimizer.to_dict(),
         "mix_state": traj.mix_state,
         "description": None if description is None else description.to_dict(),
+        "fingerprint": None if description is None else _fingerprint(traj),
         "rounds": rounds,
     }
     write_file(folder, MANIFEST, json.dumps(manifest, indent=1).encode())
     return MANIFEST
+
+
+def _fingerprint(traj: Trajectory) -> dict | None:
+    """Node 0's outputs on the first sample of the first round with a batch: what a rebuilt model
+    must reproduce on load, so that a factory changed since the save is caught."""
+    step = next((t for t in traj.steps if traj[t].has_batch), None)
+    if step is None:
+        return None
+    rnd = traj[step]
+    with torch.no_grad():
+        outputs = traj.objective.outputs(rnd.params[0], rnd.inputs[0, :1])
+    return {"step": step, "outputs": [float(v) for v in outputs.flatten()]}
+
+
+def _check_fingerprint(fingerprint: object, traj: Trajectory, where: str, factory: str) -> None:
+    """The rebuilt model reproduces the saved outputs (within float32 rounding)."""
+    if not isinstance(fingerprint, dict) or set(fingerprint) != {"step", "outputs"} or fingerprint["step"] not in traj \
+            or not isinstance(fingerprint["outputs"], list) or not all(isinstance(v, float) for v in fingerprint["outputs"]):
+        raise ValueError(f"{where}: field 'fingerprint' must be {{'step': a recorded round, 'outputs': [numbers]}}")
+    rnd = traj[fingerprint["step"]]
+    if not rnd.has_batch:
+        raise ValueError(f"{where}: field 'fingerprint' names round {fingerprint['step']}, which has no batch")
+    with torch.no_grad():
+        outputs = traj.objective.outputs(rnd.params[0], rnd.inputs[0, :1]).flatten()
+    expected = torch.tensor(fingerprint["outputs"], dtype=outputs.dtype, device=outputs.device)
+    if outputs.shape != expected.shape or not torch.allclose(outputs, expected, rtol=1e-5, atol=1e-5 * max(expected.abs().max().item(), 1.0)):
+        raise ValueError(f"{where}: the model that {factory!r} builds now computes other outputs than the model the run was saved "
+                         f"with (node 0, first sample of round {fingerprint['step']}): the factory changed since the save")
 
 
 def save_trajectory(traj: Trajectory, directory: str | os.PathLike, description: RunDescription | None = None) -> None:
@@ -124,8 +151,8 @@ def parse_description(manifest: dict, where: str) -> RunDescription | None:
 
 
 def parse_manifest(manifest: dict, where: str, objective: NodeObjective) -> Manifest:
-    """Every field of a manifest's JSON checked; errors are ValueErrors that name where and the field."""
-    parse_description(manifest, where)
+    """Every other field of a manifest's JSON checked, after ``parse_description``; errors are
+    ValueErrors that name where and the field."""
 
     def field(name: str, kind: type | tuple[type, ...]):
         value = manifest.get(name)
@@ -201,41 +228,15 @@ def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec,
             raise ValueError(f"{where}: inputs {inputs} {dtypes['inputs']} and targets {targets} must be (N={n}, B, ...), inputs in {dtype}")
 
 
-class RoundFiles(Mapping):
+class RoundFiles(LazyRounds):
     """step -> Round, read from disk on first access, checked against the manifest and through the
-    checks of ``Recorder.record``.
-
-    Keeps the newest ``cache_rounds`` rounds in memory, so a run longer than memory can be scored
-    round by round.
-    """
+    checks of ``Recorder.record``; the newest ``cache_rounds`` are kept (see LazyRounds)."""
 
     def __init__(self, root: Path, parts: tuple[str, ...], manifest: Manifest, objective: NodeObjective, device: torch.device, cache_rounds: int):
+        super().__init__(manifest.rounds, self._read, cache_rounds)
         self._root, self._parts, self._manifest, self._objective = root, parts, manifest, objective
         self._device = device
-        self._cache: OrderedDict[int, Round] = OrderedDict()
-        self._cache_rounds = cache_rounds
         self._layout: BatchLayout | None = None
-
-    def __len__(self) -> int:
-        return len(self._manifest.rounds)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(self._manifest.rounds))
-
-    def __contains__(self, step: object) -> bool:
-        return step in self._manifest.rounds
-
-    def __getitem__(self, step: int) -> Round:
-        if step not in self._manifest.rounds:
-            raise KeyError(step)
-        if step in self._cache:
-            self._cache.move_to_end(step)
-            return self._cache[step]
-        rnd = self._read(step)
-        self._cache[step] = rnd
-        while len(self._cache) > self._cache_rounds:
-            self._cache.popitem(last=False)
-        return rnd
 
     def _read(self, step: int) -> Round:
         entry = self._manifest.rounds[step]
@@ -284,7 +285,10 @@ def read_run(
     objective = NodeObjective(model, loss_fn)
     manifest = parse_manifest(fields, where, objective)
     rounds = RoundFiles(root, parts, manifest, objective, torch.device(device), cache_rounds)
-    return Trajectory(objective, rounds, manifest.optimizer, mix_state=manifest.mix_state, description=description)
+    traj = Trajectory(objective, rounds, manifest.optimizer, mix_state=manifest.mix_state, description=description)
+    if description is not None and fields.get("fingerprint") is not None:
+        _check_fingerprint(fields["fingerprint"], traj, where, description.model)
+    return traj
 
 
 def load_trajectory(
@@ -338,5 +342,7 @@ def read_test_set(path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.Te
     inputs, targets = arrays["inputs"], arrays["targets"]
     if not inputs.is_floating_point():
         raise ValueError(f"test file {path}: inputs must be floating point, got {inputs.dtype}")
+    if targets.dtype == torch.bool:
+        raise ValueError(f"test file {path}: targets must be numbers (class indices or values), got bool")
     targets = targets.to(dtype) if targets.is_floating_point() else targets.to(torch.int64)
     return inputs.to(dtype), targets

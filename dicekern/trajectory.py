@@ -8,7 +8,8 @@ The recorder checks that recorded rounds follow from each other under the declar
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -222,6 +223,39 @@ def check_round(
     return Round(flat, x, y, rates, mixing, optimizer.check_state(state, n, flat, where=f"{where} state"))
 
 
+class LazyRounds(Mapping):
+    """step -> read(step) for every step of ``steps``, made on first access: the rounds of a saved
+    run, or rounds derived from another run's. Listing or testing steps reads nothing; the newest
+    ``cache_rounds`` values are kept, so a run longer than memory can be read round by round."""
+
+    def __init__(self, steps: Iterable[int], read: Callable[[int], object], cache_rounds: int):
+        self._steps = tuple(sorted(steps))
+        self._known = set(self._steps)
+        self._read_round, self._cache_rounds = read, cache_rounds
+        self._cache: OrderedDict[int, object] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._steps)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._known
+
+    def __getitem__(self, step: int):
+        if step not in self._known:
+            raise KeyError(step)
+        if step in self._cache:
+            self._cache.move_to_end(step)
+            return self._cache[step]
+        value = self._read_round(step)
+        self._cache[step] = value
+        while len(self._cache) > self._cache_rounds:
+            self._cache.popitem(last=False)
+        return value
+
+
 class Trajectory:
     """The recorded rounds of one run, keyed by step. Built by ``Recorder.trajectory()``.
 
@@ -296,8 +330,10 @@ class Trajectory:
         step = check_int("step", step)
         hops = check_int("hops", hops, minimum=0)
         needed = range(step, step + hops + 1)
-        if not self._steps or step < self._steps[0] or step + hops > self._steps[-1]:  # without walking a huge range
-            missing = [step if not self._steps or step < self._steps[0] else self._steps[-1] + 1]
+        if not self._steps or step < self._steps[0] or step > self._steps[-1]:  # without walking a huge range
+            missing = [step]
+        elif step + hops > self._steps[-1]:
+            missing = [self._steps[-1] + 1]
         else:
             missing = [t for t in needed if t not in self._rounds]
         if missing:

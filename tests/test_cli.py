@@ -25,7 +25,11 @@ def test_demo(optimizer: str, tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path), "--step", "2", "--hops", "1", "--optimizer", optimizer, *SMALL]) == 0
     out = capsys.readouterr().out
     assert "DICE-E vs DICE-GT" in out and is_png(tmp_path / "cascade.png")
-    assert ("Adam(" in out) == (optimizer == "adam") and json.loads((tmp_path / "results.json").read_text())["config"]["optimizer"] == optimizer
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert ("Adam(" in out) == (optimizer == "adam") and results["config"]["optimizer"] == optimizer
+    meta = results["metadata"]
+    assert (meta["step"], meta["hops"], meta["N"], meta["B"], meta["M"], meta["seed"]) == (2, 1, 5, 16, 200, 0)
+    assert meta["optimizer"]["kind"] == optimizer.replace("momentum", "sgd") and meta["command_line"] is not None
 
 
 def test_cascade(tmp_path, capsys) -> None:
@@ -49,6 +53,9 @@ def test_detect(tmp_path, capsys) -> None:
     assert main(["detect", "--out", str(tmp_path), "--seeds", "1", "--corrupted", "2", "--hops", "1", "2", *SMALL]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["auc"]) == {"1", "2"} and is_png(tmp_path / "anomaly.png")
+    meta = results["metadata"]
+    assert meta["steps"]["1"] == list(range(10, 24)) and meta["steps"]["2"] == list(range(10, 23)) and meta["seed"] == [0]
+    assert meta["N"] == 5 and meta["topology"] == "exponential" and meta["versions"]["torch"] == torch.__version__
     assert "ROC AUC" in capsys.readouterr().out
 
 
@@ -87,7 +94,7 @@ def test_help_texts(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["score", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "imports the model factory" in text and "nothing is unpickled" in text and "--nodes" not in text
+    assert "marked with @dk.rebuildable" in text and "nothing is unpickled" in text and "--nodes" not in text
 
 
 def test_exit_status_for_bad_requests(capsys, tmp_path) -> None:
@@ -120,7 +127,7 @@ def test_bundled_run_options(tmp_path) -> None:
 
 def test_bundled_run_options_are_checked(tmp_path, capsys) -> None:
     assert main(["cascade", "--out", str(tmp_path / "a"), "--rounds", "2", "--step", "2", "--hops", "1", *SMALL]) == 1
-    assert "--rounds 2 is too few" in capsys.readouterr().err
+    assert "rounds 2 is too few" in capsys.readouterr().err
     assert main(["cascade", "--out", str(tmp_path / "b"), "--topology", "torus", *SMALL]) == 1
     assert "a torus needs N = rows x cols with both >= 3" in capsys.readouterr().err
     for bad in (["--lr", "0"], ["--batch-size", "0"], ["--topology", "hypercube"]):

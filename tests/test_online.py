@@ -179,3 +179,26 @@ def test_a_resumed_ledger_refuses_another_test_set_or_q_and_checks_its_parts(run
         dk.OnlineDICE.load(tmp_path / "b", run.model, run.loss_fn, run.test)
     with pytest.raises(ValueError, match="holds no saved OnlineDICE ledger"):
         dk.OnlineDICE.load(tmp_path / "c", run.model, run.loss_fn, run.test)
+
+
+def test_a_version_2_ledger_resumes_without_round_totals(run, tmp_path) -> None:
+    """Ledgers saved before round_totals existed resume with the same totals and an empty history."""
+    import hashlib
+
+    steps = run.trajectory.steps
+    first = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS)
+    feed(first, run, steps[:5])
+    first.save(tmp_path)
+    pointer = json.loads((tmp_path / "CURRENT").read_text())
+    ledger_file = tmp_path / pointer["snapshot"] / "ledger.json"
+    ledger = json.loads(ledger_file.read_text())
+    del ledger["round_totals"]
+    ledger["version"] = 2
+    data = json.dumps(ledger).encode()
+    ledger_file.write_bytes(data)
+    pointer["sha256"] = hashlib.sha256(data).hexdigest()
+    (tmp_path / "CURRENT").write_text(json.dumps(pointer))
+    resumed = dk.OnlineDICE.load(tmp_path, run.model, run.loss_fn, run.test)
+    assert resumed.round_totals == {} and torch.equal(resumed.node_totals, first.node_totals)
+    feed(resumed, run, steps[5:])
+    assert sorted(resumed.round_totals) == [s for s in resumed.scored_steps if s > first.scored_steps[-1]]

@@ -164,6 +164,10 @@ def test_score_per_hop_from_npz(saved, tmp_path) -> None:
     assert_close(shares.sum(1), scores, 1e-12)
     per_hop = dk.dice_e(dk.Trajectory.load(path), 2, run.test, 2, per_hop=True)  # (hops+1, N, B)
     assert_close(shares, per_hop.flatten(1).T, 1e-12)
+    matrix_rows = read_csv(out / "influence_matrix.csv")
+    hops = torch.tensor([[float(r[f"hop_{s}"]) for s in range(3)] for r in matrix_rows], dtype=torch.float64)
+    assert_close(hops.sum(1), torch.tensor([float(r["influence"]) for r in matrix_rows], dtype=torch.float64), 1e-12)
+    assert_close(hops, dk.influence_matrix(dk.Trajectory.load(path), 2, run.test, 2).flatten(1).T, 1e-12)
     assert is_png(out / "decay.png")
 
 
@@ -201,6 +205,8 @@ def test_run_dir_arguments_are_checked(saved, tmp_path, capsys) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
     bad_test = tmp_path / "bad.npz"
     np.savez(bad_test, inputs=np.zeros((4, 3)), labels=np.zeros(4, dtype=np.int64))
     for argv, message in (
@@ -208,10 +214,69 @@ def test_run_dir_arguments_are_checked(saved, tmp_path, capsys) -> None:
         (["score", str(path), "--test", str(tmp_path / "none.npz"), "--out", out], "does not exist"),
         (["score", str(path), "--test", str(test_file), "--step", "4", "--hops", "3", "--out", out], "round 6 is missing"),
         (["cascade", str(path), "--test", str(test_file), "--source", "7", "--step", "1", "--hops", "1", "--out", out], "source must be a node index in [0, 5)"),
-        (["score", str(tmp_path), "--test", str(test_file), "--out", out], "holds no saved trajectory"),
+        (["score", str(empty), "--test", str(test_file), "--out", out], "holds no saved trajectory"),
     ):
         assert main(argv) == 1
         assert message in capsys.readouterr().err
     np.savez(bad_test, inputs=np.zeros((4, 3), dtype=object), targets=np.zeros(4, dtype=np.int64))
     assert main(["score", str(path), "--test", str(bad_test), "--out", out]) == 1
     assert "cannot be read" in capsys.readouterr().err  # an object array needs pickle, which is never allowed
+
+
+def test_only_marked_factories_are_called(tmp_path, monkeypatch) -> None:
+    """A forged description naming any other function of the environment is refused before anything is called."""
+    with pytest.raises(ValueError, match="'run_factories:unmarked_mlp' is not marked with @dk.rebuildable"):
+        dk.RunDescription("run_factories:unmarked_mlp", MLP).build_model()
+    planted = tmp_path / "planted"
+    with pytest.raises(ValueError, match="'subprocess:getoutput' is not marked with @dk.rebuildable"):
+        dk.RunDescription("subprocess:getoutput", {"cmd": f"touch {planted}"}).build_model()
+    assert not planted.exists()
+    with pytest.raises(ValueError, match="is not one of dk.losses: name it in the description"):
+        dk.Recorder(run_factories.tanh_mlp(**MLP), run_factories.halved_cross_entropy, description=dk.RunDescription("run_factories:tanh_mlp", MLP))
+
+
+def test_a_factory_in_the_running_script_is_refused(tmp_path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import dicekern as dk\nfrom torch import nn\n\n"
+        "@dk.rebuildable\ndef build():\n    return nn.Linear(3, 2)\n\n"
+        "print('training')\n"
+        "dk.Recorder(build(), dk.losses.softmax_cross_entropy, description=dk.RunDescription('train:build'))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 1 and done.stdout.count("training") == 1  # the script did not run twice
+    assert "lives in the script being run" in done.stderr and "move it to a module of its own" in done.stderr
+
+
+def test_a_factory_changed_since_the_save_is_caught(saved, monkeypatch) -> None:
+    _, path, _ = saved
+    monkeypatch.setattr(run_factories, "tanh_mlp", dk.rebuildable(run_factories.relu_mlp))
+    with pytest.raises(ValueError, match="'run_factories:tanh_mlp' builds now computes other outputs .* the factory changed since the save"):
+        dk.Trajectory.load(path)
+
+
+def test_a_version_3_manifest_still_loads(saved) -> None:
+    from test_storage import republish, snapshot
+
+    run, path, _ = saved
+    manifest = json.loads((snapshot(path) / "manifest.json").read_text())
+    for field in ("description", "fingerprint"):
+        del manifest[field]
+    manifest["version"] = 3
+    republish(path, manifest)
+    with pytest.raises(ValueError, match="saved without a dk.RunDescription"):
+        dk.Trajectory.load(path)
+    loaded = dk.Trajectory.load(path, run_factories.tanh_mlp(**MLP), dk.losses.softmax_cross_entropy)
+    torch.testing.assert_close(dk.dice_e(loaded, 1, run.test, 2), dk.dice_e(run.trajectory, 1, run.test, 2), rtol=0, atol=0)
+
+
+def test_cascade_and_validate_default_to_the_first_round_that_fits(saved, tmp_path, capsys) -> None:
+    run, path, test_file = saved
+    assert main(["cascade", str(path), "--test", str(test_file), "--hops", "2", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert results["metadata"]["step"] == 0 and results["metadata"]["test_file"]["path"] == str(test_file.resolve())
+    assert main(["score", str(path), "--test", str(test_file), "--steps", "1:5", "--hops", "2", "--out", str(tmp_path / "s")]) == 1
+    assert "round 4 cannot be scored with hops 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", str(path), "--test", str(test_file), "--out", str(path / "results")])
+    assert exit_info.value.code == 2 and "is inside RUN_DIR" in capsys.readouterr().err

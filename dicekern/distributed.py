@@ -232,6 +232,8 @@ class DistributedOnlineDICE(OnlineDICE):
         self._num_nodes, self._group, self._timeout = num_nodes, group, timeout
         super().__init__(model, loss_fn, test, hops, **options)
         _check_backend(self.options)
+        if self.options.order == 2:
+            raise ValueError("order=2 node totals come from the node matrix, which is single-process only: use dicekern.OnlineDICE")
 
     def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None):
         rec = self.recorder

@@ -60,7 +60,8 @@ class OnlineDICE:
 
     Attributes:
         node_totals: (N,) how much each node's data changed the q-weighted test loss over the scored
-            rounds (negative: it helped).
+            rounds (negative: it helped). At order 2 these are whole batches' second-order terms
+            (from the node matrix, N forward columns a round), no longer the sum of sample_totals.
         sample_totals: sample id -> total, for rounds recorded with ``sample_ids``.
         matrix_totals: (N, N) when node_matrix, else None.
         round_totals: scored round -> (N,) each node's share of that round alone, for
@@ -151,14 +152,16 @@ class OnlineDICE:
             return None
         chain = self._chain(traj, t)
         scores = chain.adjoint(per_hop=False)  # (N, B)
-        matrix = chain.influence_matrix().sum(0) if self.node_matrix else None
+        whole = chain.influence_matrix().sum(0) if self.node_matrix or self.options.order == 2 else None  # (N_source, N_receiver)
+        matrix = whole if self.node_matrix else None
+        round_totals = whole.sum(1) if self.options.order == 2 else scores.sum(1)  # a batch's second order is not its samples' sum
         ids = self._sample_ids.get(t)
         by_id: dict[int, float] = {}
         if ids is not None:
             for sample_id, score in zip(ids.flatten().tolist(), scores.flatten().tolist()):
                 by_id[sample_id] = by_id.get(sample_id, self.sample_totals.get(sample_id, 0.0)) + score
-        self.node_totals = scores.sum(1) if self.node_totals is None else self.node_totals + scores.sum(1)
-        self.round_totals[t] = scores.sum(1)
+        self.node_totals = round_totals if self.node_totals is None else self.node_totals + round_totals
+        self.round_totals[t] = round_totals
         if matrix is not None:
             self.matrix_totals = matrix if self.matrix_totals is None else self.matrix_totals + matrix
         self.sample_totals.update(by_id)

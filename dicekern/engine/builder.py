@@ -115,7 +115,7 @@ def build_chain(
     else:
         tests = SharedTestSet(objective, test)
     chain_class = Chain
-    if kernels and covered and traj.optimizer.is_plain_sgd:
+    if kernels and covered and traj.optimizer.is_plain_sgd and options.order == 1:  # the kernels fuse the first-order chain
         from dicekern.engine.fused import FusedMLPChain  # one launch for the queries it covers
 
         chain_class = FusedMLPChain

@@ -140,6 +140,42 @@ class Chain:
             return self._scaled_test_grads_at(list(range(self.hops + 1)), per_test).__getitem__
         return lambda s: self._scaled_test_grads_at([s], per_test)[s]
 
+    def _trapezoid(self, grads: torch.Tensor, points: torch.Tensor, deltas: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """(R, D) q_k (g(theta) + g(theta - delta)) / 2 from q_k g(theta) (R, D) at the factual points
+        (R, D) of (hop, node) pairs with perturbations deltas (R, D): dotted with delta, the trapezoid
+        rule for the test loss's change, exact when it is quadratic."""
+        counterfactual = self._scaled_test_grads(points - deltas, hops, nodes)[:, 0]
+        return counterfactual.add_(grads).mul_(0.5)
+
+    def _hop_scores(self, hop: int, points: torch.Tensor, grads: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """(C, N) e[s, k] of C perturbations delta (N, C, D) at hop s, given q g^{(s)} (N, D) at the
+        factual points (N, D); at order 2 only the pairs a perturbation has reached are evaluated."""
+        if self.options.order == 1:
+            return torch.einsum("kd,kcd->ck", grads, delta)
+        k, c = delta.ne(0).any(dim=-1).nonzero(as_tuple=True)
+        deltas = delta[k, c]
+        trapezoid = self._trapezoid(grads[k], points[k], deltas, torch.full_like(k, hop), k)
+        scores = delta.new_zeros(delta.shape[1], delta.shape[0])
+        scores[c, k] = (trapezoid * deltas).sum(-1)
+        return scores
+
+    def _sample_test_curvature(self) -> torch.Tensor:
+        """(N, B) -1/2 q_j Delta_j(z)^T H_test Delta_j(z) of every sample, at the hop-0 points: the
+        second-order part of each sample's hop-0 term. Per-sample gradients go in chunks of samples
+        of at most INFLUENCE_CHUNK_BYTES."""
+        first = self.steps[0]
+        n, dim = first.params.shape
+        points, kind = self._direct_points(), "ggn" if self.options.curvature == "ggn" else "exact"
+        chunk = max(1, INFLUENCE_CHUNK_BYTES // (n * dim * first.params.element_size()))
+        terms = []
+        for start in range(0, self.batch_size, chunk):
+            samples = slice(start, start + chunk)
+            grads = first.objective.per_sample_grads(first.params, first.inputs[:, samples], first.targets[:, samples])
+            deltas = first.displacement(grads / self.batch_size)[:, :, 0]  # (N, chunk, D)
+            products = self.tests.direct_curvature(points, deltas, kind)
+            terms.append((deltas * products).sum(-1))
+        return torch.cat(terms, dim=1).mul_(-0.5 * self.q[:, None])
+
     # ---- the three queries ----
 
     def cascade(self, source: int, sample_mask: torch.Tensor) -> torch.Tensor:
@@ -160,21 +196,22 @@ class Chain:
             j = self.nodes.index(source)
             at_source = first.rows(slice(j, j + 1))  # round t's step of the source alone
             removed = first.objective.node_grads(at_source.params, at_source.inputs, at_source.targets, (sample_mask / self.batch_size)[None])
-            delta[j] = at_source.displacement(removed)[0]  # delta^{(0)}: Delta_j(z) at row j
+            delta[j] = at_source.displacement(removed[:, None])[0]  # delta^{(0)}: Delta_j(z) at row j
             reached[0] = torch.tensor([j], device=device)
             points[0] = self._direct_points(at_source)
-        deltas = [delta]
+        deltas = [delta[reached[0], 0, 0]]
         for s in range(1, self.hops + 1):
             delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
-            deltas.append(delta)
             reached.append(delta.flatten(1).ne(0).any(dim=1).nonzero().flatten())
             points.append(self.rounds[s].params[reached[-1]])
+            deltas.append(delta[reached[-1], 0, 0])
         hop_of = torch.cat([torch.full_like(k, s) for s, k in enumerate(reached)])
-        grads = self._scaled_test_grads(torch.cat(points), hop_of, torch.cat(reached))[:, 0].split([len(k) for k in reached])
+        nodes, points, deltas = torch.cat(reached), torch.cat(points), torch.cat(deltas)
+        grads = self._scaled_test_grads(points, hop_of, nodes)[:, 0]
+        if self.options.order == 2:
+            grads = self._trapezoid(grads, points, deltas, hop_of, nodes)
         scores = first.params.new_zeros(self.hops + 1, n)
-        for s in range(self.hops + 1):
-            k = reached[s]
-            scores[s, k] = (grads[s] * deltas[s][k, 0, 0]).sum(-1)
+        scores[hop_of, nodes] = (grads * deltas).sum(-1)
         return scores
 
     def adjoint(self, per_hop: bool, per_test: bool = False) -> torch.Tensor:
@@ -184,7 +221,10 @@ class Chain:
         lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + adjoint_hop(lambda^{(s+1)}) (theta
         blocks), and a sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j).
         Each objective is a column; with per_hop each hop's term travels in its own block of columns.
+        At order 2 each sample's hop-0 term gains -1/2 q_j Delta^T H_test Delta (the mean test loss only).
         """
+        if per_test and self.options.order == 2:
+            raise ValueError("order=2 corrects each sample's hop-0 term for the curvature of the mean test loss; per_test=True is first order only")
         scaled_test_grads = self._test_grad_source(per_test)  # hop s -> (N, O, D)
         lam = None  # (N, C, S, D): blocks of O columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):
@@ -207,6 +247,8 @@ class Chain:
                 vectors = to_sources.add_(direct)
         scores = self.steps[0].sample_scores(vectors)  # Delta_j(z_b)^T v, (N, C, B)
         scores = scores.unflatten(1, (-1, objectives)).permute(1, 2, 0, 3)  # (hop blocks, O, N, B)
+        if self.options.order == 2:
+            scores[0].add_(self._sample_test_curvature())
         scores = scores if per_hop else scores[0]
         return scores if per_test else scores.select(-3, 0)
 
@@ -220,15 +262,16 @@ class Chain:
         first = self.steps[0]
         n = first.params.shape[0]
         scaled_test_grads = self._mean_test_grads()  # (hops+1, N, D)
-        displacements = first.displacement(first.grads)[:, 0]  # (N, S, D): every node's whole batch
+        points = self._test_grad_points()  # (hops+1, N, D)
+        displacements = first.displacement(first.grads[:, None])[:, 0]  # (N, S, D): every node's whole batch
         scores = first.params.new_zeros(self.hops + 1, n, n)
-        scores[0] = torch.diag((scaled_test_grads[0] * displacements[:, 0]).sum(-1))
         chunk = max(1, INFLUENCE_CHUNK_BYTES // (displacements.numel() * displacements.element_size()))
         for start in range(0, n, chunk):
             sources = torch.arange(start, min(start + chunk, n), device=displacements.device)
             delta = first.params.new_zeros(n, len(sources), *displacements.shape[1:])
             delta[sources, torch.arange(len(sources))] = displacements[sources]
-            for s in range(1, self.hops + 1):
-                delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
-                scores[s, sources] = torch.einsum("kd,kjd->jk", scaled_test_grads[s], delta[:, :, 0])
+            for s in range(self.hops + 1):
+                if s:
+                    delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+                scores[s, sources] = self._hop_scores(s, points[s], scaled_test_grads[s], delta[:, :, 0])
         return scores

@@ -2,7 +2,8 @@
 
 ``grads(points, hops, nodes, per_test)`` gives, for R (hop, node) pairs at parameters points
 (R, D), the gradient of the mean test loss (O = 1 column) or of each test point's own loss
-(O = M columns): (R, O, D).
+(O = M columns): (R, O, D). ``direct_curvature(points, vectors, kind)`` gives H V for the mean
+test loss's curvature H at every node's hop-0 point (N, D), vectors (N, C, D).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dicekern.objectives.torch_func import NodeObjective, mean_weights
+from dicekern.objectives.torch_func import Curvature, NodeObjective, mean_weights
 from dicekern.restrict import PerNodeTest
 
 
@@ -29,6 +30,10 @@ class SharedTestSet:
         if per_test:
             return self.objective.test_point_grads(points, x.expand(len(points), *x.shape), y)
         return self.objective.test_grads(points, self.test)[:, None]
+
+    def direct_curvature(self, points: torch.Tensor, vectors: torch.Tensor, kind: Curvature) -> torch.Tensor:
+        x, y = self.test
+        return self.objective.curvature_products(points, x.expand(len(points), *x.shape), y.expand(len(points), *y.shape), vectors, kind)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.test
@@ -49,6 +54,10 @@ class PerNodeTestSet:
         if per_test:
             return self.objective.test_point_grads(points, x, y)
         return self.objective.node_grads(points, x, y.expand(len(points), *y.shape), mean_weights(x.shape[:2], points))[:, None]
+
+    def direct_curvature(self, points: torch.Tensor, vectors: torch.Tensor, kind: Curvature) -> torch.Tensor:
+        y = self.targets
+        return self.objective.curvature_products(points, self.features[0], y.expand(len(points), *y.shape), vectors, kind)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features, self.targets

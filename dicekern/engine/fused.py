@@ -28,6 +28,6 @@ class FusedMLPChain(Chain):
     def influence_matrix(self) -> torch.Tensor:
         first = self.steps[0]
         scaled_test_grads = self._mean_test_grads()  # (hops+1, N, D)
-        displacements = first.displacement(first.grads)[:, 0, 0]  # (N, D): -lr grad, every whole batch
+        displacements = first.displacement(first.grads[:, None])[:, 0, 0]  # (N, D): -lr grad, every whole batch
         points = torch.stack([rnd.params for rnd in self.rounds])
         return forward_chain(first.objective, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags())

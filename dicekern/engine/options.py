@@ -12,6 +12,7 @@ from dicekern.checks import check_choice, check_q
 CURVATURES = ("exact", "ggn", "none")
 CURVATURE_AT = ("sender", "receiver")
 DIRECT = ("half_step", "paper")
+ORDERS = (1, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,10 +26,17 @@ class DiceOptions:
         curvature_at: "sender" (DICE.md, Appendix C.3) or "receiver" (Theorem 2 as printed; only
             for an optimizer without state).
         direct: test gradient of the hop-0 term at theta^{t+1/2} ("half_step") or at theta^t
-            ("paper"; only for an optimizer without state).
-        backend: "torch" (reference engine), "triton" (kernels; CPU tensors need
-            TRITON_INTERPRET=1), or "auto" (Triton on CUDA where the kernels cover the model,
-            torch otherwise).
+            ("paper"; only for an optimizer without state; order 1 only).
+        order: 1 takes each hop's test-loss change as g^T delta at the factual point; 2 takes it
+            by the trapezoid rule between the factual and the counterfactual point, exact for a
+            quadratic test loss: 1/2 (g(theta) + g(theta - delta))^T delta for a node's whole batch
+            (cascade, influence_matrix; one more test gradient per reached node and hop), and
+            g^T Delta - 1/2 Delta^T H_test Delta for each sample's hop-0 term in dice_e (one
+            test-curvature product per sample; later hops of a sample stay first order).
+        backend: "torch" (the torch.func reference engine), "closed_form" (batched matmuls, MLPs
+            under dk.losses), "triton" (kernels; CPU tensors need TRITON_INTERPRET=1), or "auto"
+            (Triton on CUDA where the kernels cover the model, else the closed form where it
+            covers it, else torch).
 
     Example:
         >>> import dicekern as dk
@@ -40,6 +48,7 @@ class DiceOptions:
     curvature: str = "exact"
     curvature_at: str = "sender"
     direct: str = "half_step"
+    order: int = 1
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -47,6 +56,10 @@ class DiceOptions:
         check_choice("curvature", self.curvature, CURVATURES)
         check_choice("curvature_at", self.curvature_at, CURVATURE_AT)
         check_choice("direct", self.direct, DIRECT)
+        if isinstance(self.order, bool) or self.order not in ORDERS:
+            raise ValueError(f"order must be 1 or 2, got {self.order!r}")
+        if self.order == 2 and self.direct != "half_step":
+            raise ValueError("direct='paper' picks the one point of a first-order hop-0 term; order=2 uses both ends: use direct='half_step'")
         check_choice("backend", self.backend, BACKENDS)
 
     @classmethod

@@ -113,13 +113,13 @@ class LocalStep:
         return self._join(self._curvature(c_grad).add_(theta), blocks)  # the curvature product is a fresh tensor
 
     def displacement(self, grads: torch.Tensor) -> torch.Tensor:
-        """(dO/dg) G at every node: the state change of a gradient change G (N, D), as (N, 1, S, D).
+        """(dO/dg) G at every node: the state change of gradient changes G (N, C, D), as (N, C, S, D).
 
         With G = sum_b w_b grad loss_b over removed samples (w_b = 1/B), this is Delta of DICE.md:
         factual minus counterfactual.
         """
-        zeros = torch.zeros_like(grads[:, None])
-        theta, blocks = self._linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads[:, None])
+        zeros = torch.zeros_like(grads)
+        theta, blocks = self._linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads)
         return self._join(theta, blocks)
 
     def sample_scores(self, vectors: torch.Tensor) -> torch.Tensor:

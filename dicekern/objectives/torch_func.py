@@ -107,6 +107,11 @@ class NodeObjective:
         """(N, D) gradients of Sum_b weights[k, b] loss_b at thetas (N, D); weights (N, B)."""
         return vmap(grad(self.weighted_loss))(thetas, inputs, targets, weights)
 
+    def per_sample_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, B, D) the gradient of every sample's own loss at its node's thetas (N, D)."""
+        one = grad(lambda theta, x, y: self.per_sample_losses(theta, x[None], y[None])[0])
+        return vmap(vmap(one, in_dims=(None, 0, 0)))(thetas, inputs, targets)
+
     def test_losses(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """(K,) mean test loss at each of thetas (K, D)."""
         return vmap(self.mean_loss, in_dims=(0, None, None))(thetas, *test)

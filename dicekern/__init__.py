@@ -7,7 +7,7 @@
     (4, 5)
 """
 
-from dicekern import adapters, analysis, examples, losses, optim, plots, reference, topology
+from dicekern import adapters, analysis, baselines, examples, losses, optim, plots, reference, topology
 from dicekern.description import RunDescription, rebuildable
 from dicekern.engine.options import DiceOptions
 from dicekern.ground_truth import dice_gt, dice_gt_samples
@@ -27,6 +27,7 @@ __all__ = [
     "VerifyReport",
     "adapters",
     "analysis",
+    "baselines",
     "cascade",
     "dice_e",
     "dice_gt",

@@ -146,11 +146,13 @@ def anomaly_experiment(
 ) -> dict:
     """Flag corrupted nodes on digits: for each seed, corrupt ``corrupted`` random nodes' data
     (``kind`` "flip" or "noise"), train, score every node with :func:`node_scores` over rounds
-    scored_from.., and report the ROC AUC per number of hops. optimizer, graph, batch_size, lr:
-    as for ``dk.examples.digits_run``.
+    scored_from.., and report the ROC AUC per number of hops, next to the AUC of every baseline
+    of ``dk.baselines.NODE_BASELINES`` over the same rounds. kind: "flip", "noise" or
+    "free_rider" (see ``dk.examples.digits_run``); optimizer, graph, batch_size, lr: as there.
 
     Returns:
-        {"kind", "scored_from", "auc": {hops: [AUC per seed]}, "runs": [{"seed", "anomalous", "scores": {hops: [...]}}]}.
+        {"kind", "scored_from", "auc": {hops: [AUC per seed]}, "baseline_auc": {name: [AUC per seed]},
+        "runs": [{"seed", "anomalous", "scores": {hops: [...]}, "baselines": {name: [...]}}]}.
     """
     from tqdm.auto import tqdm
 
@@ -158,14 +160,21 @@ def anomaly_experiment(
 
     if rounds - max(hops) < scored_from:
         raise ValueError(f"rounds {rounds} leave nothing to score from round {scored_from} with hops {max(hops)}: use rounds >= {scored_from + max(hops)}")
-    results: dict = {"kind": kind, "scored_from": scored_from, "auc": {h: [] for h in hops}, "runs": []}
+    from dicekern.baselines import NODE_BASELINES
+
+    results: dict = {"kind": kind, "scored_from": scored_from, "auc": {h: [] for h in hops}, "baseline_auc": {name: [] for name in NODE_BASELINES},
+                     "runs": []}
     for seed in tqdm(seeds, desc=f"anomaly detection ({kind})", disable=not progress):
         bad = sorted(int(b) for b in np.random.default_rng(seed).choice(num_nodes, corrupted, replace=False))
         run = digits_run(num_nodes, rounds, seed=seed, corrupt={b: kind for b in bad}, optimizer=optimizer, graph=graph, batch_size=batch_size, lr=lr)
-        entry = {"seed": seed, "anomalous": bad, "scores": {}}
+        entry = {"seed": seed, "anomalous": bad, "scores": {}, "baselines": {}}
         for h in hops:
             scores = node_scores(run.trajectory, range(scored_from, rounds - h + 1), run.test, h)
             entry["scores"][h] = scores.tolist()
             results["auc"][h].append(detection_auc(scores, bad))
+        for name, baseline in NODE_BASELINES.items():
+            scores = baseline(run.trajectory, range(scored_from, rounds), run.test)
+            entry["baselines"][name] = scores.tolist()
+            results["baseline_auc"][name].append(detection_auc(scores, bad))
         results["runs"].append(entry)
     return results

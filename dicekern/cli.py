@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--hops", type=_positive, nargs="+", default=[1, 3], help="hop counts to compare (default 1 3)")
     detect.add_argument("--steps", type=_step_range, metavar="A:B", help="RUN_DIR: rounds whose scores are summed (default: all that fit)")
     detect.add_argument("--anomalous", type=_non_negative, nargs="+", default=[], help="RUN_DIR: nodes known to be corrupted, for the ROC AUC")
-    detect.add_argument("--kind", choices=["flip", "noise"], help="digits: labels flipped or features drowned in noise (default flip)")
+    detect.add_argument("--kind", choices=["flip", "noise", "free_rider"],
+                        help="digits: labels flipped, features drowned in noise, or batches copied from two samples (default flip)")
     detect.add_argument("--corrupted", type=_positive, help="digits: corrupted nodes per run (default 3)")
     detect.add_argument("--seeds", type=_positive, help="digits: runs, one per seed (default 3)")
     return parser
@@ -355,9 +356,11 @@ def _detect_on_digits(args, argv: list[str]) -> dict:
     results = analysis.anomaly_experiment(args.kind, range(args.seed, args.seed + args.seeds), num_nodes=args.nodes,
                                           corrupted=args.corrupted, rounds=rounds, hops=tuple(args.hops), optimizer=args.optimizer,
                                           graph=args.topology, batch_size=args.batch_size, lr=args.lr, progress=not args.no_progress)
-    print(f"ROC AUC of ranking nodes by DICE score ({args.kind}, {args.corrupted} of {args.nodes} nodes corrupted, {args.seeds} seeds)")
-    for h, aucs in results["auc"].items():
-        print(f"hops {h}: mean {np.mean(aucs):.3f}  per seed {', '.join(f'{a:.2f}' for a in aucs)}")
+    print(f"ROC AUC of ranking nodes by each score, higher = more suspicious ({args.kind}, {args.corrupted} of {args.nodes} nodes corrupted, {args.seeds} seeds)")
+    rows = {f"DICE, hops {h}": aucs for h, aucs in results["auc"].items()} | results["baseline_auc"]
+    width = max(map(len, rows))
+    for name, aucs in rows.items():
+        print(f"{name:<{width}}  mean {np.mean(aucs):.3f}  per seed {', '.join(f'{a:.2f}' for a in aucs)}")
     first, deepest = results["runs"][0], max(args.hops)
     optimizer = examples.OPTIMIZER_PRESETS[args.optimizer][0]
     caption = (f"run: bundled digits ({args.nodes} nodes, {args.topology}, {report.describe_optimizer(optimizer)}), seed {first['seed']}; "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,12 +69,16 @@ class DigitsRun:
         trajectory: every round 0..rounds (the last with params only).
         test: (inputs (M, 64), targets (M,)) held-out digits.
         model, loss_fn: the architecture and per-sample loss the run used.
+        sample_ids: (rounds, N, B) the digit (index into the dataset) of every batch entry.
+        mislabeled: (n,) True for the digits whose label the run corrupted.
     """
 
     trajectory: Trajectory
     test: tuple[torch.Tensor, torch.Tensor]
     model: nn.Module
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    sample_ids: torch.Tensor
+    mislabeled: torch.Tensor
 
 
 def digits_split(num_nodes: int, *, seed: int = 0, test_size: int = TEST_SIZE) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
@@ -109,14 +113,19 @@ def digits_run(
     dtype: torch.dtype = torch.float64,
     test_size: int = TEST_SIZE,
     corrupt: dict[int, str] | None = None,
+    mislabel: dict[int, float] | None = None,
+    exclude: Collection[int] = (),
     optimizer: OptimizerSpec | str = "sgd",
     progress: bool = False,
 ) -> DigitsRun:
     """Train a gossip run (adapt then combine) on non-IID digits and record every round.
 
     Args:
-        corrupt: node -> "flip" (every label replaced by a wrong one) or "noise" (features drowned
-            in Gaussian noise of standard deviation 1): nodes whose data should hurt the others.
+        corrupt: node -> "flip" (every label replaced by a wrong one), "noise" (features drowned
+            in Gaussian noise of standard deviation 1) or "free_rider" (its batches are copies of
+            two of its samples): nodes whose data should hurt or not help the others.
+        mislabel: node -> the fraction of its samples whose labels are replaced by wrong ones.
+        exclude: digits (dataset indices) left out of every node's data, as if never collected.
         optimizer: every node's local optimizer, its state kept per node: a ``dk.optim`` spec or
             a name of ``OPTIMIZER_PRESETS`` ("sgd", "momentum", "adam"; default plain SGD).
         lr: the learning rate of every node and round; None takes the preset's (SGD 0.1).
@@ -137,22 +146,42 @@ def digits_run(
     else:
         preset_lr = OPTIMIZER_PRESETS["sgd"][1]
     lr = preset_lr if lr is None else lr
-    node_indices, features, labels, test_indices = digits_split(num_nodes, seed=seed, test_size=test_size)
+    split, features, labels, test_indices = digits_split(num_nodes, seed=seed, test_size=test_size)
+    excluded = np.asarray(sorted(exclude), dtype=np.int64)
+    node_indices = [ix[~np.isin(ix, excluded)] for ix in split]
     smallest = min(len(ix) for ix in node_indices)
     if batch_size > smallest:
         raise ValueError(f"batch_size {batch_size} exceeds the smallest node's {smallest} samples")
     x_all = torch.tensor(features, dtype=dtype)
     y_all = torch.tensor(labels, dtype=torch.long)
-    corruption = np.random.default_rng(seed + 2)
+    mislabeled = torch.zeros(len(y_all), dtype=torch.bool)
+
+    def flip(ix: torch.Tensor, rng: np.random.Generator) -> None:
+        y_all[ix] = (y_all[ix] + torch.as_tensor(rng.integers(1, 10, len(ix)))) % 10
+        mislabeled[ix] = True
+
+    def check_node(node: object, what: str) -> int:
+        if not 0 <= check_int(what, node) < num_nodes:
+            raise ValueError(f"{what} names node {node}, but the nodes are 0..{num_nodes - 1}")
+        return node
+
+    corruption = np.random.default_rng(seed + 2)  # drawn over every digit of the node, so exclude leaves the rest as they were
     for node, kind in (corrupt or {}).items():
-        check_choice(f"corrupt[{node}]", kind, ["flip", "noise"])
-        if not 0 <= check_int("corrupted node", node) < num_nodes:
-            raise ValueError(f"corrupt names node {node}, but the nodes are 0..{num_nodes - 1}")
-        ix = torch.as_tensor(node_indices[node])
+        check_choice(f"corrupt[{node}]", kind, ["flip", "noise", "free_rider"])
+        every = split[check_node(node, "corrupt")]
         if kind == "flip":
-            y_all[ix] = (y_all[ix] + torch.as_tensor(corruption.integers(1, 10, len(ix)))) % 10
+            flip(torch.as_tensor(every), corruption)
+        elif kind == "noise":
+            x_all[every] += torch.as_tensor(corruption.normal(size=(len(every), x_all.shape[1])), dtype=dtype)
         else:
-            x_all[ix] += torch.as_tensor(corruption.normal(size=(len(ix), x_all.shape[1])), dtype=dtype)
+            node_indices[node] = np.resize(node_indices[node][:2], len(node_indices[node]))
+    labelling = np.random.default_rng(seed + 3)
+    for node, fraction in (mislabel or {}).items():
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"mislabel[{node}] must be a fraction in [0, 1], got {fraction}")
+        every = split[check_node(node, "mislabel")]
+        chosen = labelling.choice(every, round(fraction * len(every)), replace=False)
+        flip(torch.as_tensor(chosen), labelling)
 
     torch.manual_seed(seed)
     model = mlp(hidden=hidden).to(dtype)
@@ -163,12 +192,14 @@ def digits_run(
     state = spec.initial_state(num_nodes, objective.layout.dim, theta)
     rates = torch.full((num_nodes,), lr, dtype=dtype)
     rng = np.random.default_rng(seed + 1)
+    batches = []
     for t in tqdm(range(rounds), desc="gossip training", disable=not progress):
         batch = torch.tensor(np.stack([rng.choice(ix, batch_size, replace=False) for ix in node_indices]))
+        batches.append(batch)
         inputs, targets = x_all[batch], y_all[batch]
         mixing = TOPOLOGIES[graph](num_nodes, t).to(dtype)
         recorder.record(t, objective.layout.unflatten(theta), inputs, targets, lr=rates, W=mixing, state=state)
         _, theta, state = gossip_round(objective, spec, theta, state, inputs, targets, rates, mixing)
     recorder.record(rounds, objective.layout.unflatten(theta), state=state)
     test = (x_all[test_indices], y_all[test_indices])
-    return DigitsRun(recorder.trajectory(), test, model, softmax_cross_entropy)
+    return DigitsRun(recorder.trajectory(), test, model, softmax_cross_entropy, torch.stack(batches), mislabeled)

@@ -79,3 +79,26 @@ def test_corrupted_digits() -> None:
         dk.examples.digits_run(num_nodes=4, rounds=1, corrupt={4: "flip"})
     with pytest.raises(ValueError, match="must be one of"):
         dk.examples.digits_run(num_nodes=4, rounds=1, corrupt={0: "erase"})
+
+
+def test_free_riders_mislabels_exclusions_and_sample_ids() -> None:
+    clean = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=6, seed=3)
+    features, labels = dk.examples.digits_split(4, seed=3)[1:3]
+    ids = clean.sample_ids  # (rounds, N, B) digits of every batch entry
+    assert ids.shape == (3, 4, 6)
+    assert torch.equal(clean.trajectory[1].targets, torch.as_tensor(labels)[ids[1]])
+    assert torch.allclose(clean.trajectory[1].inputs, torch.as_tensor(features, dtype=torch.float64)[ids[1]])
+    rider = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=6, seed=3, corrupt={2: "free_rider"})
+    assert len(rider.sample_ids[:, 2].unique()) == 2 and len(rider.sample_ids[:, 1].unique()) > 2
+    noisy = dk.examples.digits_run(num_nodes=4, rounds=1, batch_size=6, seed=3, mislabel={0: 0.25, 3: 0.5})
+    pools = dk.examples.digits_split(4, seed=3)[0]
+    for node, fraction in ((0, 0.25), (3, 0.5), (1, 0.0)):
+        assert noisy.mislabeled[pools[node]].sum() == round(fraction * len(pools[node]))
+    wrong = noisy.mislabeled.nonzero().flatten()
+    assert not noisy.mislabeled[pools[1]].any() and len(wrong) > 0
+    left_out = pools[2][:30].tolist()
+    without = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=6, seed=3, mislabel={0: 0.25, 3: 0.5}, exclude=left_out)
+    assert not set(without.sample_ids.flatten().tolist()) & set(left_out)
+    assert torch.equal(without.mislabeled, noisy.mislabeled)  # the same digits stay mislabelled
+    with pytest.raises(ValueError, match="mislabel\\[0\\] must be a fraction in \\[0, 1\\]"):
+        dk.examples.digits_run(num_nodes=4, rounds=1, mislabel={0: 1.5})

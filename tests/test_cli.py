@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+import dicekern as dk
+
 from dicekern.cli import main
 from test_plots import is_png
 
@@ -53,6 +55,12 @@ def test_detect(tmp_path, capsys) -> None:
     assert main(["detect", "--out", str(tmp_path), "--seeds", "1", "--corrupted", "2", "--hops", "1", "2", *SMALL]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["auc"]) == {"1", "2"} and is_png(tmp_path / "anomaly.png")
+    assert set(results["baseline_auc"]) == set(dk.baselines.NODE_BASELINES)
+    first = results["runs"][0]
+    run = dk.examples.digits_run(5, 24, seed=0, corrupt={b: "flip" for b in first["anomalous"]})
+    expected = dk.baselines.update_distance(run.trajectory, range(10, 24))
+    torch.testing.assert_close(torch.tensor(first["baselines"]["update distance (Krum)"], dtype=torch.float64), expected)
+    assert results["baseline_auc"]["update distance (Krum)"] == [dk.analysis.detection_auc(expected, first["anomalous"])]
     meta = results["metadata"]
     assert meta["steps"]["1"] == list(range(10, 24)) and meta["steps"]["2"] == list(range(10, 23)) and meta["seed"] == [0]
     assert meta["N"] == 5 and meta["topology"] == "exponential" and meta["versions"]["torch"] == torch.__version__
@@ -117,8 +125,6 @@ def test_bundled_run_options(tmp_path) -> None:
     meta = results["metadata"]
     assert (meta["N"], meta["B"], meta["topology"], meta["seed"], meta["step"], meta["hops"]) == (9, 4, "torus", 3, 1, 2)
     assert meta["command_line"] == ["dicekern", *argv] and meta["versions"]["python"]
-    import dicekern as dk
-
     run = dk.examples.digits_run(9, 5, batch_size=4, lr=0.05, graph="torus", seed=3)
     assert torch.equal(run.trajectory[1].W, dk.topology.torus(3, 3))
     torch.testing.assert_close(torch.tensor(results["cascade"], dtype=torch.float64), dk.cascade(run.trajectory, 1, 0, run.test, 2),

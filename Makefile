@@ -9,7 +9,7 @@ $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	# the CPU wheel that pip finds on these machines; a bare `torch` would pull a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,apps,triton]'
 	touch $@
 
 demo: $(STAMP)

@@ -9,6 +9,11 @@ setup(
     # kernels/ and bindings/ sit at the top level of the repository but install inside the
     # package, so they never claim the generic import names `kernels` and `bindings`.
     package_dir={"dicekern": "dicekern", "dicekern.kernels": "kernels", "dicekern.bindings": "bindings"},
-    install_requires=["torch>=2.4", "triton", "numpy", "networkx", "scikit-learn", "matplotlib", "tqdm", "safetensors"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # the engine needs only these; the rest is imported where a feature first needs it (dicekern/extras.py)
+    install_requires=["torch>=2.4", "numpy", "safetensors"],
+    extras_require={
+        "triton": ["triton"],  # the kernels
+        "apps": ["networkx", "scikit-learn", "scipy", "matplotlib", "tqdm"],  # topologies, digits, analyses, pictures, CLI
+        "test": ["pytest", "pytest-benchmark"],
+    },
 )

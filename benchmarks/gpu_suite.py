@@ -30,7 +30,7 @@ from torch import nn
 
 import dicekern as dk
 from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
-from dicekern.bindings.mlp import MLPKernelObjective
+from dicekern.objectives.kernel import MLPKernelObjective
 from dicekern.engine.step import gossip_round
 from dicekern.objectives.closed_form import ClosedFormObjective
 from dicekern.objectives.torch_func import NodeObjective

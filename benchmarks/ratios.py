@@ -15,11 +15,11 @@ def ratio_rows(report: dict) -> list[str]:
     for bench in report["benchmarks"]:
         label = bench["name"].rstrip("]").split("[")[-1].split("-")[-1]  # the last parameter id
         groups[bench["group"]].append((label, bench["stats"]["min"]))
-    rows = ["| group | fast | min (ms) | baseline | min (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
+    rows = ["| group | fastest | min (ms) | slower | min (ms) | ratio |", "|---|---|---:|---|---:|---:|"]
     for group, entries in sorted(groups.items()):
-        (fast, t_fast), *slower = sorted(entries, key=lambda e: e[1])
+        (fastest, t_fastest), *slower = sorted(entries, key=lambda e: e[1])
         for slow, t_slow in slower:
-            rows.append(f"| {group} | {fast} | {t_fast * 1e3:.2f} | {slow} | {t_slow * 1e3:.2f} | {t_slow / t_fast:.2f}x |")
+            rows.append(f"| {group} | {fastest} | {t_fastest * 1e3:.2f} | {slow} | {t_slow * 1e3:.2f} | {t_slow / t_fastest:.2f}x |")
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -45,7 +46,7 @@ def resolve_backend(
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        if device.type == "cuda" and kernels and validated():
+        if device.type == "cuda" and kernels and importlib.util.find_spec("triton") is not None and validated():
             return "triton"
         return "closed_form" if closed_form is None else "torch"
     if backend == "triton":
@@ -56,6 +57,9 @@ def resolve_backend(
 
 
 def require_triton_device(device: torch.device) -> None:
+    """The kernels can run on device: triton is installed, and CPU tensors have its interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        raise ModuleNotFoundError("backend 'triton' needs triton: pip install 'dicekern[triton]'", name="triton")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "

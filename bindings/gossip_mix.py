@@ -100,11 +100,11 @@ def _gossip_mix_op(
     out = new_output(tuple(vectors.shape), vectors)
     unused = vectors  # any valid pointer for a pointer the constexpr flags switch off
     wrap_triton(gossip_mix_fwd_kernel)[(triton.cdiv(d, BLOCK_D), n)](
-        out, vectors, rowptr, col, val,
-        unused if scale is None else scale,
-        unused if added is None else added,
-        unused if added_scale is None else added_scale,
-        d,
+        p_out=out, p_v=vectors, p_rowptr=rowptr, p_col=col, p_val=val,
+        p_c=unused if scale is None else scale,
+        p_g=unused if added is None else added,
+        p_a=unused if added_scale is None else added_scale,
+        D=d,
         HAS_C=scale is not None, HAS_G=added is not None, BLOCK_D=BLOCK_D,
     )
     return out

@@ -19,7 +19,7 @@ ACT_CODES = {nn.Tanh: codes.ACT_TANH, nn.ReLU: codes.ACT_RELU, nn.LeakyReLU: cod
 @dataclass(frozen=True)
 class MLPPlan:
     """What the kernels need of a model: layer widths (L+1,), weight and bias offsets (L,), the
-    activation between layers and its slope, and the tile width WMAX."""
+    activation between layers and its slope, the loss, the parameter count and the tile width WMAX."""
 
     widths: tuple[int, ...]
     weight_offsets: tuple[int, ...]
@@ -27,6 +27,7 @@ class MLPPlan:
     activation: int
     slope: float
     loss: int
+    dim: int  # D, the length of the flat parameter vector
 
     @property
     def wmax(self) -> int:
@@ -62,4 +63,4 @@ def mlp_plan(model: nn.Module, loss_fn: object) -> MLPPlan | str:
         biases.append(offset if m.bias is not None else -1)
         offset += 0 if m.bias is None else m.bias.numel()
     kind, slope, _ = next(iter(kinds), (nn.Identity, 0.0, "none"))
-    return MLPPlan(tuple(widths), tuple(weights), tuple(biases), ACT_CODES[kind], float(slope), LOSS_CODES[loss_fn.kind])
+    return MLPPlan(tuple(widths), tuple(weights), tuple(biases), ACT_CODES[kind], float(slope), LOSS_CODES[loss_fn.kind], offset)

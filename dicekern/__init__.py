@@ -14,7 +14,8 @@ from dicekern.ground_truth import dice_gt, dice_gt_samples
 from dicekern.influence import cascade, dice_e, influence_matrix
 from dicekern.online import OnlineDICE
 from dicekern.restrict import PerNodeTest, last_layer
-from dicekern.trajectory import Recorder, Round, Trajectory, VerifyReport
+from dicekern.rounds import Round
+from dicekern.trajectory import Recorder, Trajectory, VerifyReport
 
 __all__ = [
     "DiceOptions",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dicekern import extras
 from dicekern.checks import check_int, check_node
 from dicekern.engine.options import DiceOptions
 from dicekern.influence import influence_matrix
@@ -37,8 +38,7 @@ def agreement(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float | 
         >>> dk.analysis.agreement(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))["spearman"]
         1.0
     """
-    from scipy.stats import spearmanr
-
+    spearmanr = extras.optional("scipy.stats", "dk.analysis.agreement", "apps").spearmanr
     e, g = estimate.detach().flatten().cpu().double(), truth.detach().flatten().cpu().double()
     varies = len(g) > 1 and bool(e.max() > e.min()) and bool(g.max() > g.min())
     return {
@@ -123,8 +123,7 @@ def node_scores(
 
 def detection_auc(scores: torch.Tensor, anomalous: Sequence[int], num_nodes: int | None = None) -> float:
     """ROC AUC of ranking nodes by score (highest first) against the truly anomalous nodes."""
-    from sklearn.metrics import roc_auc_score
-
+    roc_auc_score = extras.optional("sklearn.metrics", "dk.analysis.detection_auc", "apps").roc_auc_score
     num_nodes = len(scores) if num_nodes is None else check_int("num_nodes", num_nodes, minimum=1)
     if len(scores) != num_nodes:
         raise ValueError(f"scores hold {len(scores)} nodes, num_nodes is {num_nodes}")
@@ -154,8 +153,6 @@ def anomaly_experiment(
         {"kind", "scored_from", "auc": {hops: [AUC per seed]}, "baseline_auc": {name: [AUC per seed]},
         "runs": [{"seed", "anomalous", "scores": {hops: [...]}, "baselines": {name: [...]}}]}.
     """
-    from tqdm.auto import tqdm
-
     from dicekern.examples import digits_run
 
     if rounds - max(hops) < scored_from:
@@ -164,7 +161,7 @@ def anomaly_experiment(
 
     results: dict = {"kind": kind, "scored_from": scored_from, "auc": {h: [] for h in hops}, "baseline_auc": {name: [] for name in NODE_BASELINES},
                      "runs": []}
-    for seed in tqdm(seeds, desc=f"anomaly detection ({kind})", disable=not progress):
+    for seed in extras.progress(seeds, enabled=progress, description=f"anomaly detection ({kind})"):
         bad = sorted(int(b) for b in np.random.default_rng(seed).choice(num_nodes, corrupted, replace=False))
         run = digits_run(num_nodes, rounds, seed=seed, corrupt={b: kind for b in bad}, optimizer=optimizer, graph=graph, batch_size=batch_size, lr=lr)
         entry = {"seed": seed, "anomalous": bad, "scores": {}, "baselines": {}}

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from dicekern import analysis, examples, plots, report
+from dicekern import analysis, examples, extras, plots, report
 from dicekern.checks import check_node
 from dicekern.demo import DemoConfig, run_demo
 from dicekern.ground_truth import dice_gt_samples
@@ -246,7 +245,7 @@ def _score(args, argv: list[str]) -> dict:
     traj, test, hops = source.trajectory, source.test, args.hops
     steps = _scored_steps(traj, args.step if args.step is not None else args.steps, hops)
     scores, per_hop, matrices = {}, {}, {}
-    for t in tqdm(steps, desc="scoring rounds", disable=args.no_progress):
+    for t in extras.progress(steps, enabled=not args.no_progress, description="scoring rounds"):
         if args.per_hop:
             per_hop[t] = dice_e(traj, t, test, hops, per_hop=True)  # (hops+1, N, B)
         scores[t] = per_hop[t].sum(0) if args.per_hop else dice_e(traj, t, test, hops)  # (N, B)
@@ -336,7 +335,7 @@ def _detect_in_run(args, argv: list[str]) -> dict:
     for node in args.anomalous:
         check_node("--anomalous node", node, traj.num_nodes)
     steps = _scored_steps(traj, args.steps, deepest)
-    scores = {h: analysis.node_scores(traj, steps, source.test, h) for h in tqdm(args.hops, desc="node scores", disable=args.no_progress)}
+    scores = {h: analysis.node_scores(traj, steps, source.test, h) for h in extras.progress(args.hops, enabled=not args.no_progress, description="node scores")}
     auc = {h: analysis.detection_auc(scores[h], args.anomalous) for h in args.hops} if args.anomalous else None
     print(f"node scores over rounds {steps[0]}..{steps[-1]} (positive: the node's data raised the others' test loss)")
     for h in args.hops:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,8 @@ from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
 from dicekern.objectives.torch_func import LossFn
 from dicekern.online import OnlineDICE, test_digest
-from dicekern.trajectory import Mismatch, Recorder, Round, replay_mismatch
+from dicekern.rounds import Round
+from dicekern.trajectory import Mismatch, Recorder, Trajectory, replay_mismatch
 
 
 def node_block(num_nodes: int, rank: int, world_size: int) -> range:
@@ -167,9 +169,12 @@ def _options_digest(options: DiceOptions) -> dict:
     return {"options": repr(replace(options, q=None)), "q": None if q is None else q.double().tolist()}
 
 
-def _chain(recorder: DistributedRecorder, step: int, test, hops: int, options: DiceOptions, test_grad_cache=None, traj=None) -> Chain:
+def _chain(
+    recorder: DistributedRecorder, traj: Trajectory, step: int, test, hops: int, options: DiceOptions, *,
+    test_grad_cache: dict[int, torch.Tensor] | None = None,
+) -> Chain:
+    """The chain of one query over this rank's rows of traj, exchanging rows with the other ranks."""
     _check_backend(options)
-    traj = recorder.trajectory() if traj is None else traj
     mixings = [traj[step + s].W for s in range(max(hops, 1)) if step + s in traj]
     mixer = BlockMixer(mixings, recorder.blocks, recorder.rank, recorder.group, recorder.timeout)
     return build_chain(traj, step, test, hops, replace(options, backend="torch"), test_grad_cache=test_grad_cache, mixer=mixer,
@@ -188,7 +193,7 @@ def dice_e(
     options, per_hop = DiceOptions.of(options, **option_fields), check_flag("per_hop", per_hop)
     recorder.agree("dicekern.distributed.dice_e", {"step": step, "hops": hops, "per_hop": per_hop, "test": test_digest(test),
                                                    "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options)})
-    return _chain(recorder, step, test, hops, options).adjoint(per_hop=per_hop)
+    return _chain(recorder, recorder.trajectory(), step, test, hops, options).adjoint(per_hop=per_hop)
 
 
 def cascade(
@@ -204,7 +209,7 @@ def cascade(
         "step": step, "hops": hops, "source": source, "samples": None if samples is None else torch.as_tensor(samples).tolist(),
         "test": test_digest(test), "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options),
     })
-    chain = _chain(recorder, step, test, hops, options)
+    chain = _chain(recorder, recorder.trajectory(), step, test, hops, options)
     source = check_node("source", source, recorder.total_nodes)
     return chain.cascade(source, check_samples(samples, chain.batch_size, chain.q))
 
@@ -225,15 +230,19 @@ class DistributedOnlineDICE(OnlineDICE):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, test, hops: int, *, num_nodes: int, group=None, timeout: float | None = None,
-        node_matrix: bool = False, **options,
+        optimizer: object = None, mix_state: bool = False, replay_check: str = "sampled", node_matrix: bool = False,
+        options: DiceOptions | None = None, **option_fields,
     ):
         if node_matrix:
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
-        self._num_nodes, self._group, self._timeout = num_nodes, group, timeout
-        super().__init__(model, loss_fn, test, hops, **options)
-        _check_backend(self.options)
-        if self.options.order == 2:
+        options = DiceOptions.of(options, **option_fields)
+        _check_backend(options)
+        if options.order == 2:
             raise ValueError("order=2 node totals come from the node matrix, which is single-process only: use dicekern.OnlineDICE")
+        hops = check_int("hops", hops, minimum=0)
+        recorder = DistributedRecorder(model, loss_fn, num_nodes, group=group, timeout=timeout, optimizer=optimizer, mix_state=mix_state,
+                                       window=hops + 1, replay_check=replay_check)
+        super().__init__(model, loss_fn, test, hops, recorder=recorder, chains=partial(_chain, recorder), options=options)
 
     def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None):
         rec = self.recorder
@@ -242,9 +251,3 @@ class DistributedOnlineDICE(OnlineDICE):
             "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **_options_digest(self.options),
         })
         return super().record(step, params, inputs, targets, lr, W, state=state, sample_ids=sample_ids)
-
-    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, **recorder_options) -> DistributedRecorder:
-        return DistributedRecorder(model, loss_fn, self._num_nodes, window=self.hops + 1, group=self._group, timeout=self._timeout, **recorder_options)
-
-    def _chain(self, traj, t: int) -> Chain:
-        return _chain(self.recorder, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads, traj=traj)

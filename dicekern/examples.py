@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from dicekern import topology
+from dicekern import extras, topology
 from dicekern.losses import softmax_cross_entropy
 from dicekern.checks import check_choice, check_int
 from dicekern.description import rebuildable
@@ -87,8 +86,7 @@ def digits_split(num_nodes: int, *, seed: int = 0, test_size: int = TEST_SIZE) -
     Returns:
         (node_indices, features (n, 64) in [0, 1], labels (n,), test_indices (test_size,)).
     """
-    from sklearn.datasets import load_digits
-
+    load_digits = extras.optional("sklearn.datasets", "the bundled digits", "apps").load_digits
     features, labels = load_digits(return_X_y=True)
     features = features / 16.0
     rng = np.random.default_rng(seed)
@@ -193,7 +191,7 @@ def digits_run(
     rates = torch.full((num_nodes,), lr, dtype=dtype)
     rng = np.random.default_rng(seed + 1)
     batches = []
-    for t in tqdm(range(rounds), desc="gossip training", disable=not progress):
+    for t in extras.progress(range(rounds), enabled=progress, description="gossip training"):
         batch = torch.tensor(np.stack([rng.choice(ix, batch_size, replace=False) for ix in node_indices]))
         batches.append(batch)
         inputs, targets = x_all[batch], y_all[batch]

@@ -7,12 +7,13 @@ from functools import partial
 
 import torch
 from torch.func import vmap
-from tqdm.auto import tqdm
 
+from dicekern import extras
 from dicekern.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
 from dicekern.engine.step import gossip_round
 from dicekern.objectives.torch_func import mean_weights
-from dicekern.trajectory import Round, Trajectory
+from dicekern.rounds import Round
+from dicekern.trajectory import Trajectory
 
 
 def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ def dice_gt_samples(
     factual = _replay_test_losses(traj, rounds, test, ones)[0]
     removals = [(j, b) for j in nodes for b in range(batch)]
     totals = []
-    for start in tqdm(range(0, len(removals), chunk_size), desc="DICE-GT replays", disable=not progress, unit="chunk"):
+    for start in extras.progress(range(0, len(removals), chunk_size), enabled=progress, description="DICE-GT replays", unit="chunk"):
         chunk = removals[start : start + chunk_size]
         keep = ones.repeat(len(chunk), 1, 1)
         for i, (j, b) in enumerate(chunk):

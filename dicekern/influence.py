@@ -7,13 +7,14 @@ import torch
 from dicekern.checks import check_finite_result, check_flag, check_node, check_samples
 from dicekern.engine.builder import build_chain
 from dicekern.engine.options import DiceOptions
+from dicekern.restrict import PerNodeTest
 from dicekern.trajectory import Trajectory
 
 
 def dice_e(
     traj: Trajectory,
     step: int,
-    test: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | PerNodeTest,
     hops: int,
     *,
     per_hop: bool = False,
@@ -26,7 +27,8 @@ def dice_e(
     Args:
         traj: the recorded run; needs rounds step..step+hops (the last may be params only).
         step: the round t whose samples are scored.
-        test: (inputs (M, ...), targets (M, ...)); the objective is their mean loss.
+        test: (inputs (M, ...), targets (M, ...)); the objective is their mean loss. Or the
+            PerNodeTest of ``dk.last_layer``, with its head trajectory.
         hops: r >= 0 rounds after the local step (hop s reads theta^{t+s}).
         per_hop: return each hop's term separately.
         per_test: score against each test point's own loss instead of their mean.
@@ -54,7 +56,7 @@ def cascade(
     traj: Trajectory,
     step: int,
     source: int,
-    test: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | PerNodeTest,
     hops: int,
     *,
     samples: object = None,
@@ -87,7 +89,7 @@ def cascade(
 def influence_matrix(
     traj: Trajectory,
     step: int,
-    test: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | PerNodeTest,
     hops: int,
     *,
     options: DiceOptions | None = None,

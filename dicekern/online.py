@@ -12,15 +12,16 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from dicekern.checks import as_tensor, check_int, check_test
+from dicekern.checks import as_tensor, check_flag, check_int, check_test
 from dicekern.engine.builder import build_chain, check_query
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
@@ -28,13 +29,86 @@ from dicekern.objectives.torch_func import LossFn
 from dicekern.optim import spec_from_dict
 from dicekern.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.storage import MANIFEST, read_run, write_run
-from dicekern.trajectory import Recorder
+from dicekern.trajectory import Recorder, Trajectory
 
 LEDGER = "ledger.json"
 TEST_GRADS = "test_grads.safetensors"
 PENDING = "pending"
 LEDGER_VERSION = 3  # 3 added round_totals; a version 2 ledger resumes with them empty
 READABLE_LEDGER_VERSIONS = (2, 3)
+
+
+class ChainFactory(Protocol):
+    """Builds the chain that scores round ``step`` (``dicekern.engine.builder.build_chain`` in one
+    process); ``test_grad_cache`` is the ledger's step -> (N, D) test-gradient cache to share."""
+
+    def __call__(
+        self, traj: Trajectory, step: int, test: object, hops: int, options: DiceOptions, *,
+        test_grad_cache: dict[int, torch.Tensor] | None = None,
+    ) -> Chain: ...
+
+
+@dataclass
+class LedgerState:
+    """Everything a ledger has accumulated; :meth:`OnlineDICE.save` and :meth:`OnlineDICE.load`
+    round-trip it whole.
+
+    Attributes:
+        scored_steps: the rounds folded in, in order.
+        node_totals: (N,) summed over the scored rounds; None before the first.
+        round_totals: scored round -> (N,) that round's share of node_totals.
+        matrix_totals: (N_source, N_receiver) summed over the scored rounds, when the ledger keeps
+            the node matrix and has scored a round; else None.
+        sample_totals: sample id -> total over the scored rounds.
+        sample_ids: recorded, not yet scored round -> (N, B) ids of its samples.
+        test_grads: recorded round -> (N, D) q-scaled test gradients, kept until no window needs them.
+    """
+
+    scored_steps: list[int] = field(default_factory=list)
+    node_totals: torch.Tensor | None = None
+    round_totals: dict[int, torch.Tensor] = field(default_factory=dict)
+    matrix_totals: torch.Tensor | None = None
+    sample_totals: dict[int, float] = field(default_factory=dict)
+    sample_ids: dict[int, torch.Tensor] = field(default_factory=dict)
+    test_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def fold(self, t: int, round_totals: torch.Tensor, matrix: torch.Tensor | None, sample_totals: dict[int, float]) -> None:
+        """Add round t's (N,) totals, (N, N) matrix (or None) and its samples' updated totals."""
+        self.node_totals = round_totals if self.node_totals is None else self.node_totals + round_totals
+        self.round_totals[t] = round_totals
+        if matrix is not None:
+            self.matrix_totals = matrix if self.matrix_totals is None else self.matrix_totals + matrix
+        self.sample_totals.update(sample_totals)
+        self.sample_ids.pop(t, None)
+        self.scored_steps.append(t)
+        for old in [s for s in self.test_grads if s <= t]:  # no later window reaches back to t
+            del self.test_grads[old]
+
+    def to_json(self) -> dict:
+        """The JSON fields of the ledger file (test_grads are saved beside it as tensors)."""
+        listed = lambda tensor: None if tensor is None else tensor.tolist()
+        return {
+            "scored_steps": self.scored_steps,
+            "node_totals": listed(self.node_totals),
+            "round_totals": {str(t): totals.tolist() for t, totals in self.round_totals.items()},
+            "matrix_totals": listed(self.matrix_totals),
+            "sample_totals": {str(k): v for k, v in self.sample_totals.items()},
+            "sample_ids": {str(s): ids.tolist() for s, ids in self.sample_ids.items()},
+        }
+
+    @classmethod
+    def from_json(cls, saved: dict, test_grads: dict[int, torch.Tensor], like: torch.Tensor | None) -> LedgerState:
+        """The state :meth:`to_json` wrote (fields already type-checked), totals as like's dtype and device."""
+        tensor = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
+        return cls(
+            scored_steps=saved["scored_steps"],
+            node_totals=tensor(saved["node_totals"]),
+            round_totals={int(t): tensor(totals) for t, totals in saved["round_totals"].items()},
+            matrix_totals=tensor(saved["matrix_totals"]),
+            sample_totals={int(k): v for k, v in saved["sample_totals"].items()},
+            sample_ids={int(s): torch.tensor(ids) for s, ids in saved["sample_ids"].items()},
+            test_grads=test_grads,
+        )
 
 
 def test_digest(test: object) -> str:
@@ -55,10 +129,16 @@ class OnlineDICE:
         test: (inputs (M, ...), targets (M, ...)), the objective every round is scored against.
         hops: DICE-E^(hops) of each round; round t is scored when round t + hops is recorded.
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
+        recorder: an empty Recorder with window hops + 1 to record into (e.g. a
+            ``dicekern.distributed.DistributedRecorder``), built from the same model and loss;
+            optimizer, mix_state and replay_check are then the recorder's. Default: a Recorder
+            built from the arguments above.
+        chains: the :class:`ChainFactory` that scores a round (default: one process's).
         options: a :class:`DiceOptions` (q, curvature, curvature_at, direct, backend), or its
             fields as keywords, as for :func:`dicekern.dice_e`.
 
     Attributes:
+        state: the :class:`LedgerState`; its totals are also read as the properties below.
         node_totals: (N,) how much each node's data changed the q-weighted test loss over the scored
             rounds (negative: it helped). At order 2 these are whole batches' second-order terms
             (from the node matrix, N forward columns a round), no longer the sum of sample_totals.
@@ -90,6 +170,8 @@ class OnlineDICE:
         mix_state: bool = False,
         replay_check: str = "sampled",
         node_matrix: bool = False,
+        recorder: Recorder | None = None,
+        chains: ChainFactory = build_chain,
         options: DiceOptions | None = None,
         **option_fields,
     ):
@@ -98,16 +180,25 @@ class OnlineDICE:
         check_test(test, torch.empty(0))  # the structure now; dtype and device at the first round
         self.test = test
         self._test_digest = test_digest(test)
-        self.recorder = self._make_recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, replay_check=replay_check)
-        self.node_matrix = bool(node_matrix)
-        self.node_totals: torch.Tensor | None = None
-        self.round_totals: dict[int, torch.Tensor] = {}
-        self.matrix_totals: torch.Tensor | None = None
-        self.sample_totals: dict[int, float] = {}
-        self.scored_steps: list[int] = []
-        self._sample_ids: dict[int, torch.Tensor] = {}
-        self._test_grads: dict[int, torch.Tensor] = {}  # step -> (N, D) q-scaled test gradients
+        self.node_matrix = check_flag("node_matrix", node_matrix)
+        if recorder is None:
+            recorder = Recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, window=self.hops + 1, replay_check=replay_check)
+        else:
+            if optimizer is not None or mix_state or replay_check != "sampled":
+                raise ValueError("with a recorder given, optimizer, mix_state and replay_check are the recorder's: pass them to it")
+            _check_recorder(recorder, model, loss_fn, self.hops)
+        if not callable(chains):
+            raise TypeError(f"chains must be a chain factory such as dicekern.engine.builder.build_chain, got {type(chains).__name__}")
+        self.recorder = recorder
+        self.chains = chains
+        self.state = LedgerState()
         self._query_checked = False
+
+    scored_steps = property(lambda self: self.state.scored_steps, doc="The rounds folded in so far.")
+    node_totals = property(lambda self: self.state.node_totals, doc="(N,) totals over the scored rounds, or None.")
+    round_totals = property(lambda self: self.state.round_totals, doc="Scored round -> (N,) its share of node_totals.")
+    matrix_totals = property(lambda self: self.state.matrix_totals, doc="(N, N) totals when node_matrix, else None.")
+    sample_totals = property(lambda self: self.state.sample_totals, doc="Sample id -> total over the scored rounds.")
 
     def record(
         self, step: int, params: Mapping[str, torch.Tensor], inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None
@@ -135,54 +226,43 @@ class OnlineDICE:
         try:
             self.recorder.record(step, params, inputs, targets, lr, W, state=state)
             if ids is not None:
-                self._sample_ids[step] = ids.cpu()
+                self.state.sample_ids[step] = ids.cpu()
             traj = self.recorder.trajectory()
-            if not self._query_checked and traj[step].has_batch:
-                self.test = check_query(traj, self.test, self.options, total_nodes=self.recorder.total_nodes)
-                self._query_checked = True
+            self._check_query(traj)
             return self._score(traj, step - self.hops)
         except BaseException:
             self.recorder.rollback(savepoint)
-            self._sample_ids.pop(step, None)
+            self.state.sample_ids.pop(step, None)
             raise
+
+    def _check_query(self, traj: Trajectory) -> None:
+        """Check the test set (and q) against the first recorded batch, once."""
+        if not self._query_checked and any(traj[s].has_batch for s in traj.steps):
+            self.test = check_query(traj, self.test, self.options, total_nodes=self.recorder.total_nodes)
+            self._query_checked = True
 
     def _score(self, traj, t: int) -> torch.Tensor | None:
         """Score round t if its window is complete; every total changes only once all is computed."""
-        if any(s not in traj for s in range(t, t + self.hops + 1)) or not traj[t].has_batch or t in self.scored_steps:
+        if any(s not in traj for s in range(t, t + self.hops + 1)) or not traj[t].has_batch or t in self.state.scored_steps:
             return None
-        chain = self._chain(traj, t)
+        chain = self.chains(traj, t, self.test, self.hops, self.options, test_grad_cache=self.state.test_grads)
         scores = chain.adjoint(per_hop=False)  # (N, B)
         whole = chain.influence_matrix().sum(0) if self.node_matrix or self.options.order == 2 else None  # (N_source, N_receiver)
         matrix = whole if self.node_matrix else None
         round_totals = whole.sum(1) if self.options.order == 2 else scores.sum(1)  # a batch's second order is not its samples' sum
-        ids = self._sample_ids.get(t)
+        ids = self.state.sample_ids.get(t)
         by_id: dict[int, float] = {}
         if ids is not None:
             for sample_id, score in zip(ids.flatten().tolist(), scores.flatten().tolist()):
-                by_id[sample_id] = by_id.get(sample_id, self.sample_totals.get(sample_id, 0.0)) + score
-        self.node_totals = round_totals if self.node_totals is None else self.node_totals + round_totals
-        self.round_totals[t] = round_totals
-        if matrix is not None:
-            self.matrix_totals = matrix if self.matrix_totals is None else self.matrix_totals + matrix
-        self.sample_totals.update(by_id)
-        self._sample_ids.pop(t, None)
-        self.scored_steps.append(t)
-        for old in [s for s in self._test_grads if s <= t]:  # no later window reaches back to t
-            del self._test_grads[old]
+                by_id[sample_id] = by_id.get(sample_id, self.state.sample_totals.get(sample_id, 0.0)) + score
+        self.state.fold(t, round_totals, matrix, by_id)
         return scores
-
-    def _make_recorder(self, model: nn.Module, loss_fn: LossFn, **recorder_options) -> Recorder:
-        return Recorder(model, loss_fn, window=self.hops + 1, **recorder_options)
-
-    def _chain(self, traj, t: int) -> Chain:
-        """The chain that scores round t, sharing this ledger's test-gradient cache."""
-        return build_chain(traj, t, self.test, self.hops, self.options, test_grad_cache=self._test_grads)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Publish the totals and what scoring the next rounds needs as the new checkpoint of
         directory, whole or not at all; resuming gives bitwise-identical totals."""
         traj = self.recorder.trajectory()
-        grads = save_tensors({str(s): g.contiguous().cpu() for s, g in self._test_grads.items()})
+        grads = save_tensors({str(s): g.contiguous().cpu() for s, g in self.state.test_grads.items()})
 
         def fill(folder: Path) -> str:
             checksums = {TEST_GRADS: hashlib.sha256(grads).hexdigest()}
@@ -208,12 +288,7 @@ class OnlineDICE:
             "options": {f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "q"},
             "q": None if q is None else q.double().tolist(),
             "test": self._test_digest,
-            "scored_steps": self.scored_steps,
-            "node_totals": None if self.node_totals is None else self.node_totals.tolist(),
-            "round_totals": {str(t): totals.tolist() for t, totals in self.round_totals.items()},
-            "matrix_totals": None if self.matrix_totals is None else self.matrix_totals.tolist(),
-            "sample_totals": {str(k): v for k, v in self.sample_totals.items()},
-            "sample_ids": {str(s): ids.tolist() for s, ids in self._sample_ids.items()},
+            **self.state.to_json(),
             "pending": pending,
             "checksums": checksums,
         }
@@ -248,7 +323,8 @@ class OnlineDICE:
             manifest = read_file(directory, (snapshot.name, PENDING, MANIFEST), 1 << 30)
             if hashlib.sha256(manifest).hexdigest() != state["checksums"].get(f"{PENDING}/{MANIFEST}"):
                 raise ValueError(f"{snapshot / PENDING / MANIFEST} does not belong to {where}: its checksum differs")
-            pending = read_run(directory, (snapshot.name, PENDING), manifest, model, loss_fn, device, len(state["pending"]))
+            run = read_run(directory, (snapshot.name, PENDING), manifest, model, loss_fn, device, len(state["pending"]))
+            pending = Trajectory(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state)
             if list(pending.steps) != state["pending"]:
                 raise ValueError(f"{where}: pending rounds {state['pending']} differ from the saved rounds {list(pending.steps)}")
             for t in pending.steps:
@@ -256,22 +332,27 @@ class OnlineDICE:
                 batch = (rnd.inputs, rnd.targets, rnd.lr, rnd.W) if rnd.has_batch else ()
                 ledger.recorder.record(t, pending.params(t), *batch, state=rnd.state)
             like = pending[pending.steps[0]].params
-            if any(pending[t].has_batch for t in pending.steps):
-                ledger.test = check_query(pending, test, ledger.options, total_nodes=ledger.recorder.total_nodes)
-                ledger._query_checked = True
+            ledger._check_query(pending)
         grads = read_file(directory, (snapshot.name, TEST_GRADS), 1 << 36)
         if hashlib.sha256(grads).hexdigest() != state["checksums"].get(TEST_GRADS):
             raise ValueError(f"{snapshot / TEST_GRADS} does not belong to {where}: its checksum differs")
-        ledger._test_grads = {int(s): g.to(device) for s, g in load_tensors(grads).items()}
-        if like is None and (ledger._test_grads or state["node_totals"] is not None):
+        test_grads = {int(s): g.to(device) for s, g in load_tensors(grads).items()}
+        if like is None and (test_grads or state["node_totals"] is not None):
             raise ValueError(f"{where}: totals or test gradients without pending rounds")
-        to = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
-        ledger.node_totals, ledger.matrix_totals = to(state["node_totals"]), to(state["matrix_totals"])
-        ledger.round_totals = {int(t): to(totals) for t, totals in state["round_totals"].items()}
-        ledger.scored_steps = state["scored_steps"]
-        ledger.sample_totals = {int(k): v for k, v in state["sample_totals"].items()}
-        ledger._sample_ids = {int(s): torch.tensor(ids) for s, ids in state["sample_ids"].items()}
+        ledger.state = LedgerState.from_json(state, test_grads, like)
         return ledger
+
+
+def _check_recorder(recorder: Recorder, model: nn.Module, loss_fn: LossFn, hops: int) -> None:
+    """A recorder handed to OnlineDICE: empty, of window hops + 1, for the same model and loss."""
+    if not isinstance(recorder, Recorder):
+        raise TypeError(f"recorder must be a dicekern.Recorder, got {type(recorder).__name__}")
+    if recorder.window != hops + 1:
+        raise ValueError(f"the recorder must keep a window of hops + 1 = {hops + 1} rounds, got window={recorder.window}")
+    if recorder.trajectory().steps:
+        raise ValueError("the recorder must be empty: the ledger scores every round it records")
+    if recorder.objective.model is not model or recorder.objective.loss_fn is not loss_fn:
+        raise ValueError("the recorder was built from another model or loss_fn than the one given to OnlineDICE")
 
 
 def _parse_ledger(data: bytes, where: str) -> dict:

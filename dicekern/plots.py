@@ -24,15 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
+from dicekern import extras
 from dicekern.analysis import agreement
 from dicekern.checks import as_tensor, check_node
 from dicekern.snapshots import replace_file
 
 if TYPE_CHECKING:
+    import networkx as nx
     from matplotlib.axes import Axes
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
@@ -69,6 +70,7 @@ def cascade_on_graph(W: torch.Tensor, flow: torch.Tensor, source: int, path: str
         flow: (hops+1, N) from :func:`dicekern.cascade`: entry [s, k] is node k's share at hop s.
         source: node whose batch the cascade follows (circled).
     """
+    nx = _networkx()
     graph = _support_graph(W)
     n = graph.number_of_nodes()
     flow = _cpu("flow", flow)
@@ -261,6 +263,7 @@ def _same_shape(estimate: object, truth: object) -> tuple[torch.Tensor, torch.Te
 
 def _support_graph(W: object) -> nx.Graph:
     """Undirected graph of W's off-diagonal non-zeros: who mixes with whom, either way."""
+    nx = _networkx()
     edges = _square("W", W).numpy() != 0
     edges |= edges.T
     np.fill_diagonal(edges, False)
@@ -268,6 +271,7 @@ def _support_graph(W: object) -> nx.Graph:
 
 
 def _layout(graph: nx.Graph) -> dict[int, np.ndarray]:
+    nx = _networkx()
     n = graph.number_of_nodes()
     connected = nx.is_connected(graph)
     if n >= 3 and connected and all(degree == 2 for _, degree in graph.degree()):
@@ -288,6 +292,7 @@ def _torus_cells(graph: nx.Graph) -> dict[int, tuple[int, int]] | None:
     Nodes numbered row by row (as :func:`dicekern.topology.torus` does) keep that order; others
     take the cells of any isomorphism.
     """
+    nx = _networkx()
     n = graph.number_of_nodes()
     # every torus node has degree 4; testing that first keeps the isomorphism search off other graphs
     if any(degree != 4 for _, degree in graph.degree()):
@@ -369,3 +374,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return replace_file(path, buffer.getvalue())
+
+
+def _networkx():
+    return extras.optional("networkx", "dk.plots", "apps")

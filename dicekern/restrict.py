@@ -18,7 +18,8 @@ from torch.func import functional_call, vmap
 
 from dicekern.checks import check_finite, check_test
 from dicekern.objectives.torch_func import NodeObjective
-from dicekern.trajectory import LazyRounds, Round, Trajectory, check_round
+from dicekern.rounds import LazyRounds, Round, check_round
+from dicekern.trajectory import Trajectory
 
 CACHE_ROUNDS = 8  # derived rounds (or test features) kept in memory, the least recently used dropped first
 

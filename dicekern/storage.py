@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -27,7 +28,10 @@ from dicekern.description import RunDescription, check_describes, described
 from dicekern.objectives.torch_func import LossFn, NodeObjective
 from dicekern.optim import OptimizerSpec, spec_from_dict
 from dicekern.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
-from dicekern.trajectory import BatchLayout, LazyRounds, Round, Trajectory, check_round
+from dicekern.rounds import BatchLayout, LazyRounds, Round, check_round
+
+if TYPE_CHECKING:
+    from dicekern.trajectory import Trajectory
 
 FORMAT = "dicekern-trajectory"
 VERSION = 4  # 4 added the run's description; version 3 runs (none) still load
@@ -101,19 +105,19 @@ def _fingerprint(traj: Trajectory) -> dict | None:
     return {"step": step, "outputs": [float(v) for v in outputs.flatten()]}
 
 
-def _check_fingerprint(fingerprint: object, traj: Trajectory, where: str, factory: str) -> None:
+def _check_fingerprint(fingerprint: object, run: SavedRun, where: str) -> None:
     """The rebuilt model reproduces the saved outputs (within float32 rounding)."""
-    if not isinstance(fingerprint, dict) or set(fingerprint) != {"step", "outputs"} or fingerprint["step"] not in traj \
+    if not isinstance(fingerprint, dict) or set(fingerprint) != {"step", "outputs"} or fingerprint["step"] not in run.rounds \
             or not isinstance(fingerprint["outputs"], list) or not all(isinstance(v, float) for v in fingerprint["outputs"]):
         raise ValueError(f"{where}: field 'fingerprint' must be {{'step': a recorded round, 'outputs': [numbers]}}")
-    rnd = traj[fingerprint["step"]]
+    rnd = run.rounds[fingerprint["step"]]
     if not rnd.has_batch:
         raise ValueError(f"{where}: field 'fingerprint' names round {fingerprint['step']}, which has no batch")
     with torch.no_grad():
-        outputs = traj.objective.outputs(rnd.params[0], rnd.inputs[0, :1]).flatten()
+        outputs = run.objective.outputs(rnd.params[0], rnd.inputs[0, :1]).flatten()
     expected = torch.tensor(fingerprint["outputs"], dtype=outputs.dtype, device=outputs.device)
     if outputs.shape != expected.shape or not torch.allclose(outputs, expected, rtol=1e-5, atol=1e-5 * max(expected.abs().max().item(), 1.0)):
-        raise ValueError(f"{where}: the model that {factory!r} builds now computes other outputs than the model the run was saved "
+        raise ValueError(f"{where}: the model that {run.description.model!r} builds now computes other outputs than the model the run was saved "
                          f"with (node 0, first sample of round {fingerprint['step']}): the factory changed since the save")
 
 
@@ -264,12 +268,23 @@ class RoundFiles(LazyRounds):
         return rnd
 
 
+@dataclass(frozen=True)
+class SavedRun:
+    """A saved run, opened: what a Trajectory is built from (its rounds are read lazily)."""
+
+    objective: NodeObjective
+    rounds: RoundFiles
+    optimizer: OptimizerSpec
+    mix_state: bool
+    description: RunDescription | None
+
+
 def read_run(
     root: Path, parts: tuple[str, ...], manifest_bytes: bytes, model: nn.Module | None, loss_fn: LossFn | None, device, cache_rounds: int
-) -> Trajectory:
-    """The trajectory whose manifest (already read and checksummed) sits at root/parts; model and
-    loss_fn None are rebuilt from its description. The trajectory keeps the description only when
-    what it describes was not overridden."""
+) -> SavedRun:
+    """The run whose manifest (already read and checksummed) sits at root/parts; model and loss_fn
+    None are rebuilt from its description. The run keeps the description only when what it
+    describes was not overridden."""
     where = str(root.joinpath(*parts, MANIFEST))
     fields = parse_json_object(manifest_bytes, where)
     description = parse_description(fields, where)
@@ -285,17 +300,17 @@ def read_run(
     objective = NodeObjective(model, loss_fn)
     manifest = parse_manifest(fields, where, objective)
     rounds = RoundFiles(root, parts, manifest, objective, torch.device(device), cache_rounds)
-    traj = Trajectory(objective, rounds, manifest.optimizer, mix_state=manifest.mix_state, description=description)
+    run = SavedRun(objective, rounds, manifest.optimizer, manifest.mix_state, description)
     if description is not None and fields.get("fingerprint") is not None:
-        _check_fingerprint(fields["fingerprint"], traj, where, description.model)
-    return traj
+        _check_fingerprint(fields["fingerprint"], run, where)
+    return run
 
 
-def load_trajectory(
+def open_run(
     directory: str | os.PathLike, model: nn.Module | None = None, loss_fn: LossFn | None = None, *,
     device: torch.device | str = "cpu", cache_rounds: int = 8,
-) -> Trajectory:
-    """Open a saved trajectory lazily; rounds are read (and checked) when first used. model and
+) -> SavedRun:
+    """Open the run saved in directory; rounds are read (and checked) when first used. model and
     loss_fn default to those the run's description rebuilds.
 
     Raises:

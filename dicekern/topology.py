@@ -12,12 +12,16 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
+from dicekern import extras
 from dicekern.checks import check_choice, check_int
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 WEIGHTS = ("metropolis", "uniform")
 
@@ -31,6 +35,7 @@ def from_graph(graph: nx.Graph, weights: str = "metropolis", *, dtype: torch.dty
             directed), the rest on the diagonal; "uniform": 1 / (1 + deg k) over k and its
             in-neighbours.
     """
+    nx = _networkx()
     if not isinstance(graph, nx.Graph):
         raise TypeError(f"graph must be a networkx graph, got {type(graph).__name__}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -53,22 +58,26 @@ def from_graph(graph: nx.Graph, weights: str = "metropolis", *, dtype: torch.dty
 
 def ring(n: int, weights: str = "metropolis", *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Undirected ring of n nodes (Metropolis: 1/3 to each neighbour and itself)."""
+    nx = _networkx()
     return from_graph(nx.cycle_graph(check_int("n", n, minimum=1)), weights, dtype=dtype)
 
 
 def torus(rows: int, cols: int, weights: str = "metropolis", *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """2-D torus of rows x cols nodes, numbered row by row."""
+    nx = _networkx()
     graph = nx.grid_2d_graph(check_int("rows", rows, minimum=1), check_int("cols", cols, minimum=1), periodic=True)
     return from_graph(nx.convert_node_labels_to_integers(graph, ordering="sorted"), weights, dtype=dtype)
 
 
 def star(n: int, weights: str = "metropolis", *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Star: node 0 is the hub of n - 1 leaves."""
+    nx = _networkx()
     return from_graph(nx.star_graph(check_int("n", n, minimum=1) - 1), weights, dtype=dtype)
 
 
 def complete(n: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Complete graph: exact averaging, every entry 1/n."""
+    nx = _networkx()
     return from_graph(nx.complete_graph(check_int("n", n, minimum=1)), "uniform", dtype=dtype)
 
 
@@ -76,6 +85,7 @@ def erdos_renyi(
     n: int, p: float, *, seed: int | None = None, directed: bool = False, weights: str = "metropolis", dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """G(n, p) random graph; isolated nodes keep their own model."""
+    nx = _networkx()
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
     graph = nx.gnp_random_graph(check_int("n", n, minimum=1), p, seed=seed, directed=directed)
@@ -83,6 +93,7 @@ def erdos_renyi(
 
 
 def _exponential_graph(n: int, distances: list[int]) -> nx.DiGraph:
+    nx = _networkx()
     graph = nx.DiGraph()
     graph.add_nodes_from(range(n))
     graph.add_edges_from((i, (i + d) % n) for i in range(n) for d in distances if d % n)
@@ -105,3 +116,7 @@ def one_peer_exponential(n: int, step: int, *, dtype: torch.dtype = torch.float6
     step = check_int("step", step, minimum=0)
     period = max(math.ceil(math.log2(n)), 1)
     return from_graph(_exponential_graph(n, [2 ** (step % period)]), "uniform", dtype=dtype)
+
+
+def _networkx():
+    return extras.optional("networkx", "dk.topology", "apps")

@@ -1,26 +1,25 @@
-"""Recording a gossip training run: what DICE needs of every round, and nothing more.
+"""Recording a gossip training run: what DICE needs of every round (``dicekern.rounds``), and nothing more.
 
-A round t holds every node's params at its start, and when its local step is to be explained, the
-batch, learning rate, optimizer state (at the start of the round) and the W applied after the step.
-The recorder checks that recorded rounds follow from each other under the declared optimizer.
+The recorder checks that recorded rounds follow from each other under the declared optimizer; a
+Trajectory is the recorded rounds of one run, in memory or read lazily from disk (``dicekern.storage``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dicekern.checks import check_batch, check_choice, check_finite, check_int, check_mixing
+from dicekern import storage
+from dicekern.checks import check_choice, check_int
 from dicekern.description import RunDescription, check_describes, described
-from dicekern.losses import ClosedFormLoss
 from dicekern.engine.step import local_update
 from dicekern.objectives.torch_func import LossFn, NodeObjective
-from dicekern.optim import SGD, OptimizerSpec, State, check_lr, spec_of
+from dicekern.optim import SGD, OptimizerSpec, spec_of
+from dicekern.rounds import BatchLayout, Round, check_round
 
 
 REPLAY_CHECKS = ("sampled", "every", "off")
@@ -30,32 +29,6 @@ LIKELY_CAUSES = (
     "gradient clipping or scaling, dropout or batch norm in train mode, a learning rate other than the recorded lr, "
     "a W other than the one applied, or state recorded after instead of before the step"
 )
-
-
-@dataclass(frozen=True)
-class Round:
-    """One recorded round t.
-
-    Attributes:
-        params: (N, D) every node's flat model at the start of round t.
-        inputs: (N, B, ...) the mini-batch each node used in round t, or None for params only.
-        targets: (N, B, ...) matching targets, or None.
-        lr: (N,) every node's learning rate in round t, or None.
-        W: (N, N) row-stochastic mixing matrix applied after the local update, or None.
-        state: the optimizer state at the start of round t (blocks (N, D), counters (N,)); empty
-            for a stateless optimizer, None when not recorded.
-    """
-
-    params: torch.Tensor
-    inputs: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
-    lr: torch.Tensor | None = None
-    W: torch.Tensor | None = None
-    state: State | None = None
-
-    @property
-    def has_batch(self) -> bool:
-        return self.inputs is not None
 
 
 ROUNDING_UNITS = 32  # of a parameter's largest value: the rounding allowed on top of rtol x update
@@ -143,117 +116,6 @@ def replay_mismatch(
             if excess > worst.excess or not worst.name:
                 worst = Mismatch(relative, error, excess, name)
     return worst
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """What every batch and test set of a run looks like, taken from its first batch.
-
-    Attributes:
-        input_shape, input_dtype: one sample's inputs.
-        target_shape, target_dtype: one sample's targets.
-        outputs: K, the size of the model's last output axis (for the label checks).
-    """
-
-    input_shape: tuple[int, ...]
-    input_dtype: torch.dtype
-    target_shape: tuple[int, ...]
-    target_dtype: torch.dtype
-    outputs: int
-
-    @classmethod
-    def of(cls, objective: NodeObjective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> BatchLayout:
-        """From one node's batch x (B, ...), y (B, ...) and its params theta (D,): one forward of one sample."""
-        try:
-            out = objective.outputs(theta, x[:1])
-        except (RuntimeError, TypeError, IndexError) as error:
-            raise ValueError(f"the model cannot take inputs of shape {tuple(x.shape[1:])} and dtype {x.dtype} per sample: {error}") from None
-        return cls(tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, out.shape[-1] if out.dim() > 1 else 1)
-
-    def check(self, loss_fn: object, x: torch.Tensor, y: torch.Tensor, *, lead: int, what: str) -> None:
-        """x, y (*lead axes, ...) hold samples of this layout, and labels the loss can take."""
-        for name, t, shape, dtype in (("inputs", x, self.input_shape, self.input_dtype), ("targets", y, self.target_shape, self.target_dtype)):
-            if tuple(t.shape[lead:]) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"{what} {name} hold samples of shape {tuple(t.shape[lead:])} and dtype {t.dtype}; the run's "
-                    f"first batch has {shape} and {dtype}"
-                )
-        check_labels(loss_fn, y, self.outputs, what)
-
-
-def check_labels(loss_fn: object, targets: torch.Tensor, outputs: int, what: str) -> None:
-    """Targets in the range a ``dk.losses`` loss takes (other losses are not inspected)."""
-    if not isinstance(loss_fn, ClosedFormLoss) or targets.numel() == 0:
-        return
-    if loss_fn.kind == "softmax_cross_entropy":
-        if targets.is_floating_point() or not (targets.min() >= 0 and targets.max() < outputs):
-            raise ValueError(f"{what} targets must be class indices in [0, {outputs}) for softmax_cross_entropy, got values "
-                             f"{targets.min().item()}..{targets.max().item()} of dtype {targets.dtype}")
-    elif loss_fn.kind == "binary_logistic":
-        if not targets.is_floating_point() or not (targets.min() >= 0 and targets.max() <= 1):
-            raise ValueError(f"{what} targets must be floats in [0, 1] for binary_logistic")
-    elif not targets.is_floating_point() or targets.shape[-1] != outputs:
-        raise ValueError(f"{what} targets must be floats of {outputs} outputs per sample for squared_error, got shape {tuple(targets.shape)}")
-
-
-def check_round(
-    optimizer: OptimizerSpec, flat: torch.Tensor, inputs: object, targets: object, lr: object, W: object, state: object,
-    *, total_nodes: int, where: str,
-) -> Round:
-    """A validated Round from params (N, D) and the round's batch, lr, W and optimizer state.
-
-    Params only (inputs, targets, lr and W all None) is a round that is never stepped from.
-    """
-    check_finite(f"{where} params", flat)
-    n = flat.shape[0]
-    given = {"inputs": inputs is not None, "targets": targets is not None, "lr": lr is not None, "W": W is not None}
-    if any(given.values()) and not all(given.values()):
-        missing = [k for k, v in given.items() if not v]
-        raise ValueError(f"{where}: give inputs, targets, lr and W together, or params only; missing {missing}")
-    if not all(given.values()):
-        recorded = state is not None or optimizer.stateless
-        return Round(flat, state=optimizer.check_state(state, n, flat, where=f"{where} state") if recorded else None)
-    x, y = check_batch(inputs, targets, flat, prefix=f"{where} ")
-    if x.shape[0] != n or x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"{where}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} must be (N, B, ...) with N={n}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{where}: inputs hold an empty batch (B = 0)")
-    rates = check_lr(lr, n, flat, where=f"{where} lr")
-    mixing = check_mixing(f"{where} W", W, total_nodes, flat)
-    return Round(flat, x, y, rates, mixing, optimizer.check_state(state, n, flat, where=f"{where} state"))
-
-
-class LazyRounds(Mapping):
-    """step -> read(step) for every step of ``steps``, made on first access: the rounds of a saved
-    run, or rounds derived from another run's. Listing or testing steps reads nothing; the newest
-    ``cache_rounds`` values are kept, so a run longer than memory can be read round by round."""
-
-    def __init__(self, steps: Iterable[int], read: Callable[[int], object], cache_rounds: int):
-        self._steps = tuple(sorted(steps))
-        self._known = set(self._steps)
-        self._read_round, self._cache_rounds = read, cache_rounds
-        self._cache: OrderedDict[int, object] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._steps)
-
-    def __contains__(self, step: object) -> bool:
-        return step in self._known
-
-    def __getitem__(self, step: int):
-        if step not in self._known:
-            raise KeyError(step)
-        if step in self._cache:
-            self._cache.move_to_end(step)
-            return self._cache[step]
-        value = self._read_round(step)
-        self._cache[step] = value
-        while len(self._cache) > self._cache_rounds:
-            self._cache.popitem(last=False)
-        return value
 
 
 class Trajectory:
@@ -383,9 +245,7 @@ class Trajectory:
             description: how to rebuild the model and loss on load (default: the recorder's);
                 checked against this run's model, loss and first batch before anything is written.
         """
-        from dicekern.storage import save_trajectory  # storage builds on this module
-
-        save_trajectory(self, directory, description)
+        storage.save_trajectory(self, directory, description)
 
     @classmethod
     def load(
@@ -408,9 +268,8 @@ class Trajectory:
             >>> dk.Trajectory.load(folder).steps
             (0, 1, 2)
         """
-        from dicekern.storage import load_trajectory
-
-        return load_trajectory(directory, model, loss_fn, device=device, cache_rounds=cache_rounds)
+        run = storage.open_run(directory, model, loss_fn, device=device, cache_rounds=cache_rounds)
+        return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, description=run.description)
 
     def _describe_steps(self) -> str:
         steps = self.steps

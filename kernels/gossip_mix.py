@@ -26,7 +26,10 @@ def gossip_mix_fwd_kernel(
         b_w = tl.load(p_val + e)
         if HAS_C:
             b_w = b_w * tl.load(p_c + j)
-        b_acc += b_w * tl.load(p_v + j * D + o_d, mask=m_d, other=0.0)  # [BLOCK_D], one read per non-zero
+        # [BLOCK_D] contiguous elements of row j per non-zero: coalesced, and each non-zero's row is
+        # read once per program, the nnz(W) D reads of any CSR product; sharing a loaded row between
+        # output rows would pay only where rows share columns, which sparse gossip graphs rarely do
+        b_acc += b_w * tl.load(p_v + j * D + o_d, mask=m_d, other=0.0)
     if HAS_G:
         b_acc += tl.load(p_a + i_k) * tl.load(p_g + i_k * D + o_d, mask=m_d, other=0.0)
     tl.store(p_out + i_k * D + o_d, b_acc, mask=m_d)

@@ -9,7 +9,7 @@ pre-activations Z, their R-op twins RA and RZ, and two cotangent tiles with thei
 Matmuls run on [BLOCK_B, BW] x [BW, BW] blocks.
 
 Losses (codes LOSS_*): softmax cross-entropy, binary logistic, squared error, on output tiles
-[BLOCK_B, WMAX]. Modes of ``mlp_fwd_kernel`` (one program per node and column):
+[BLOCK_B, WMAX]. Modes of ``mlp_node_kernel`` (one program per node and column):
   GRAD  out = coef sum_b w_b grad loss_b
   HVP   out = coef sum_b H_b v          (exact Hessian; coef = 1/B: the batch mean)
   GGN   out = coef sum_b J_b^T H_o J_b v
@@ -18,6 +18,16 @@ Losses (codes LOSS_*): softmax cross-entropy, binary logistic, squared error, on
 
 import triton
 import triton.language as tl
+
+from dicekern.kernels import codes
+
+# the codes as compile-time constants, so that the kernels compare names, not literals
+MODE_GRAD, MODE_HVP, MODE_DOTS, MODE_GGN = (tl.constexpr(c) for c in (codes.MODE_GRAD, codes.MODE_HVP, codes.MODE_DOTS, codes.MODE_GGN))
+NO_CURVATURE = tl.constexpr(codes.NO_CURVATURE)
+LOSS_SOFTMAX_CE, LOSS_LOGISTIC = tl.constexpr(codes.LOSS_SOFTMAX_CE), tl.constexpr(codes.LOSS_LOGISTIC)
+ACT_TANH, ACT_RELU, ACT_LEAKY, ACT_GELU, ACT_SILU, ACT_SIGMOID = (
+    tl.constexpr(c) for c in (codes.ACT_TANH, codes.ACT_RELU, codes.ACT_LEAKY, codes.ACT_GELU, codes.ACT_SILU, codes.ACT_SIGMOID)
+)
 
 SQRT_HALF = 0.7071067811865476
 INV_SQRT_2PI = 0.3989422804014327
@@ -35,10 +45,10 @@ def _loss_grad(b_o, p_y, o_b, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
     """[BLOCK_B, K_PAD] d loss_b / d outputs; samples o_b of the targets at p_y."""
     o_k = tl.arange(0, K_PAD)
     m_k = o_k < K
-    if LOSS == 0:
+    if LOSS == LOSS_SOFTMAX_CE:
         b_y = tl.load(p_y + o_b, mask=m_b, other=0)
         b_r = _softmax(b_o, m_k) - tl.where(o_k[None, :] == b_y[:, None], 1.0, 0.0)
-    elif LOSS == 1:
+    elif LOSS == LOSS_LOGISTIC:
         b_y = tl.load(p_y + o_b, mask=m_b, other=0.0)
         b_r = 1.0 / (1.0 + tl.exp(-b_o)) - b_y[:, None]
     else:
@@ -52,11 +62,11 @@ def _loss_hvp(b_o, b_u, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
     """[BLOCK_B, K_PAD] H_o u per sample, H_o the loss Hessian in the outputs."""
     o_k = tl.arange(0, K_PAD)
     m_k = o_k < K
-    if LOSS == 0:
+    if LOSS == LOSS_SOFTMAX_CE:
         b_p = _softmax(b_o, m_k)
         b_pu = b_p * b_u
         b_h = b_pu - b_p * tl.sum(b_pu, axis=1)[:, None]
-    elif LOSS == 1:
+    elif LOSS == LOSS_LOGISTIC:
         b_s = 1.0 / (1.0 + tl.exp(-b_o))
         b_h = b_s * (1.0 - b_s) * b_u
     else:
@@ -67,21 +77,21 @@ def _loss_hvp(b_o, b_u, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
 @triton.jit
 def _act(z, ACT: tl.constexpr, slope):
     """(sigma(z), sigma'(z), sigma''(z)), the derivatives as torch's autograd defines them."""
-    if ACT == 1:
+    if ACT == ACT_TANH:
         e = tl.exp(-2.0 * tl.abs(z))  # no overflow for large |z|
         t = tl.where(z < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
         return t, 1.0 - t * t, -2.0 * t * (1.0 - t * t)
-    elif ACT == 2 or ACT == 3:
+    elif ACT == ACT_RELU or ACT == ACT_LEAKY:
         pos = z > 0
         return tl.where(pos, z, slope * z), tl.where(pos, 1.0, slope + 0.0 * z), 0.0 * z
-    elif ACT == 4:
+    elif ACT == ACT_GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT_HALF))
         pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
         return z * cdf, cdf + z * pdf, pdf * (2.0 - z * z)
-    elif ACT == 5:
+    elif ACT == ACT_SILU:
         s = 1.0 / (1.0 + tl.exp(-z))
         return z * s, s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
-    elif ACT == 6:
+    elif ACT == ACT_SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-z))
         return s, s * (1.0 - s), s * (1.0 - s) * (1.0 - 2.0 * s)
     else:
@@ -242,15 +252,15 @@ def _output_terms(p_s, p_y, p_w, coef, K, L, m_b, b0, MODE: tl.constexpr, LOSS: 
     b_o = tl.load(p_s + (L - 1) * TILE + p_tile, mask=m_tile, other=0.0)
     b_grad = _loss_grad(b_o, p_y, b0 + o_b, m_b, K, LOSS, WMAX)
     b_ra = b_o * 0.0  # RA is written only by the modes that run the R-op
-    if MODE != 0:
+    if MODE != MODE_GRAD:
         b_ra = tl.load(p_s + (3 * L - 1) * TILE + p_tile, mask=m_tile, other=0.0)
     b_dots = coef * tl.sum(b_grad * b_ra, axis=1)
-    if MODE == 0:
+    if MODE == MODE_GRAD:
         tl.store(p_s + 4 * L * TILE + p_tile, b_grad * tl.load(p_w + b0 + o_b, mask=m_b, other=0.0)[:, None], mask=m_tile)
-    elif MODE == 1:
+    elif MODE == MODE_HVP:
         tl.store(p_s + 4 * L * TILE + p_tile, coef * b_grad, mask=m_tile)
         tl.store(p_s + (4 * L + 2) * TILE + p_tile, coef * _loss_hvp(b_o, b_ra, m_b, K, LOSS, WMAX), mask=m_tile)
-    elif MODE == 3:
+    elif MODE == MODE_GGN:
         tl.store(p_s + 4 * L * TILE + p_tile, coef * _loss_hvp(b_o, b_ra, m_b, K, LOSS, WMAX), mask=m_tile)
     tl.debug_barrier()
     return b_dots
@@ -264,7 +274,7 @@ def _node_pass(p_out, coef, p_theta, p_v, p_x, p_y, p_w, B, F, p_s, p_widths, p_
     sample blocks: GRAD, HVP and GGN add coef x their vector to out (D,), zeroed first unless
     ACCUMULATE; DOTS writes coef grad loss_b . v to out (B,)."""
     K = tl.load(p_widths + L)
-    if MODE != 2 and not ACCUMULATE:
+    if MODE != MODE_DOTS and not ACCUMULATE:
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             tl.store(p_out + o_d, tl.zeros([BLOCK_D], dtype=p_out.dtype.element_ty), mask=o_d < D)
@@ -272,23 +282,23 @@ def _node_pass(p_out, coef, p_theta, p_v, p_x, p_y, p_w, B, F, p_s, p_widths, p_
     # GRAD scales by coef in the backward pass; the other modes put coef into the output cotangents
     out_coef = coef
     back_coef = coef
-    if MODE == 0:
+    if MODE == MODE_GRAD:
         out_coef = 1.0 + 0.0 * coef
     else:
         back_coef = 1.0 + 0.0 * coef
     for b0 in range(0, B, BLOCK_B):
         m_b = b0 + tl.arange(0, BLOCK_B) < B
-        _forward(p_theta, p_v, p_x + b0 * F, F, p_s, p_widths, p_woff, p_boff, L, slope, m_b, MODE != 0, ACT, BLOCK_B, BW, WMAX)
+        _forward(p_theta, p_v, p_x + b0 * F, F, p_s, p_widths, p_woff, p_boff, L, slope, m_b, MODE != MODE_GRAD, ACT, BLOCK_B, BW, WMAX)
         b_dots = _output_terms(p_s, p_y, p_w, out_coef, K, L, m_b, b0, MODE, LOSS, BLOCK_B, WMAX)
-        if MODE == 2:
+        if MODE == MODE_DOTS:
             tl.store(p_out + b0 + tl.arange(0, BLOCK_B), b_dots, mask=m_b)
         else:
             _backward(p_out, back_coef, p_theta, p_v, p_x + b0 * F, F, p_s, p_widths, p_woff, p_boff, L, slope, m_b,
-                      MODE == 1, ACT, BLOCK_B, BW, WMAX)
+                      MODE == MODE_HVP, ACT, BLOCK_B, BW, WMAX)
 
 
 @triton.jit
-def mlp_fwd_kernel(
+def mlp_node_kernel(
     p_out, p_scratch, p_theta, p_v, p_x, p_y, p_w, p_coef, p_widths, p_woff, p_boff,
     L, B, F, D, C, stride_x, stride_y, stride_w, SCRATCH,
     MODE: tl.constexpr, LOSS: tl.constexpr, ACT: tl.constexpr,
@@ -304,7 +314,7 @@ def mlp_fwd_kernel(
     D = i_r * 0 + D  # int64
     coef = tl.load(p_coef)
     slope = tl.load(p_coef + 1)
-    if MODE == 2:
+    if MODE == MODE_DOTS:
         p_o = p_out + i_r * B
     else:
         p_o = p_out + i_r * D
@@ -371,7 +381,7 @@ def mlp_adjoint_chain_kernel(
     p_thetas (HOPS+1, N, D): [0] the direct point, [s] theta^{t+s}; p_x, p_y, p_coef (-lr_k/B per
     round and node) and the CSR of (W^{t+s})^T for rounds s = 0..max(HOPS,1)-1. Test point m at hop
     s and node k is p_xt + s stride_ts + k stride_tn + m F (strides 0 for a shared test set).
-    CURVATURE: 0 (none), 1 (exact) or 3 (Gauss-Newton). Each program owns 2N + 1 vectors (D,).
+    CURVATURE: NO_CURVATURE, MODE_HVP (exact) or MODE_GGN (Gauss-Newton). Each program owns 2N + 1 vectors (D,).
     """
     i_m = tl.program_id(0).to(tl.int64)
     D = i_m * 0 + D  # int64: node offsets k D and (HOPS N + k) D may pass 2^31
@@ -391,13 +401,13 @@ def mlp_adjoint_chain_kernel(
         p_xs = p_x + s * stride_xr
         p_ys = p_y + s * stride_yr
         p_coef_s = p_coef + s * N
-        if CURVATURE != 0 and not SENDER and s > 0:
+        if CURVATURE != NO_CURVATURE and not SENDER and s > 0:
             for k in range(0, N):
                 _damp(p_a + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
                       p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
         _mix_nodes(p_b, p_a, p_rowptr + s * (N + 1), p_col, p_val, N, D, BLOCK_D)
         for k in range(0, N):
-            if CURVATURE != 0 and SENDER and s > 0:
+            if CURVATURE != NO_CURVATURE and SENDER and s > 0:
                 _damp(p_b + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
                       p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
             _node_pass(p_b + k * D, tl.load(p_q + k), p_theta_s + k * D, p_b, p_xm + s * stride_ts + k * stride_tn, p_ym, p_one,
@@ -442,13 +452,13 @@ def mlp_forward_chain_kernel(
         p_xs = p_x + s * stride_xr
         p_ys = p_y + s * stride_yr
         p_coef_s = p_coef + s * N
-        if CURVATURE != 0 and SENDER and s > 0:
+        if CURVATURE != NO_CURVATURE and SENDER and s > 0:
             for k in range(0, N):
                 _damp(p_a + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
                       p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
         _mix_nodes(p_b, p_a, p_rowptr + s * (N + 1), p_col, p_val, N, D, BLOCK_D)
         for k in range(0, N):
-            if CURVATURE != 0 and not SENDER and s > 0:
+            if CURVATURE != NO_CURVATURE and not SENDER and s > 0:
                 _damp(p_b + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
                       p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
             tl.store(p_out + ((s + 1) * N + i_j) * N + k, _dot_flat(p_g + ((s + 1) * N + k) * D, p_b + k * D, D, BLOCK_D))

@@ -7,12 +7,10 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from conftest import DEVICE, assert_close, random_mixing, random_run, recast
+from conftest import DEVICE, TOL, assert_close, random_mixing, random_run, recast
 from dicekern.engine.step import gossip_round
 
 pytestmark = pytest.mark.kernels
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # tl.dot runs with input_precision="ieee": no tf32
-FLOAT32_END_TO_END = 1e-4  # against the float64 result; see assert_matches
 
 
 def assert_matches(run_kernel, traj, test) -> None:
@@ -27,12 +25,12 @@ def assert_matches(run_kernel, traj, test) -> None:
     actual = run_kernel(traj, test, "triton")
     assert actual.dtype == expected.dtype
     if expected.dtype == torch.float64:
-        assert_close(actual.cpu(), expected.cpu(), RTOL[torch.float64])
+        assert_close(actual.cpu(), expected.cpu(), TOL[torch.float64].op)
         return
     traj64, test64 = recast(traj, test, torch.float64, DEVICE)
     exact = run_kernel(traj64, test64, "torch").cpu()
     for result in (actual, expected):
-        assert_close(result.cpu().double(), exact, FLOAT32_END_TO_END)
+        assert_close(result.cpu().double(), exact, TOL[torch.float32].chain)
 
 
 ACTIVATIONS = [nn.Tanh, nn.GELU, nn.ReLU, nn.SiLU]
@@ -174,7 +172,7 @@ def test_auto_takes_triton_only_for_supported_models_on_cuda_that_pass_the_self_
 def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatch) -> None:
     """Run here in the interpreter (on CPU tensors): the same check "auto" runs once per CUDA device."""
     from dicekern.bindings import selfcheck
-    from dicekern.bindings.mlp import MLPKernelObjective
+    from dicekern.objectives.kernel import MLPKernelObjective
 
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
     head, device = nn.Linear(7, 4), torch.device(DEVICE)

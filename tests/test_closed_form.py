@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from conftest import assert_close, random_mixing
+from conftest import TOL, assert_close, random_mixing
 from dicekern.engine.step import gossip_round
 from dicekern.objectives.closed_form import ClosedFormObjective
 from dicekern.objectives.torch_func import NodeObjective
@@ -65,7 +65,7 @@ def test_every_quantity_matches_torch_func(activation: str, loss_name: str) -> N
     for name, quantity in pairs.items():
         expected = quantity(reference)
         assert expected.abs().max() > 0, name
-        assert_close(quantity(closed), expected, 1e-10)
+        assert_close(quantity(closed), expected, TOL[torch.float64].op)
 
 
 def run_of(activation: str, loss_name: str, n: int, hops: int, optimizer, seed: int):
@@ -109,7 +109,7 @@ def test_every_query_matches_the_torch_engine(activation: str, loss_name: str, h
     if hops >= 2:
         queries.append(lambda backend: dk.dice_e(traj, 0, test, hops, curvature="ggn", backend=backend, **options))
     for query in queries:
-        assert_close(query("closed_form"), query("torch"), 1e-10)
+        assert_close(query("closed_form"), query("torch"), TOL[torch.float64].op)
 
 
 def test_auto_picks_the_closed_form_engine_where_it_covers_the_model() -> None:

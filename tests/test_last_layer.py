@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from conftest import RTOL, assert_close, cross_entropy, random_run
+from conftest import TOL, assert_close, cross_entropy, random_run
 from dicekern.objectives.torch_func import NodeObjective
 
 
@@ -70,9 +70,9 @@ def test_last_layer_equals_the_head_block_of_the_full_model() -> None:
             score += sum(q[k] * head_grad(r2.params[k], *run.test) @ delta2[k] for k in range(n))
             expected[j, i] = score
     head_traj, head_test = dk.last_layer(traj, run.test)
-    assert_close(dk.dice_e(head_traj, 0, head_test, 2, q=q), expected, RTOL[torch.float64])
+    assert_close(dk.dice_e(head_traj, 0, head_test, 2, q=q), expected, TOL[torch.float64].chain)
     cascade = dk.cascade(head_traj, 0, 1, head_test, 2, q=q, samples=[3])
-    assert_close(cascade.sum(), expected[1, 3], RTOL[torch.float64])
+    assert_close(cascade.sum(), expected[1, 3], TOL[torch.float64].chain)
 
 
 @pytest.mark.kernels
@@ -86,7 +86,7 @@ def test_last_layer_runs_on_the_kernels() -> None:
         lambda backend: dk.influence_matrix(head_traj, 0, head_test, 2, backend=backend),
         lambda backend: dk.cascade(head_traj, 0, 2, head_test, 2, backend=backend),
     ):
-        assert_close(query("triton"), query("torch"), 1e-10)
+        assert_close(query("triton"), query("torch"), TOL[torch.float64].op)
 
 
 def test_last_layer_takes_the_head_name_from_the_module_tree() -> None:
@@ -100,7 +100,7 @@ def test_last_layer_takes_the_head_name_from_the_module_tree() -> None:
     assert head_traj.objective.layout.names == ("weight", "bias")
     for step, hops in ((0, 2), (1, 2), (2, 0)):
         expected = dk.dice_e(index_traj, step, index_test, hops, q=run.q)
-        assert_close(dk.dice_e(head_traj, step, head_test, hops, q=run.q), expected, 1e-12)
+        assert_close(dk.dice_e(head_traj, step, head_test, hops, q=run.q), expected, TOL[torch.float64].same)
 
 
 def test_last_layer_reads_rounds_when_a_query_needs_them() -> None:
@@ -117,7 +117,7 @@ def test_last_layer_reads_rounds_when_a_query_needs_them() -> None:
     scores = dk.dice_e(head_traj, 3, head_test, 2, q=run.q)
     assert set(counted.reads) == {0, 3, 4, 5}
     plain_traj, plain_test = dk.last_layer(run.trajectory, run.test)  # the same rounds, uncounted
-    assert_close(scores, dk.dice_e(plain_traj, 3, plain_test, 2, q=run.q), 1e-12)
+    assert_close(scores, dk.dice_e(plain_traj, 3, plain_test, 2, q=run.q), TOL[torch.float64].same)
     counted.reads.clear()
     dk.dice_e(head_traj, 4, head_test, 2, q=run.q)  # rounds 0, 4 and 5 are cached: only round 6 is new
     assert set(counted.reads) == {6}
@@ -129,7 +129,7 @@ def test_last_layer_with_a_parameter_free_extractor() -> None:
     head_traj, head_test = dk.last_layer(run.trajectory, run.test)
     assert torch.equal(head_traj[1].inputs, run.trajectory[1].inputs)
     assert torch.equal(head_test.features[2], run.test[0].expand(4, *run.test[0].shape))
-    assert_close(dk.dice_e(head_traj, 0, head_test, 2, q=run.q), dk.dice_e(run.trajectory, 0, run.test, 2, q=run.q), 1e-12)
+    assert_close(dk.dice_e(head_traj, 0, head_test, 2, q=run.q), dk.dice_e(run.trajectory, 0, run.test, 2, q=run.q), TOL[torch.float64].same)
 
 
 def test_last_layer_rejects_other_models() -> None:

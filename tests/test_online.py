@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dicekern as dk
-from conftest import RTOL, assert_close
+from conftest import TOL, assert_close
+from dicekern.engine.builder import build_chain
 
 HOPS = 2
 
@@ -42,19 +43,19 @@ def test_totals_equal_offline_dice_e(run) -> None:
     assert ledger.scored_steps == scored
     offline = [dk.dice_e(run.trajectory, t, run.test, HOPS, q=q) for t in scored]
     for online_scores, offline_scores in zip(returned, offline):
-        assert_close(online_scores, offline_scores, RTOL[torch.float64])
-    assert_close(ledger.node_totals, sum(s.sum(1) for s in offline), RTOL[torch.float64])
+        assert_close(online_scores, offline_scores, TOL[torch.float64].chain)
+    assert_close(ledger.node_totals, sum(s.sum(1) for s in offline), TOL[torch.float64].chain)
     by_id: dict[int, float] = {}
     for t, s in zip(scored, offline):
         for i, v in zip(sample_ids(t).flatten().tolist(), s.flatten().tolist()):
             by_id[i] = by_id.get(i, 0.0) + v
     assert ledger.sample_totals.keys() == by_id.keys()
-    assert_close(torch.tensor([ledger.sample_totals[i] for i in by_id]), torch.tensor(list(by_id.values())), RTOL[torch.float64])
+    assert_close(torch.tensor([ledger.sample_totals[i] for i in by_id]), torch.tensor(list(by_id.values())), TOL[torch.float64].chain)
     matrix = sum(dk.influence_matrix(run.trajectory, t, run.test, HOPS, q=q).sum(0) for t in scored)
-    assert_close(ledger.matrix_totals, matrix, RTOL[torch.float64])
+    assert_close(ledger.matrix_totals, matrix, TOL[torch.float64].chain)
     assert sorted(ledger.round_totals) == scored
     for t, s in zip(scored, offline):
-        assert_close(ledger.round_totals[t], s.sum(1), RTOL[torch.float64])
+        assert_close(ledger.round_totals[t], s.sum(1), TOL[torch.float64].chain)
 
 
 def test_memory_is_bounded_and_test_gradients_are_computed_once(run, monkeypatch) -> None:
@@ -66,7 +67,7 @@ def test_memory_is_bounded_and_test_gradients_are_computed_once(run, monkeypatch
     for t in run.trajectory.steps:
         feed(ledger, run, [t])
         assert len(ledger.recorder.trajectory().steps) <= HOPS + 1
-        assert len(ledger._test_grads) <= HOPS
+        assert len(ledger.state.test_grads) <= HOPS
     windows = len(ledger.scored_steps)
     # every window computes its own half step (hop 0); rounds 1..7 are each computed once
     assert sum(computed_rows) == 5 * windows + 5 * 7
@@ -80,6 +81,7 @@ def test_a_stopped_run_resumes_with_identical_totals(run, tmp_path) -> None:
     feed(first, run, steps[:5])
     first.save(tmp_path)
     resumed = dk.OnlineDICE.load(tmp_path, run.model, run.loss_fn, run.test)
+    assert_same_state(resumed.state, first.state)
     feed(resumed, run, steps[5:])
     assert resumed.scored_steps == whole.scored_steps
     assert torch.equal(resumed.node_totals, whole.node_totals)
@@ -90,6 +92,42 @@ def test_a_stopped_run_resumes_with_identical_totals(run, tmp_path) -> None:
     steps = sorted(resumed.round_totals)
     picture = dk.plots.contribution_over_rounds(steps, torch.stack([resumed.round_totals[t] for t in steps]), tmp_path / "c.png")
     assert picture.stat().st_size > 0
+
+
+def assert_same_state(got: dk.online.LedgerState, expected: dk.online.LedgerState) -> None:
+    """Every field of two ledger states equal, tensors bitwise."""
+    same = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+    for name in vars(expected):
+        a, b = getattr(got, name), getattr(expected, name)
+        if isinstance(b, dict):
+            assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in b), name
+        else:
+            assert same(a, b), name
+    assert expected.test_grads and expected.sample_ids and expected.round_totals  # the check covered every kind of field
+
+
+def test_a_given_recorder_is_recorded_into_and_checked(run) -> None:
+    recorder = dk.Recorder(run.model, run.loss_fn, window=HOPS + 1, replay_check="every")
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, recorder=recorder)
+    default = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS)
+    for t in run.trajectory.steps:
+        feed(ledger, run, [t])
+        feed(default, run, [t])
+        assert ledger.recorder is recorder and recorder.trajectory().steps == default.recorder.trajectory().steps
+    assert torch.equal(ledger.node_totals, default.node_totals)
+    make = lambda **kwargs: dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, **kwargs)
+    with pytest.raises(ValueError, match="window of hops \\+ 1 = 3 rounds, got window=2"):
+        make(recorder=dk.Recorder(run.model, run.loss_fn, window=2))
+    with pytest.raises(ValueError, match="the recorder must be empty"):
+        make(recorder=recorder)
+    with pytest.raises(ValueError, match="another model or loss_fn"):
+        make(recorder=dk.Recorder(torch.nn.Linear(64, 10), run.loss_fn, window=HOPS + 1))
+    with pytest.raises(ValueError, match="optimizer, mix_state and replay_check are the recorder's"):
+        make(recorder=dk.Recorder(run.model, run.loss_fn, window=HOPS + 1), replay_check="off")
+    with pytest.raises(TypeError, match="recorder must be a dicekern.Recorder, got dict"):
+        make(recorder={})
+    with pytest.raises(TypeError, match="chains must be a chain factory .* got int"):
+        make(chains=3)
 
 
 def test_bad_sample_ids(run) -> None:
@@ -134,21 +172,21 @@ def test_the_constructor_and_the_first_round_check_what_scoring_needs(run) -> No
         assert ledger.recorder.trajectory().steps == ()  # round 0 can be recorded again
 
 
-def test_a_round_that_fails_to_score_can_be_retried(run, monkeypatch) -> None:
-    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, node_matrix=True)
-    feed(ledger, run, [0, 1])
-    real = ledger._chain
+def test_a_round_that_fails_to_score_can_be_retried(run) -> None:
+    out_of_memory = [True]
 
-    def broken(traj, t):
-        chain = real(traj, t)
-        chain.influence_matrix = lambda: (_ for _ in ()).throw(MemoryError("out of memory"))
+    def chains(*args, **kwargs):
+        chain = build_chain(*args, **kwargs)
+        if out_of_memory[0]:
+            chain.influence_matrix = lambda: (_ for _ in ()).throw(MemoryError("out of memory"))
         return chain
 
-    monkeypatch.setattr(ledger, "_chain", broken)
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, node_matrix=True, chains=chains)
+    feed(ledger, run, [0, 1])
     with pytest.raises(MemoryError):
         feed(ledger, run, [2])
     assert ledger.recorder.trajectory().steps == (0, 1) and ledger.scored_steps == [] and ledger.node_totals is None
-    monkeypatch.undo()
+    out_of_memory[0] = False
     feed(ledger, run, run.trajectory.steps[2:])
     whole = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, node_matrix=True)
     feed(whole, run, run.trajectory.steps)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dicekern as dk
-from conftest import assert_close, cross_entropy, torch_optim_gossip, torch_optim_run, torch_optim_steps
+from conftest import TOL, assert_close, cross_entropy, torch_optim_gossip, torch_optim_run, torch_optim_steps
 
 OPTIMIZERS = {
     "momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1), 0.1, False),
@@ -80,7 +80,7 @@ def test_every_term_is_the_derivative_of_the_replay(name: str, n: int) -> None:
     traj = run.trajectory
     per_hop = dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_hop=True)  # (hops+1, N, B)
     for h in range(hops):  # a shorter query is the same terms
-        assert_close(dk.dice_e(traj, STEP, run.test, h, q=run.q), per_hop[: h + 1].sum(0), 1e-12)
+        assert_close(dk.dice_e(traj, STEP, run.test, h, q=run.q), per_hop[: h + 1].sum(0), TOL[torch.float64].same)
     step = 1e-5
     for source, sample in ((n - 1, 0), (0, 3)):
         weights = torch.full((n, batch), 1 / batch, dtype=torch.float64)
@@ -111,14 +111,14 @@ def test_dice_gt_is_the_torch_optim_replay(name: str) -> None:
     without[source, removed] = 0
     expected = factual - replayed_losses(run, name, hops, without)
     expected[0, torch.arange(n) != source] = 0  # hop 0 is the source's own half step
-    assert_close(dk.dice_gt(run.trajectory, STEP, source, run.test, hops, samples=removed, q=run.q), expected, 1e-10)
+    assert_close(dk.dice_gt(run.trajectory, STEP, source, run.test, hops, samples=removed, q=run.q), expected, TOL[torch.float64].op)
     per_sample = dk.dice_gt_samples(run.trajectory, STEP, run.test, hops, nodes=[source], q=run.q, per_hop=True)
     for b in range(batch):
         without = full.clone()
         without[source, b] = 0
         expected = factual - replayed_losses(run, name, hops, without)
         expected[0, torch.arange(n) != source] = 0
-        assert_close(per_sample[:, 0, b], expected.sum(-1), 1e-10)
+        assert_close(per_sample[:, 0, b], expected.sum(-1), TOL[torch.float64].op)
 
 
 @pytest.mark.parametrize("optimizer, lr", [(dk.optim.SGD(momentum=0.9), 0.05), (dk.optim.Adam(), 0.005)], ids=["momentum", "adam"])
@@ -153,10 +153,10 @@ def test_ggn_replaces_the_hessian_inside_the_step_jacobian() -> None:
     traj = run.trajectory
     per_hop = dk.dice_e(traj, STEP, run.test, 3, q=run.q, per_hop=True, curvature="ggn")
     flow = torch.stack([dk.cascade(traj, STEP, j, run.test, 3, q=run.q, samples=[1], curvature="ggn") for j in range(4)])
-    assert_close(per_hop[:, :, 1], flow.sum(-1).T, 1e-10)
+    assert_close(per_hop[:, :, 1], flow.sum(-1).T, TOL[torch.float64].op)
     exact = dk.dice_e(traj, STEP, run.test, 3, q=run.q, per_hop=True)
     assert not torch.allclose(per_hop[2:], exact[2:])
-    assert_close(per_hop[:2], exact[:2], 1e-12)  # hops 0 and 1 use no curvature
+    assert_close(per_hop[:2], exact[:2], TOL[torch.float64].same)  # hops 0 and 1 use no curvature
 
 
 @pytest.mark.parametrize("name", ["nesterov", "adamw", "momentum-gossiped"])
@@ -168,11 +168,11 @@ def test_every_query_agrees_under_every_optimizer(name: str, tmp_path) -> None:
     traj = run.trajectory
     matrix = dk.influence_matrix(traj, STEP, run.test, hops, q=run.q)
     for j in range(n):
-        assert_close(matrix[:, j], dk.cascade(traj, STEP, j, run.test, hops, q=run.q), 1e-10)
-    assert_close(dk.analysis.proximal_influence(traj, STEP, run.test, q=run.q), matrix[1], 1e-12)
+        assert_close(matrix[:, j], dk.cascade(traj, STEP, j, run.test, hops, q=run.q), TOL[torch.float64].op)
+    assert_close(dk.analysis.proximal_influence(traj, STEP, run.test, q=run.q), matrix[1], TOL[torch.float64].same)
     per_test = dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_test=True, per_hop=True)
     assert per_test.shape == (hops + 1, 6, n, 5)
-    assert_close(per_test.mean(1), dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_hop=True), 1e-10)
+    assert_close(per_test.mean(1), dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_hop=True), TOL[torch.float64].op)
 
     def feed(ledger, steps):
         for t in steps:
@@ -183,7 +183,7 @@ def test_every_query_agrees_under_every_optimizer(name: str, tmp_path) -> None:
     whole = dk.OnlineDICE(model, cross_entropy, run.test, hops, q=run.q, optimizer=spec, mix_state=traj.mix_state, node_matrix=True)
     feed(whole, traj.steps)
     offline = [dk.dice_e(traj, t, run.test, hops, q=run.q) for t in whole.scored_steps]
-    assert_close(whole.node_totals, sum(s.sum(1) for s in offline), 1e-10)
+    assert_close(whole.node_totals, sum(s.sum(1) for s in offline), TOL[torch.float64].op)
     stopped = dk.OnlineDICE(model, cross_entropy, run.test, hops, q=run.q, optimizer=spec, mix_state=traj.mix_state, node_matrix=True)
     feed(stopped, traj.steps[:4])
     stopped.save(tmp_path)
@@ -219,4 +219,4 @@ def test_last_layer_mode_takes_the_head_block_of_the_optimizer_state() -> None:
             linear.bias.copy_(half[12:])
         test_grad = grad_of(cross_entropy(linear(test_features), run.test[1]).mean())
         expected = -run.q[j] * rnd.lr[j] * (1 - spec.dampening) / 5 * sample_grads @ test_grad
-        assert_close(scores[j], expected, 1e-10)
+        assert_close(scores[j], expected, TOL[torch.float64].op)

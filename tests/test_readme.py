@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import dicekern as dk
+from conftest import TOL, assert_close
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -34,7 +35,7 @@ def test_readme_has_its_three_examples() -> None:
 def test_readme_example_runs() -> None:
     scope = run_block(0)
     assert scope["scores"].shape == (6, 8)
-    torch.testing.assert_close(scope["per_hop"].sum(0), scope["scores"])
+    assert_close(scope["per_hop"].sum(0), scope["scores"], TOL[torch.float64].same)
     assert scope["flow"].shape == scope["truth"].shape == (4, 6)
     # the estimate reaches exactly the nodes the replay reaches, with the same signs
     assert torch.equal(torch.sign(scope["flow"]), torch.sign(scope["truth"]))
@@ -70,5 +71,5 @@ def test_readme_your_own_run_section_runs(tmp_path, monkeypatch) -> None:
     for step in (2, 5):
         expected = dk.dice_e(loaded, step, scope["run"].test, 2)
         written = torch.tensor([float(r["score"]) for r in rows if int(r["step"]) == step], dtype=torch.float64).reshape(expected.shape)
-        torch.testing.assert_close(written, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
+        assert_close(written, expected, TOL[torch.float64].same)
     assert all((tmp_path / "out" / folder / "results.json").is_file() for folder in ("my_scores", "my_cascade", "my_validate"))

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import dicekern as dk
 import run_factories
-from conftest import assert_close, random_run
+from conftest import TOL, assert_close, random_run
 from dicekern.cli import main
 from test_plots import is_png
 
@@ -65,7 +65,7 @@ def test_a_loss_by_import_path_and_metadata_survive_the_save(tmp_path) -> None:
     run.trajectory.save(tmp_path, description=description)
     loaded = dk.Trajectory.load(tmp_path)
     assert loaded.objective.loss_fn is run_factories.halved_cross_entropy and loaded.description == description
-    assert_close(dk.dice_e(loaded, 0, run.test, 2), dk.dice_e(run.trajectory, 0, run.test, 2), 1e-12)
+    assert_close(dk.dice_e(loaded, 0, run.test, 2), dk.dice_e(run.trajectory, 0, run.test, 2), TOL[torch.float64].same)
 
 
 def test_descriptions_that_do_not_describe_the_run_are_refused(tmp_path) -> None:
@@ -130,16 +130,16 @@ def test_score_in_a_subprocess_equals_dice_e_on_the_loaded_run(saved, tmp_path) 
         for r in rows:
             if int(r["step"]) == step:
                 written[int(r["node"]), int(r["sample"])] = float(r["score"])
-        assert_close(written, expected, 1e-12)
+        assert_close(written, expected, TOL[torch.float64].same)
     results = json.loads((out / "results.json").read_text())
     meta = results["metadata"]
     assert meta["steps"] == [1, 2] and meta["hops"] == 2 and (meta["N"], meta["B"], meta["M"]) == (5, 5, 6)
     assert meta["topology"] == "random directed" and meta["seed"] == 5 and meta["optimizer"] == loaded.optimizer.to_dict()
     assert meta["versions"]["torch"] == torch.__version__ and meta["command_line"][:2] == ["dicekern", "score"]
     matrix = dk.influence_matrix(loaded, 1, run.test, 2)
-    assert_close(torch.tensor(results["influence_matrix"]["1"], dtype=torch.float64), matrix, 1e-12)
+    assert_close(torch.tensor(results["influence_matrix"]["1"], dtype=torch.float64), matrix, TOL[torch.float64].same)
     totals = {(int(r["step"]), int(r["node"])): float(r["total"]) for r in read_csv(out / "node_totals.csv")}
-    assert_close(torch.tensor([totals[(1, k)] for k in range(5)], dtype=torch.float64), dk.dice_e(loaded, 1, run.test, 2).sum(1), 1e-12)
+    assert_close(torch.tensor([totals[(1, k)] for k in range(5)], dtype=torch.float64), dk.dice_e(loaded, 1, run.test, 2).sum(1), TOL[torch.float64].same)
     assert is_png(out / "influence_matrix.png") and is_png(out / "contribution.png")
 
 
@@ -161,13 +161,13 @@ def test_score_per_hop_from_npz(saved, tmp_path) -> None:
     rows = read_csv(out / "scores.csv")
     shares = torch.tensor([[float(r[f"hop_{s}"]) for s in range(3)] for r in rows], dtype=torch.float64)
     scores = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float64)
-    assert_close(shares.sum(1), scores, 1e-12)
+    assert_close(shares.sum(1), scores, TOL[torch.float64].same)
     per_hop = dk.dice_e(dk.Trajectory.load(path), 2, run.test, 2, per_hop=True)  # (hops+1, N, B)
-    assert_close(shares, per_hop.flatten(1).T, 1e-12)
+    assert_close(shares, per_hop.flatten(1).T, TOL[torch.float64].same)
     matrix_rows = read_csv(out / "influence_matrix.csv")
     hops = torch.tensor([[float(r[f"hop_{s}"]) for s in range(3)] for r in matrix_rows], dtype=torch.float64)
-    assert_close(hops.sum(1), torch.tensor([float(r["influence"]) for r in matrix_rows], dtype=torch.float64), 1e-12)
-    assert_close(hops, dk.influence_matrix(dk.Trajectory.load(path), 2, run.test, 2).flatten(1).T, 1e-12)
+    assert_close(hops.sum(1), torch.tensor([float(r["influence"]) for r in matrix_rows], dtype=torch.float64), TOL[torch.float64].same)
+    assert_close(hops, dk.influence_matrix(dk.Trajectory.load(path), 2, run.test, 2).flatten(1).T, TOL[torch.float64].same)
     assert is_png(out / "decay.png")
 
 
@@ -176,18 +176,18 @@ def test_cascade_validate_and_detect_read_a_run(saved, tmp_path) -> None:
     common = [str(path), "--test", str(test_file), "--no-progress"]
     assert main(["cascade", *common, "--source", "2", "--step", "1", "--hops", "2", "--out", str(tmp_path / "c")]) == 0
     flow = json.loads((tmp_path / "c" / "results.json").read_text())["cascade"]
-    assert_close(torch.tensor(flow, dtype=torch.float64), dk.cascade(run.trajectory, 1, 2, run.test, 2), 1e-12)
+    assert_close(torch.tensor(flow, dtype=torch.float64), dk.cascade(run.trajectory, 1, 2, run.test, 2), TOL[torch.float64].same)
     assert main(["validate", *common, "--step", "1", "--hops", "2", "--gt-nodes", "2", "--out", str(tmp_path / "v")]) == 0
     rows = json.loads((tmp_path / "v" / "results.json").read_text())["per_hop"]
     estimate = dk.dice_e(run.trajectory, 1, run.test, 2, per_hop=True)[:, :2]
     truth = dk.dice_gt_samples(run.trajectory, 1, run.test, 2, nodes=[0, 1], per_hop=True)
     assert [r["hop"] for r in rows] == [0, 1, 2]
-    assert rows[1]["hop_alone"]["pearson"] == pytest.approx(dk.analysis.pearson(estimate[1], truth[1]), rel=1e-9)
-    assert rows[2]["hops_0_to_s"]["rel_error"] == pytest.approx(dk.analysis.relative_error(estimate.sum(0), truth.sum(0)), rel=1e-9)
+    assert rows[1]["hop_alone"]["pearson"] == pytest.approx(dk.analysis.pearson(estimate[1], truth[1]), rel=TOL[torch.float64].same)
+    assert rows[2]["hops_0_to_s"]["rel_error"] == pytest.approx(dk.analysis.relative_error(estimate.sum(0), truth.sum(0)), rel=TOL[torch.float64].same)
     assert main(["detect", *common, "--hops", "1", "2", "--anomalous", "3", "--out", str(tmp_path / "d")]) == 0
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     expected = dk.analysis.node_scores(run.trajectory, results["metadata"]["steps"], run.test, 2)
-    assert_close(torch.tensor(results["scores"]["2"], dtype=torch.float64), expected, 1e-12)
+    assert_close(torch.tensor(results["scores"]["2"], dtype=torch.float64), expected, TOL[torch.float64].same)
     assert set(results["auc"]) == {"1", "2"} and is_png(tmp_path / "d" / "anomaly.png")
 
 

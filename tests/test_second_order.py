@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from conftest import assert_close, random_mixing, sgd_round
+from conftest import TOL, assert_close, random_mixing, sgd_round
 
 HOPS = 3
 
@@ -51,16 +51,16 @@ def test_order_2_is_exact_for_a_quadratic_test_loss(loss_fn, outputs, backend, c
     matrix = dk.influence_matrix(traj, 0, test, HOPS, order=2, **options)
     for source in range(5):
         truth = dk.dice_gt(traj, 0, source, test, HOPS, q=q)
-        assert_close(matrix[:, source], truth, 1e-10)
-        assert_close(dk.cascade(traj, 0, source, test, HOPS, order=2, **options), truth, 1e-10)
+        assert_close(matrix[:, source], truth, TOL[torch.float64].op)
+        assert_close(dk.cascade(traj, 0, source, test, HOPS, order=2, **options), truth, TOL[torch.float64].op)
         first_order = dk.cascade(traj, 0, source, test, HOPS, order=1, **options)
         assert (first_order - truth).abs().max() > 1e-4 * truth.abs().max()  # the test can tell the orders apart
     subset = dk.dice_gt(traj, 0, 2, test, HOPS, samples=[1, 4], q=q)
-    assert_close(dk.cascade(traj, 0, 2, test, HOPS, samples=[1, 4], order=2, **options), subset, 1e-10)
+    assert_close(dk.cascade(traj, 0, 2, test, HOPS, samples=[1, 4], order=2, **options), subset, TOL[torch.float64].op)
     # each sample's hop-0 term is exact; its later hops stay first order
     per_sample = dk.dice_e(traj, 0, test, HOPS, per_hop=True, order=2, **options)
     truth = dk.dice_gt_samples(traj, 0, test, HOPS, per_hop=True, q=q)
-    assert_close(per_sample[0], truth[0], 1e-10)
+    assert_close(per_sample[0], truth[0], TOL[torch.float64].op)
     torch.testing.assert_close(per_sample[1:], dk.dice_e(traj, 0, test, HOPS, per_hop=True, **options)[1:], rtol=0, atol=0)
 
 
@@ -105,7 +105,7 @@ def test_the_ledger_totals_whole_batches_at_order_2(digits) -> None:
         ledger.record(t, traj.params(t), r.inputs, r.targets, r.lr, r.W)
     assert ledger.scored_steps == [0, 1, 2, 3, 4]
     for t in ledger.scored_steps:
-        assert_close(ledger.round_totals[t], dk.influence_matrix(traj, t, test, 2, order=2).sum((0, 2)), 1e-10)
+        assert_close(ledger.round_totals[t], dk.influence_matrix(traj, t, test, 2, order=2).sum((0, 2)), TOL[torch.float64].op)
 
 
 def test_order_2_options_are_checked(digits) -> None:

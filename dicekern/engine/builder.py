@@ -103,7 +103,7 @@ def build_chain(
     if kernels:
         # imported only here: triton must not load before the user can choose its interpreter
         from dicekern.bindings.gossip_mix import ColumnMixer
-        from dicekern.bindings.mlp import MLPKernelObjective
+        from dicekern.objectives.kernel import MLPKernelObjective
 
         mixer = mixer or ColumnMixer([rnd.W for rnd in stepping])
         if covered:

@@ -13,7 +13,7 @@ from torch.library import triton_op, wrap_triton
 
 from dicekern.bindings.dispatch import check_operand, new_output, require_triton_device
 from dicekern.checks import check_mixing
-from dicekern.kernels.gossip_mix import gossip_mix_fwd_kernel
+from dicekern.kernels.gossip_mix import gossip_mix_kernel
 
 BLOCK_D = 128
 MAX_ROWS = 65535  # CUDA's limit on grid axis 1, where the rows go
@@ -99,7 +99,7 @@ def _gossip_mix_op(
     n, d = vectors.shape
     out = new_output(tuple(vectors.shape), vectors)
     unused = vectors  # any valid pointer for a pointer the constexpr flags switch off
-    wrap_triton(gossip_mix_fwd_kernel)[(triton.cdiv(d, BLOCK_D), n)](
+    wrap_triton(gossip_mix_kernel)[(triton.cdiv(d, BLOCK_D), n)](
         p_out=out, p_v=vectors, p_rowptr=rowptr, p_col=col, p_val=val,
         p_c=unused if scale is None else scale,
         p_g=unused if added is None else added,

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from dicekern import extras
+from dicekern.baselines import NODE_BASELINES
 from dicekern.checks import check_int, check_node
 from dicekern.engine.options import DiceOptions
+from dicekern.examples import digits_run
 from dicekern.influence import influence_matrix
 from dicekern.trajectory import Trajectory
 
@@ -153,12 +155,8 @@ def anomaly_experiment(
         {"kind", "scored_from", "auc": {hops: [AUC per seed]}, "baseline_auc": {name: [AUC per seed]},
         "runs": [{"seed", "anomalous", "scores": {hops: [...]}, "baselines": {name: [...]}}]}.
     """
-    from dicekern.examples import digits_run
-
     if rounds - max(hops) < scored_from:
         raise ValueError(f"rounds {rounds} leave nothing to score from round {scored_from} with hops {max(hops)}: use rounds >= {scored_from + max(hops)}")
-    from dicekern.baselines import NODE_BASELINES
-
     results: dict = {"kind": kind, "scored_from": scored_from, "auc": {h: [] for h in hops}, "baseline_auc": {name: [] for name in NODE_BASELINES},
                      "runs": []}
     for seed in extras.progress(seeds, enabled=progress, description=f"anomaly detection ({kind})"):

@@ -125,15 +125,16 @@ class OnlineDICE:
     """Records a run like :class:`Recorder` and keeps DICE-E totals of every node and sample.
 
     Args:
-        model, loss_fn, optimizer, mix_state, replay_check: as for Recorder.
+        model, loss_fn, optimizer, mix_state, replay_check: as for Recorder (None: its default).
         test: (inputs (M, ...), targets (M, ...)), the objective every round is scored against.
         hops: DICE-E^(hops) of each round; round t is scored when round t + hops is recorded.
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
-        recorder: an empty Recorder with window hops + 1 to record into (e.g. a
-            ``dicekern.distributed.DistributedRecorder``), built from the same model and loss;
-            optimizer, mix_state and replay_check are then the recorder's. Default: a Recorder
-            built from the arguments above.
-        chains: the :class:`ChainFactory` that scores a round (default: one process's).
+        recorder: an empty Recorder with window hops + 1 to record into, built from the same
+            model and loss; optimizer, mix_state and replay_check are then the recorder's and
+            may not be given. Default: a Recorder built from the arguments above.
+        chains: the :class:`ChainFactory` that scores a round (default: one process's; across
+            processes use ``dicekern.distributed.DistributedOnlineDICE``, which brings its own
+            recorder and factory).
         options: a :class:`DiceOptions` (q, curvature, curvature_at, direct, backend), or its
             fields as keywords, as for :func:`dicekern.dice_e`.
 
@@ -167,8 +168,8 @@ class OnlineDICE:
         hops: int,
         *,
         optimizer: object = None,
-        mix_state: bool = False,
-        replay_check: str = "sampled",
+        mix_state: bool | None = None,
+        replay_check: str | None = None,
         node_matrix: bool = False,
         recorder: Recorder | None = None,
         chains: ChainFactory = build_chain,
@@ -181,11 +182,13 @@ class OnlineDICE:
         self.test = test
         self._test_digest = test_digest(test)
         self.node_matrix = check_flag("node_matrix", node_matrix)
+        given = {name: value for name, value in (("optimizer", optimizer), ("mix_state", mix_state), ("replay_check", replay_check))
+                 if value is not None}
         if recorder is None:
-            recorder = Recorder(model, loss_fn, optimizer=optimizer, mix_state=mix_state, window=self.hops + 1, replay_check=replay_check)
+            recorder = Recorder(model, loss_fn, window=self.hops + 1, **given)
+        elif given:
+            raise ValueError(f"with a recorder given, pass {' and '.join(given)} to the recorder, not to OnlineDICE")
         else:
-            if optimizer is not None or mix_state or replay_check != "sampled":
-                raise ValueError("with a recorder given, optimizer, mix_state and replay_check are the recorder's: pass them to it")
             _check_recorder(recorder, model, loss_fn, self.hops)
         if not callable(chains):
             raise TypeError(f"chains must be a chain factory such as dicekern.engine.builder.build_chain, got {type(chains).__name__}")
@@ -301,8 +304,9 @@ class OnlineDICE:
         """Resume the checkpoint published in directory by :meth:`save`.
 
         Pass the same model, loss and test set as before (a different test set raises); q
-        defaults to the saved one and, if given, must equal it. A subclass takes its own
-        constructor arguments as keywords.
+        defaults to the saved one and, if given, must equal it. Other constructor arguments
+        (``recorder``, ``chains``; a subclass's own) come as keywords; a given recorder must have
+        the saved optimizer, mix_state and replay_check.
 
         Raises:
             ValueError: nothing saved, or a checkpoint whose parts do not belong together, named.
@@ -316,8 +320,13 @@ class OnlineDICE:
         saved_q = None if state["q"] is None else torch.tensor(state["q"], dtype=torch.float64)
         if q is not None and (saved_q is None or not torch.equal(as_tensor("q", q).detach().cpu().double(), saved_q)):
             raise ValueError(f"{where}: q differs from the saved node weights {state['q']}; resume with the same q (or none)")
-        ledger = cls(model, loss_fn, test, state["hops"], optimizer=spec_from_dict(state["optimizer"]), mix_state=state["mix_state"],
-                     replay_check=state["replay_check"], node_matrix=state["node_matrix"], q=saved_q, **state["options"], **kwargs)
+        recording = {"optimizer": spec_from_dict(state["optimizer"]), "mix_state": state["mix_state"], "replay_check": state["replay_check"]}
+        if kwargs.get("recorder") is not None:
+            differ = [name for name, value in recording.items() if getattr(kwargs["recorder"], name, None) != value]
+            if differ:
+                raise ValueError(f"{where}: the given recorder does not match the saved {' and '.join(differ)} ({recording})")
+            recording = {}
+        ledger = cls(model, loss_fn, test, state["hops"], node_matrix=state["node_matrix"], q=saved_q, **recording, **state["options"], **kwargs)
         like = None
         if state["pending"]:
             manifest = read_file(directory, (snapshot.name, PENDING, MANIFEST), 1 << 30)
@@ -337,7 +346,7 @@ class OnlineDICE:
         if hashlib.sha256(grads).hexdigest() != state["checksums"].get(TEST_GRADS):
             raise ValueError(f"{snapshot / TEST_GRADS} does not belong to {where}: its checksum differs")
         test_grads = {int(s): g.to(device) for s, g in load_tensors(grads).items()}
-        if like is None and (test_grads or state["node_totals"] is not None):
+        if like is None and (test_grads or state["scored_steps"] or state["node_totals"] is not None or state["matrix_totals"] is not None):
             raise ValueError(f"{where}: totals or test gradients without pending rounds")
         ledger.state = LedgerState.from_json(state, test_grads, like)
         return ledger

@@ -215,8 +215,8 @@ def contribution_over_rounds(steps: Sequence[int], per_round: torch.Tensor, path
         raise ValueError(f"per_round must have shape (R, N) with one row per scored round, got {tuple(per_round.shape)}")
     if steps.shape != (per_round.shape[0],):
         raise ValueError(f"steps must list the R = {per_round.shape[0]} rounds of per_round's rows, got shape {steps.shape}")
-    from matplotlib import colormaps
-    from matplotlib.ticker import MaxNLocator
+    colormaps = extras.optional("matplotlib", "dk.plots", "apps").colormaps
+    MaxNLocator = extras.optional("matplotlib.ticker", "dk.plots", "apps").MaxNLocator
 
     cumulative = per_round.cumsum(0).numpy()
     n = cumulative.shape[1]
@@ -351,8 +351,8 @@ def _colorbar(fig: Figure, mappable: ScalarMappable, ax: Axes) -> None:
 def _panels(count: int, caption: str, *, width: float, height: float, columns: int = 4) -> tuple[Figure, list[Axes]]:
     """A figure of count panels of width x height inches, at most ``columns`` a row, and the caption at the bottom."""
     # imported here so that `import dicekern` does not load matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = extras.optional("matplotlib.backends.backend_agg", "dk.plots", "apps").FigureCanvasAgg
+    Figure = extras.optional("matplotlib.figure", "dk.plots", "apps").Figure
 
     cols = min(count, columns)
     rows = math.ceil(count / cols)

@@ -5,7 +5,7 @@ import triton.language as tl
 
 
 @triton.jit
-def gossip_mix_fwd_kernel(
+def gossip_mix_kernel(
     p_out, p_v, p_rowptr, p_col, p_val, p_c, p_g, p_a,
     D,
     HAS_C: tl.constexpr, HAS_G: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -24,13 +24,14 @@ from dicekern.kernels import codes
 # the codes as compile-time constants, so that the kernels compare names, not literals
 MODE_GRAD, MODE_HVP, MODE_DOTS, MODE_GGN = (tl.constexpr(c) for c in (codes.MODE_GRAD, codes.MODE_HVP, codes.MODE_DOTS, codes.MODE_GGN))
 NO_CURVATURE = tl.constexpr(codes.NO_CURVATURE)
-LOSS_SOFTMAX_CE, LOSS_LOGISTIC = tl.constexpr(codes.LOSS_SOFTMAX_CE), tl.constexpr(codes.LOSS_LOGISTIC)
-ACT_TANH, ACT_RELU, ACT_LEAKY, ACT_GELU, ACT_SILU, ACT_SIGMOID = (
-    tl.constexpr(c) for c in (codes.ACT_TANH, codes.ACT_RELU, codes.ACT_LEAKY, codes.ACT_GELU, codes.ACT_SILU, codes.ACT_SIGMOID)
+LOSS_SOFTMAX_CE, LOSS_LOGISTIC, LOSS_SQUARED = (tl.constexpr(c) for c in (codes.LOSS_SOFTMAX_CE, codes.LOSS_LOGISTIC, codes.LOSS_SQUARED))
+ACT_IDENTITY, ACT_TANH, ACT_RELU, ACT_LEAKY, ACT_GELU, ACT_SILU, ACT_SIGMOID = (
+    tl.constexpr(c)
+    for c in (codes.ACT_IDENTITY, codes.ACT_TANH, codes.ACT_RELU, codes.ACT_LEAKY, codes.ACT_GELU, codes.ACT_SILU, codes.ACT_SIGMOID)
 )
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -52,6 +53,7 @@ def _loss_grad(b_o, p_y, o_b, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
         b_y = tl.load(p_y + o_b, mask=m_b, other=0.0)
         b_r = 1.0 / (1.0 + tl.exp(-b_o)) - b_y[:, None]
     else:
+        tl.static_assert(LOSS == LOSS_SQUARED)
         b_y = tl.load(p_y + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
         b_r = 2.0 * (b_o - b_y) / K
     return tl.where(m_b[:, None] & m_k[None, :], b_r, 0.0)
@@ -70,6 +72,7 @@ def _loss_hvp(b_o, b_u, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
         b_s = 1.0 / (1.0 + tl.exp(-b_o))
         b_h = b_s * (1.0 - b_s) * b_u
     else:
+        tl.static_assert(LOSS == LOSS_SQUARED)
         b_h = 2.0 * b_u / K
     return tl.where(m_b[:, None] & m_k[None, :], b_h, 0.0)
 
@@ -95,6 +98,7 @@ def _act(z, ACT: tl.constexpr, slope):
         s = 1.0 / (1.0 + tl.exp(-z))
         return s, s * (1.0 - s), s * (1.0 - s) * (1.0 - 2.0 * s)
     else:
+        tl.static_assert(ACT == ACT_IDENTITY)
         return z, 1.0 + 0.0 * z, 0.0 * z
 
 
@@ -318,9 +322,9 @@ def mlp_node_kernel(
         p_o = p_out + i_r * B
     else:
         p_o = p_out + i_r * D
-    _node_pass(p_o, coef, p_theta + i_n * D, p_v + i_r * D, p_x + i_n * stride_x, p_y + i_n * stride_y, p_w + i_n * stride_w,
-               B, F, p_scratch + i_r * SCRATCH, p_widths, p_woff, p_boff, L, slope, D,
-               MODE, False, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+    _node_pass(p_o, coef, p_theta + i_n * D, p_v + i_r * D, p_x + i_n * stride_x, p_y + i_n * stride_y, p_w=p_w + i_n * stride_w,
+               B=B, F=F, p_s=p_scratch + i_r * SCRATCH, p_widths=p_widths, p_woff=p_woff, p_boff=p_boff, L=L, slope=slope, D=D,
+               MODE=MODE, ACCUMULATE=False, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
 
 
 @triton.jit
@@ -363,9 +367,11 @@ def _damp(p_vec, p_tmp, coef, p_theta, p_x, p_y, B, F, p_s, p_widths, p_woff, p_
           CURVATURE: tl.constexpr, LOSS: tl.constexpr, ACT: tl.constexpr,
           BLOCK_B: tl.constexpr, BW: tl.constexpr, WMAX: tl.constexpr, BLOCK_D: tl.constexpr):
     """vec <- vec + coef sum_b H_b vec at one node (coef = -lr/B: (I - lr H) vec); CURVATURE is
-    the mode of the product, exact (1) or Gauss-Newton (3)."""
-    _node_pass(p_tmp, coef, p_theta, p_vec, p_x, p_y, p_y, B, F, p_s, p_widths, p_woff, p_boff, L, slope, D,
-               CURVATURE, False, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+    the mode of the product, MODE_HVP (exact) or MODE_GGN (Gauss-Newton)."""
+    # p_w: sample weights are read by MODE_GRAD only, so any pointer stands in
+    _node_pass(p_tmp, coef, p_theta, p_vec, p_x, p_y, p_w=p_y, B=B, F=F, p_s=p_s, p_widths=p_widths, p_woff=p_woff, p_boff=p_boff,
+               L=L, slope=slope, D=D, MODE=CURVATURE, ACCUMULATE=False, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX,
+               BLOCK_D=BLOCK_D)
     _add_flat(p_vec, p_tmp, D, BLOCK_D)
 
 
@@ -392,9 +398,14 @@ def mlp_adjoint_chain_kernel(
     slope = tl.load(p_slope)
     p_xm = p_xt + i_m * F
     p_ym = p_yt + i_m * stride_yt
+    # A test point's gradient is a node pass over a batch of one: tl.dot needs tiles of at least 16
+    # rows, so 15 of BLOCK_B rows are masked padding. Packing several points into one tile would
+    # break the one-column-per-program layout that keeps each chain's vectors private; at batch 16
+    # the padded pass costs about half of one damped product's passes.
     for k in range(0, N):  # lambda^{(HOPS)} = q g^{(HOPS)}, or the direct term alone when HOPS = 0
-        _node_pass(p_a + k * D, tl.load(p_q + k), p_thetas + (HOPS * N + k) * D, p_a, p_xm + HOPS * stride_ts + k * stride_tn, p_ym, p_one,
-                   1, F, p_s, p_widths, p_woff, p_boff, L, slope, D, 0, False, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+        _node_pass(p_a + k * D, tl.load(p_q + k), p_thetas + (HOPS * N + k) * D, p_a, p_xm + HOPS * stride_ts + k * stride_tn, p_ym,
+                   p_w=p_one, B=1, F=F, p_s=p_s, p_widths=p_widths, p_woff=p_woff, p_boff=p_boff, L=L, slope=slope, D=D,
+                   MODE=MODE_GRAD, ACCUMULATE=False, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
     for i in tl.static_range(HOPS, 0, -1):  # lambda^{(i-1)} from lambda^{(i)} through round i-1
         s = i - 1
         p_theta_s = p_thetas + s * N * D
@@ -404,18 +415,22 @@ def mlp_adjoint_chain_kernel(
         if CURVATURE != NO_CURVATURE and not SENDER and s > 0:
             for k in range(0, N):
                 _damp(p_a + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
-                      p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+                      p_widths, p_woff, p_boff, L, slope, D,
+                      CURVATURE=CURVATURE, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
         _mix_nodes(p_b, p_a, p_rowptr + s * (N + 1), p_col, p_val, N, D, BLOCK_D)
         for k in range(0, N):
             if CURVATURE != NO_CURVATURE and SENDER and s > 0:
                 _damp(p_b + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
-                      p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
-            _node_pass(p_b + k * D, tl.load(p_q + k), p_theta_s + k * D, p_b, p_xm + s * stride_ts + k * stride_tn, p_ym, p_one,
-                       1, F, p_s, p_widths, p_woff, p_boff, L, slope, D, 0, True, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+                      p_widths, p_woff, p_boff, L, slope, D,
+                      CURVATURE=CURVATURE, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
+            _node_pass(p_b + k * D, tl.load(p_q + k), p_theta_s + k * D, p_b, p_xm + s * stride_ts + k * stride_tn, p_ym,
+                       p_w=p_one, B=1, F=F, p_s=p_s, p_widths=p_widths, p_woff=p_woff, p_boff=p_boff, L=L, slope=slope, D=D,
+                       MODE=MODE_GRAD, ACCUMULATE=True, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
         p_a, p_b = p_b, p_a
     for j in range(0, N):
-        _node_pass(p_out + (i_m * N + j) * B, tl.load(p_coef + j), p_theta0 + j * D, p_a + j * D, p_x + j * B * F, p_y + j * stride_yn, p_one,
-                   B, F, p_s, p_widths, p_woff, p_boff, L, slope, D, 2, False, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+        _node_pass(p_out + (i_m * N + j) * B, tl.load(p_coef + j), p_theta0 + j * D, p_a + j * D, p_x + j * B * F, p_y + j * stride_yn,
+                   p_w=p_one, B=B, F=F, p_s=p_s, p_widths=p_widths, p_woff=p_woff, p_boff=p_boff, L=L, slope=slope, D=D,
+                   MODE=MODE_DOTS, ACCUMULATE=False, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
 
 
 @triton.jit
@@ -455,11 +470,13 @@ def mlp_forward_chain_kernel(
         if CURVATURE != NO_CURVATURE and SENDER and s > 0:
             for k in range(0, N):
                 _damp(p_a + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
-                      p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+                      p_widths, p_woff, p_boff, L, slope, D,
+                      CURVATURE=CURVATURE, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
         _mix_nodes(p_b, p_a, p_rowptr + s * (N + 1), p_col, p_val, N, D, BLOCK_D)
         for k in range(0, N):
             if CURVATURE != NO_CURVATURE and not SENDER and s > 0:
                 _damp(p_b + k * D, p_tmp, tl.load(p_coef_s + k), p_theta_s + k * D, p_xs + k * B * F, p_ys + k * stride_yn, B, F, p_s,
-                      p_widths, p_woff, p_boff, L, slope, D, CURVATURE, LOSS, ACT, BLOCK_B, BW, WMAX, BLOCK_D)
+                      p_widths, p_woff, p_boff, L, slope, D,
+                      CURVATURE=CURVATURE, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX, BLOCK_D=BLOCK_D)
             tl.store(p_out + ((s + 1) * N + i_j) * N + k, _dot_flat(p_g + ((s + 1) * N + k) * D, p_b + k * D, D, BLOCK_D))
         p_a, p_b = p_b, p_a

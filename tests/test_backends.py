@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -196,3 +198,41 @@ def test_backend_choice(monkeypatch) -> None:
             dk.dice_e(run.trajectory, 0, run.test, 1, backend="triton")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             dk.cascade(run.trajectory, 0, 0, run.test, 1, backend="triton")
+
+
+DICEKERN_OPS = ("gossip_mix", "mlp", "mlp_adjoint_chain", "mlp_forward_chain")
+
+
+def calls_of_registered_ops(monkeypatch, queries) -> dict[str, tuple]:
+    """Run queries() and return the arguments of the first call of each dicekern op it makes."""
+    importlib.import_module("dicekern.bindings.mlp")  # registers the ops (and imports gossip_mix's)
+    calls: dict[str, tuple] = {}
+
+    def recording(name: str, op):
+        def call(*args):
+            calls.setdefault(name, args)
+            return op(*args)
+        return call
+
+    for name in DICEKERN_OPS:
+        monkeypatch.setattr(torch.ops.dicekern, name, recording(name, getattr(torch.ops.dicekern, name)))
+    queries()
+    monkeypatch.undo()
+    return calls
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="opcheck's fake-tensor checks do not run under Triton's interpreter (CPU); checked on CUDA")
+def test_registered_ops_pass_opcheck(monkeypatch) -> None:
+    """Every dicekern op composes with torch.compile (schema, fake tensors, AOT dispatch), on the
+    arguments a real query gives it."""
+    traj, test = kernel_run(dk.losses.softmax_cross_entropy, 3, 2, seed=11, dtype=torch.float64, hidden=9)
+
+    def queries() -> None:
+        dk.dice_e(traj, 0, test, 2, per_hop=True, backend="triton")  # gossip_mix and mlp
+        dk.dice_e(traj, 0, test, 2, per_test=True, backend="triton")  # the adjoint chain
+        dk.influence_matrix(traj, 0, test, 2, backend="triton")  # the forward chain
+
+    calls = calls_of_registered_ops(monkeypatch, queries)
+    assert sorted(calls) == sorted(DICEKERN_OPS)
+    for name, args in calls.items():
+        torch.library.opcheck(getattr(torch.ops.dicekern, name).default, args)

@@ -19,7 +19,7 @@ def test_run_demo_writes_results_and_plots(tmp_path) -> None:
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["per_hop"] == results["per_hop"] and len(saved["per_hop"]) == 3
     assert all(row["pearson_hop"] > 0.99 for row in saved["per_hop"])
-    assert saved["cascade_vs_walks_rel_error"] < 1e-9
+    assert saved["cascade_vs_walks_rel_error"] < TOL[torch.float64].chain
     assert set(saved["last_layer"]) == {"pearson_vs_full_dice_e", "pearson_vs_dice_gt", "rel_error_vs_full_dice_e"}
     assert saved["samples"] == {"dice_e": 36, "dice_gt": 18}
     # the samples listed are the three lowest and highest DICE-E of the same run, recomputed

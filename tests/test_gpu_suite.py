@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from conftest import TOL
 
 SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
 
@@ -21,5 +24,5 @@ def test_gpu_suite_smoke_run_checks_and_writes_json(tmp_path) -> None:
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert results["mixing"]["nnz"] == 8 * 4  # exponential graph on 8 nodes: 3 in-neighbours and self
     assert len(results["curvature"]) == 1 and len(results["chain"]) == 4
-    assert all(row["rel_error"] <= 1e-4 for row in results["curvature"] + results["chain"])
+    assert all(row["rel_error"] <= TOL[torch.float32].chain for row in results["curvature"] + results["chain"])  # float32 kernels
     assert "best torch / one launch" in done.stdout

@@ -59,10 +59,10 @@ def test_least_squares_gap_is_exactly_the_second_order_term() -> None:
             hessians = 2 * xs.transpose(1, 2) @ xs / xs.shape[1]  # (N, 5, 5)
             delta = r.W @ (delta - r.lr[:, None] * torch.einsum("nij,nj->ni", hessians, delta))
         expected_gap.append(-0.5 * q * torch.einsum("ni,ij,nj->n", delta, h_test, delta))
-    gap = dk.dice_gt(traj, step, source, test, hops, samples=samples, q=q) - dk.cascade(
-        traj, step, source, test, hops, samples=samples, q=q
-    )
-    assert_close(gap, torch.stack(expected_gap), 1e-7)
+    truth = dk.dice_gt(traj, step, source, test, hops, samples=samples, q=q)
+    gap = truth - dk.cascade(traj, step, source, test, hops, samples=samples, q=q)
+    # the gap is a difference of two near-equal estimates: its error is chain-sized on their scale
+    assert (gap - torch.stack(expected_gap)).abs().max() <= TOL[torch.float64].chain * truth.abs().max()
 
 
 def test_least_squares_relative_error_shrinks_linearly_with_lr() -> None:

@@ -146,27 +146,3 @@ def test_mlp_launcher_rejects_bad_operands_and_models() -> None:
         MLPKernelObjective(nn.Linear(4, 2), dk.losses.binary_logistic)
     with pytest.raises(ValueError, match="wider than the kernels' 256 outputs"):
         MLPKernelObjective(nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 2)), dk.losses.squared_error)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="opcheck's fake-tensor checks do not run under Triton's interpreter (CPU); checked on CUDA")
-def test_registered_ops_pass_opcheck() -> None:
-    """dicekern::gossip_mix and dicekern::mlp compose with torch.compile: schema, fake tensors, AOT dispatch."""
-    from dicekern.bindings.mlp import _scratch
-    from dicekern.bindings.plan import mlp_plan
-    from dicekern.kernels import codes
-
-    g = torch.Generator().manual_seed(5)
-    on = dict(dtype=torch.float64, device=DEVICE)
-    W = random_mixing(5, g).to(**on)
-    mixing = CSRMixing.from_mixing(W)
-    vectors = torch.randn(5, 129, generator=g, dtype=torch.float64).to(DEVICE)
-    torch.library.opcheck(torch.ops.dicekern.gossip_mix.default, (vectors, mixing.rowptr, mixing.col, mixing.val, None, None, None))
-    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
-    plan = mlp_plan(model, dk.losses.softmax_cross_entropy)
-    thetas = torch.randn(2, plan.dim, generator=g, dtype=torch.float64).to(DEVICE)
-    x = torch.randn(2, 4, 6, generator=g, dtype=torch.float64).to(DEVICE)
-    y = torch.randint(3, (2, 4), generator=g).to(DEVICE)
-    weights, columns = torch.full((2, 4), 0.25, **on), torch.randn(2, 2, plan.dim, generator=g, dtype=torch.float64).to(DEVICE)
-    args = (thetas, x, y, weights, columns, thetas.new_tensor([0.25, plan.slope]), *plan.tensors(thetas.device),
-            codes.MODE_HVP, plan.loss, plan.activation, plan.wmax, _scratch(plan), False)
-    torch.library.opcheck(torch.ops.dicekern.mlp.default, args)

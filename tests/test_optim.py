@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import jvp, vjp
 
 import dicekern as dk
-from conftest import assert_close
+from conftest import TOL, assert_close
 
 SPECS = [
     pytest.param(lambda p: torch.optim.SGD(p, lr=0.1), dk.optim.SGD(), id="sgd"),
@@ -52,12 +52,12 @@ def test_spec_steps_like_torch_optim(make, spec) -> None:
             opt.step()
         expected_theta, expected_state = flat(), dk.optim.stack_state(opts, models)
         new_theta, new_state = spec.update(theta, spec.check_state(state, n, theta), grads, lr.double())
-        assert_close(new_theta, expected_theta, 1e-15)
+        assert_close(new_theta, expected_theta, TOL[torch.float64].rounding)
         assert new_state.keys() == expected_state.keys()
         for name in spec.state_counters:
             assert torch.equal(new_state[name], expected_state[name])
         for name in spec.state_blocks:
-            assert_close(new_state[name], expected_state[name], 1e-15)
+            assert_close(new_state[name], expected_state[name], TOL[torch.float64].rounding)
 
 
 @pytest.mark.parametrize("make, spec", SPECS)
@@ -84,16 +84,16 @@ def test_linearization_is_the_jacobian_of_the_update(make, spec) -> None:
         t_theta, t_blocks, t_grad = rand(n, d), tuple(rand(n, d) for _ in blocks), rand(n, d)
         expected = jvp(f, primal, (t_theta, t_blocks, t_grad))[1]
         out_theta, out_blocks = lin.tangent(t_theta[:, None], dict(zip(blocks, [b[:, None] for b in t_blocks])), t_grad[:, None])
-        assert_close(out_theta[:, 0], expected[0], 1e-13)
+        assert_close(out_theta[:, 0], expected[0], TOL[torch.float64].rounding)
         for name, e in zip(blocks, expected[1:]):
-            assert_close(out_blocks[name][:, 0], e, 1e-13)
+            assert_close(out_blocks[name][:, 0], e, TOL[torch.float64].rounding)
         cot = (rand(n, d), *[rand(n, d) for _ in blocks])
         e_theta, e_blocks, e_grad = vjp(f, *primal)[1](cot)
         got_theta, got_blocks, got_grad = lin.cotangent(cot[0][:, None], {name: v[:, None] for name, v in zip(blocks, cot[1:])})
-        assert_close(got_theta[:, 0], e_theta, 1e-13)
-        assert_close(got_grad[:, 0], e_grad, 1e-13)
+        assert_close(got_theta[:, 0], e_theta, TOL[torch.float64].rounding)
+        assert_close(got_grad[:, 0], e_grad, TOL[torch.float64].rounding)
         for name, e in zip(blocks, e_blocks):
-            assert_close(got_blocks[name][:, 0], e, 1e-13)
+            assert_close(got_blocks[name][:, 0], e, TOL[torch.float64].rounding)
 
 
 def test_adam_derivative_is_zero_where_the_second_moment_is_zero() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dicekern as dk
+from conftest import TOL, assert_close
 
 MATRICES = [
     pytest.param(lambda: dk.topology.ring(7), id="ring7"),
@@ -25,7 +26,7 @@ MATRICES = [
 def test_matrices_are_row_stochastic(make) -> None:
     W = make()
     assert W.dtype == torch.float64 and (W >= 0).all()
-    torch.testing.assert_close(W.sum(1), torch.ones(len(W), dtype=torch.float64), rtol=0, atol=1e-12)
+    assert_close(W.sum(1), torch.ones(len(W), dtype=torch.float64), TOL[torch.float64].same)
     assert (W.diagonal() > 0).all()
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from dicekern.bindings.plan import mlp_plan
 from dicekern.checks import check_choice
+from dicekern.extras import MissingExtra
 
 BACKENDS = ("auto", "torch", "closed_form", "triton")
 POISON_ENV = "DICEKERN_POISON_OUTPUTS"  # set to 1 (the tests do) to fill kernel outputs with NaN before launch
@@ -59,7 +60,7 @@ def resolve_backend(
 def require_triton_device(device: torch.device) -> None:
     """The kernels can run on device: triton is installed, and CPU tensors have its interpreter."""
     if importlib.util.find_spec("triton") is None:
-        raise ModuleNotFoundError("backend 'triton' needs triton: pip install 'dicekern[triton]'", name="triton")
+        raise MissingExtra("backend 'triton'", "triton", "triton")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "

@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.out, config, progress=not args.no_progress, command_line=["dicekern", *argv])
             return 0
         results = {"score": _score, "cascade": _cascade, "validate": _validate, "detect": _detect}[args.command](args, argv)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, extras.MissingExtra) as error:
         print(f"dicekern {args.command}: error: {error}", file=sys.stderr)
         return 1
     write_json(args.out, "results.json", results)

@@ -15,6 +15,13 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+class MissingExtra(ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the extra."""
+
+    def __init__(self, feature: str, module: str, extra: str):
+        super().__init__(f"{feature} needs {module.split('.')[0]}: pip install 'dicekern[{extra}]'", name=module.split(".")[0])
+
+
 def optional(module: str, feature: str, extra: str) -> ModuleType:
     """module, imported; an ImportError naming the feature and the extra to install when it is missing."""
     try:
@@ -22,7 +29,7 @@ def optional(module: str, feature: str, extra: str) -> ModuleType:
     except ModuleNotFoundError as error:
         if error.name is None or not (module == error.name or module.startswith(error.name + ".")):
             raise  # something the module itself imports is missing: its own error says what
-        raise ModuleNotFoundError(f"{feature} needs {module.split('.')[0]}: pip install 'dicekern[{extra}]'", name=error.name) from None
+        raise MissingExtra(feature, module, extra) from None
 
 
 def progress(iterable: Iterable[T], *, enabled: bool, description: str, **options) -> Iterable[T]:

@@ -34,13 +34,25 @@ def test_importing_dicekern_and_scoring_a_run_import_no_optional_package() -> No
 def test_a_missing_package_names_the_extra_that_installs_it(monkeypatch) -> None:
     run = dk.examples.digits_run(num_nodes=3, rounds=2, batch_size=4)
     monkeypatch.setitem(sys.modules, "networkx", None)  # as if not installed
-    with pytest.raises(ModuleNotFoundError, match=r"dk.topology needs networkx: pip install 'dicekern\[apps\]'"):
+    with pytest.raises(dk.extras.MissingExtra, match=r"dk.topology needs networkx: pip install 'dicekern\[apps\]'"):
         dk.topology.ring(4)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
-    with pytest.raises(ModuleNotFoundError, match=r"a progress bar needs tqdm: pip install 'dicekern\[apps\]'"):
+    with pytest.raises(dk.extras.MissingExtra, match=r"a progress bar needs tqdm: pip install 'dicekern\[apps\]'"):
         dk.dice_gt_samples(run.trajectory, 0, run.test, 1, progress=True)
     assert dk.dice_gt_samples(run.trajectory, 0, run.test, 1).shape == (3, 4)  # no bar, no tqdm
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else real(name, *args))
-    with pytest.raises(ModuleNotFoundError, match=r"backend 'triton' needs triton: pip install 'dicekern\[triton\]'"):
+    with pytest.raises(dk.extras.MissingExtra, match=r"backend 'triton' needs triton: pip install 'dicekern\[triton\]'"):
         dk.dice_e(run.trajectory, 0, run.test, 1, backend="triton")
+
+
+def test_the_command_line_reports_a_missing_package_without_a_traceback(tmp_path, monkeypatch, capsys) -> None:
+    from dicekern import cli
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # the bundled digits need scikit-learn
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    status = cli.main(["cascade", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "dicekern cascade: error: the bundled digits needs sklearn: pip install 'dicekern[apps]'" in err
+    assert "Traceback" not in err

@@ -375,9 +375,11 @@ def _detect_on_digits(args, argv: list[str]) -> dict:
     return results
 
 
-def _prepare_out(parser: argparse.ArgumentParser, args) -> None:
-    """--out checked and created before any work: a folder we can write, without results unless --force."""
+def _prepare_out(parser: argparse.ArgumentParser, args) -> bool:
+    """--out checked and created before any work: a folder we can write, without results unless
+    --force. Returns whether it was created here."""
     out = args.out
+    created = not out.exists()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
     if (out / "results.json").exists() and not args.force:
@@ -387,6 +389,7 @@ def _prepare_out(parser: argparse.ArgumentParser, args) -> None:
         tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
         parser.error(f"--out {out} cannot be written: {error.strerror or error}")
+    return created
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_sources(parser, args)
-    _prepare_out(parser, args)
+    created = _prepare_out(parser, args)
+    try:
+        return _run(args, argv)
+    finally:
+        if created and not any(args.out.iterdir()):
+            args.out.rmdir()  # a command that wrote nothing leaves no empty folder behind
+
+
+def _run(args, argv: list[str]) -> int:
+    """The command, on a prepared --out; its exit status."""
     try:
         if args.command == "demo":
             config = DemoConfig(num_nodes=args.nodes, graph=args.topology, step=args.step, hops=args.hops, rounds=args.rounds,

@@ -375,11 +375,11 @@ def _detect_on_digits(args, argv: list[str]) -> dict:
     return results
 
 
-def _prepare_out(parser: argparse.ArgumentParser, args) -> bool:
+def _prepare_out(parser: argparse.ArgumentParser, args) -> list[Path]:
     """--out checked and created before any work: a folder we can write, without results unless
-    --force. Returns whether it was created here."""
+    --force. Returns the folders created here, innermost first."""
     out = args.out
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
     if (out / "results.json").exists() and not args.force:
@@ -401,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, argv)
     finally:
-        if created and not any(args.out.iterdir()):
-            args.out.rmdir()  # a command that wrote nothing leaves no empty folder behind
+        for folder in created:  # a command that wrote nothing leaves no empty folder behind
+            try:
+                folder.rmdir()  # refuses a folder that is not empty
+            except OSError:
+                break
 
 
 def _run(args, argv: list[str]) -> int:

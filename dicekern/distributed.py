@@ -235,6 +235,8 @@ class DistributedOnlineDICE(OnlineDICE):
     ):
         if node_matrix:
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
+        if "recorder" in option_fields or "chains" in option_fields:
+            raise TypeError("DistributedOnlineDICE builds its own DistributedRecorder and chain factory: pass neither recorder nor chains")
         options = DiceOptions.of(options, **option_fields)
         _check_backend(options)
         if options.order == 2:

@@ -20,6 +20,10 @@ class MissingExtra(ModuleNotFoundError):
 
     def __init__(self, feature: str, module: str, extra: str):
         super().__init__(f"{feature} needs {module.split('.')[0]}: pip install 'dicekern[{extra}]'", name=module.split(".")[0])
+        self.feature, self.module, self.extra = feature, module, extra
+
+    def __reduce__(self):  # picklable, so it crosses process boundaries (multiprocessing, torchrun)
+        return MissingExtra, (self.feature, self.module, self.extra)
 
 
 def optional(module: str, feature: str, extra: str) -> ModuleType:

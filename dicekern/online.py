@@ -322,6 +322,7 @@ class OnlineDICE:
             raise ValueError(f"{where}: q differs from the saved node weights {state['q']}; resume with the same q (or none)")
         recording = {"optimizer": spec_from_dict(state["optimizer"]), "mix_state": state["mix_state"], "replay_check": state["replay_check"]}
         if kwargs.get("recorder") is not None:
+            _check_recorder(kwargs["recorder"], model, loss_fn, state["hops"])
             differ = [name for name, value in recording.items() if getattr(kwargs["recorder"], name, None) != value]
             if differ:
                 raise ValueError(f"{where}: the given recorder does not match the saved {' and '.join(differ)} ({recording})")

@@ -53,7 +53,7 @@ def _loss_grad(b_o, p_y, o_b, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
         b_y = tl.load(p_y + o_b, mask=m_b, other=0.0)
         b_r = 1.0 / (1.0 + tl.exp(-b_o)) - b_y[:, None]
     else:
-        tl.static_assert(LOSS == LOSS_SQUARED)
+        tl.static_assert(LOSS == LOSS_SQUARED, "unknown LOSS code")
         b_y = tl.load(p_y + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
         b_r = 2.0 * (b_o - b_y) / K
     return tl.where(m_b[:, None] & m_k[None, :], b_r, 0.0)
@@ -72,7 +72,7 @@ def _loss_hvp(b_o, b_u, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
         b_s = 1.0 / (1.0 + tl.exp(-b_o))
         b_h = b_s * (1.0 - b_s) * b_u
     else:
-        tl.static_assert(LOSS == LOSS_SQUARED)
+        tl.static_assert(LOSS == LOSS_SQUARED, "unknown LOSS code")
         b_h = 2.0 * b_u / K
     return tl.where(m_b[:, None] & m_k[None, :], b_h, 0.0)
 
@@ -98,7 +98,7 @@ def _act(z, ACT: tl.constexpr, slope):
         s = 1.0 / (1.0 + tl.exp(-z))
         return s, s * (1.0 - s), s * (1.0 - s) * (1.0 - 2.0 * s)
     else:
-        tl.static_assert(ACT == ACT_IDENTITY)
+        tl.static_assert(ACT == ACT_IDENTITY, "unknown ACT code")
         return z, 1.0 + 0.0 * z, 0.0 * z
 
 
@@ -368,6 +368,7 @@ def _damp(p_vec, p_tmp, coef, p_theta, p_x, p_y, B, F, p_s, p_widths, p_woff, p_
           BLOCK_B: tl.constexpr, BW: tl.constexpr, WMAX: tl.constexpr, BLOCK_D: tl.constexpr):
     """vec <- vec + coef sum_b H_b vec at one node (coef = -lr/B: (I - lr H) vec); CURVATURE is
     the mode of the product, MODE_HVP (exact) or MODE_GGN (Gauss-Newton)."""
+    tl.static_assert(CURVATURE == MODE_HVP or CURVATURE == MODE_GGN, "a damped product needs a curvature mode")
     # p_w: sample weights are read by MODE_GRAD only, so any pointer stands in
     _node_pass(p_tmp, coef, p_theta, p_vec, p_x, p_y, p_w=p_y, B=B, F=F, p_s=p_s, p_widths=p_widths, p_woff=p_woff, p_boff=p_boff,
                L=L, slope=slope, D=D, MODE=CURVATURE, ACCUMULATE=False, LOSS=LOSS, ACT=ACT, BLOCK_B=BLOCK_B, BW=BW, WMAX=WMAX,
@@ -391,6 +392,7 @@ def mlp_adjoint_chain_kernel(
     """
     i_m = tl.program_id(0).to(tl.int64)
     D = i_m * 0 + D  # int64: node offsets k D and (HOPS N + k) D may pass 2^31
+    B = i_m * 0 + B  # int64: batch offsets k B F may pass 2^31
     p_a = p_buf + i_m * (2 * N + 1) * D
     p_b = p_a + N * D
     p_tmp = p_b + N * D
@@ -447,6 +449,7 @@ def mlp_forward_chain_kernel(
     """
     i_j = tl.program_id(0).to(tl.int64)
     D = i_j * 0 + D  # int64: node offsets k D and (HOPS N + k) D may pass 2^31
+    B = i_j * 0 + B  # int64: batch offsets k B F may pass 2^31
     p_a = p_buf + i_j * (2 * N + 1) * D
     p_b = p_a + N * D
     p_tmp = p_b + N * D

@@ -221,18 +221,31 @@ def calls_of_registered_ops(monkeypatch, queries) -> dict[str, tuple]:
     return calls
 
 
+def calls_of_three_queries(monkeypatch) -> dict[str, tuple]:
+    """The dicekern op calls of dice_e (per_hop: gossip_mix and mlp; per_test: the adjoint chain)
+    and influence_matrix (the forward chain) with backend="triton" on a small run."""
+    traj, test = kernel_run(dk.losses.softmax_cross_entropy, 3, 2, seed=11, dtype=torch.float64, hidden=9)
+
+    def queries() -> None:
+        dk.dice_e(traj, 0, test, 2, per_hop=True, backend="triton")
+        dk.dice_e(traj, 0, test, 2, per_test=True, backend="triton")
+        dk.influence_matrix(traj, 0, test, 2, backend="triton")
+
+    return calls_of_registered_ops(monkeypatch, queries)
+
+
+def test_three_queries_reach_every_registered_op(monkeypatch) -> None:
+    """The premise of the opcheck test below, checked where it can run (here, the interpreter)."""
+    calls = calls_of_three_queries(monkeypatch)
+    assert sorted(calls) == sorted(DICEKERN_OPS)
+    assert all(isinstance(arg, torch.Tensor) for args in calls.values() for arg in args[:3])
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="opcheck's fake-tensor checks do not run under Triton's interpreter (CPU); checked on CUDA")
 def test_registered_ops_pass_opcheck(monkeypatch) -> None:
     """Every dicekern op composes with torch.compile (schema, fake tensors, AOT dispatch), on the
     arguments a real query gives it."""
-    traj, test = kernel_run(dk.losses.softmax_cross_entropy, 3, 2, seed=11, dtype=torch.float64, hidden=9)
-
-    def queries() -> None:
-        dk.dice_e(traj, 0, test, 2, per_hop=True, backend="triton")  # gossip_mix and mlp
-        dk.dice_e(traj, 0, test, 2, per_test=True, backend="triton")  # the adjoint chain
-        dk.influence_matrix(traj, 0, test, 2, backend="triton")  # the forward chain
-
-    calls = calls_of_registered_ops(monkeypatch, queries)
+    calls = calls_of_three_queries(monkeypatch)
     assert sorted(calls) == sorted(DICEKERN_OPS)
     for name, args in calls.items():
         torch.library.opcheck(getattr(torch.ops.dicekern, name).default, args)

@@ -84,6 +84,8 @@ def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch) -> None:
     assert main(["cascade", "--source", "9", "--out", str(tmp_path / "c"), *SMALL]) == 1
     assert "source must be a node index in [0, 5)" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # the folder it made for nothing is gone
+    assert main(["cascade", "--source", "9", "--out", str(tmp_path / "new" / "deeper"), *SMALL]) == 1
+    assert not (tmp_path / "new").exists()  # and the parents it made for it
     (tmp_path / "kept").mkdir()
     assert main(["cascade", "--source", "9", "--out", str(tmp_path / "kept"), *SMALL]) == 1
     assert (tmp_path / "kept").is_dir()  # a folder the user made stays

@@ -90,4 +90,6 @@ def test_every_kernel_configuration_compiles_for_sm90() -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    outcomes = compile_all()
+    print(json.dumps(outcomes))
+    sys.exit(any(outcome != "ok" for outcome in outcomes.values()))  # run by hand, a failure is the exit status

@@ -124,6 +124,8 @@ def test_a_given_recorder_is_recorded_into_and_checked(run, tmp_path) -> None:
     assert torch.equal(resumed.node_totals, ledger.node_totals)
     with pytest.raises(ValueError, match="the given recorder does not match the saved replay_check"):
         dk.OnlineDICE.load(tmp_path, run.model, run.loss_fn, run.test, recorder=dk.Recorder(run.model, run.loss_fn, window=HOPS + 1))
+    with pytest.raises(TypeError, match="recorder must be a dicekern.Recorder, got dict"):
+        dk.OnlineDICE.load(tmp_path, run.model, run.loss_fn, run.test, recorder={})
     make = lambda **kwargs: dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, **kwargs)
     with pytest.raises(ValueError, match="window of hops \\+ 1 = 3 rounds, got window=2"):
         make(recorder=dk.Recorder(run.model, run.loss_fn, window=2))

@@ -193,7 +193,7 @@ def _metadata(source: Source, argv: list[str], **query) -> dict:
     """What results.json says about the run, its test set and the query (step or steps, hops)."""
     traj = source.trajectory
     batch = next((traj[t].inputs.shape[1] for t in traj.steps if traj[t].has_batch), None)
-    return report.run_metadata(run=source.name, test_file=source.test_file, **query, num_nodes=traj.num_nodes, batch_size=batch,
+    return report.run_metadata(run=source.name, saved_as=traj.saved_as, test_file=source.test_file, **query, num_nodes=traj.num_nodes, batch_size=batch,
                                test_points=len(source.test[0]), dtype=traj.dtype, topology=source.topology, optimizer=traj.optimizer,
                                seed=source.seed, description=traj.description, command_line=["dicekern", *argv])
 

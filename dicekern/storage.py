@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -277,6 +277,7 @@ class SavedRun:
     optimizer: OptimizerSpec
     mix_state: bool
     description: RunDescription | None
+    saved_as: dict | None = None  # {"directory", "snapshot", "manifest_sha256"} of the save it was opened from
 
 
 def read_run(
@@ -321,7 +322,9 @@ def open_run(
     cache_rounds = check_int("cache_rounds", cache_rounds, minimum=1)
     directory = Path(directory)
     snapshot, manifest = open_snapshot(directory, what="trajectory", index=MANIFEST)
-    return read_run(directory, (snapshot.name,), manifest, model, loss_fn, device, cache_rounds)
+    run = read_run(directory, (snapshot.name,), manifest, model, loss_fn, device, cache_rounds)
+    saved_as = {"directory": str(directory.resolve()), "snapshot": snapshot.name, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+    return replace(run, saved_as=saved_as)
 
 
 TEST_SET_KEYS = {"inputs", "targets"}

@@ -126,16 +126,20 @@ class Trajectory:
         optimizer: the spec of every node's local step.
         mix_state: whether the optimizer state is gossiped with the params.
         description: how a save rebuilds the model and loss (see :class:`dk.RunDescription`), or None.
+        saved_as: for a run opened by :meth:`load`, {"directory", "snapshot", "manifest_sha256"}:
+            which save it is (a later save into the same directory publishes another snapshot).
     """
 
     def __init__(
         self, objective: NodeObjective, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *,
         mix_state: bool = False, layout: BatchLayout | None = None, description: RunDescription | None = None,
+        saved_as: dict | None = None,
     ):
         self.objective = objective
         self.optimizer = SGD() if optimizer is None else optimizer
         self.mix_state = bool(mix_state)
         self.description = description
+        self.saved_as = saved_as
         self._rounds = rounds  # a dict in memory, or rounds read lazily from disk
         self._steps = tuple(sorted(rounds))
         self._layout = layout
@@ -269,7 +273,7 @@ class Trajectory:
             (0, 1, 2)
         """
         run = storage.open_run(directory, model, loss_fn, device=device, cache_rounds=cache_rounds)
-        return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, description=run.description)
+        return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, description=run.description, saved_as=run.saved_as)
 
     def _describe_steps(self) -> str:
         steps = self.steps

@@ -136,6 +136,9 @@ def test_score_in_a_subprocess_equals_dice_e_on_the_loaded_run(saved, tmp_path) 
     assert meta["steps"] == [1, 2] and meta["hops"] == 2 and (meta["N"], meta["B"], meta["M"]) == (5, 5, 6)
     assert meta["topology"] == "random directed" and meta["seed"] == 5 and meta["optimizer"] == loaded.optimizer.to_dict()
     assert meta["versions"]["torch"] == torch.__version__ and meta["command_line"][:2] == ["dicekern", "score"]
+    pointer = json.loads((path / "CURRENT").read_text())  # the save the command read
+    assert meta["saved_as"] == {"directory": str(path.resolve()), "snapshot": pointer["snapshot"], "manifest_sha256": pointer["sha256"]}
+    assert loaded.saved_as == meta["saved_as"] and run.trajectory.saved_as is None
     matrix = dk.influence_matrix(loaded, 1, run.test, 2)
     assert_close(torch.tensor(results["influence_matrix"]["1"], dtype=torch.float64), matrix, TOL[torch.float64].same)
     totals = {(int(r["step"]), int(r["node"])): float(r["total"]) for r in read_csv(out / "node_totals.csv")}

@@ -210,14 +210,14 @@ def _scored_steps(traj: Trajectory, chosen: range | int | None, hops: int, *, fi
         steps = [chosen] if isinstance(chosen, int) else list(chosen)
         for t in steps:
             try:
-                traj.window(t, hops)
+                traj.check_window(t, hops)
             except ValueError as error:
                 raise ValueError(f"round {t} cannot be scored with hops {hops}: {error}") from None
         return steps
 
     def scoreable(step: int) -> bool:
         try:
-            traj.window(step, hops)
+            traj.check_window(step, hops)
         except ValueError:
             return False
         return True

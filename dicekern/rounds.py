@@ -126,12 +126,15 @@ def check_round(
 class LazyRounds(Mapping):
     """step -> read(step) for every step of ``steps``, made on first access: the rounds of a saved
     run, or rounds derived from another run's. Listing or testing steps reads nothing; the newest
-    ``cache_rounds`` values are kept, so a run longer than memory can be read round by round."""
+    ``cache_rounds`` values are kept, so a run longer than memory can be read round by round.
+    ``has_batch(step)``, when given, says whether a round carries its batch without reading it."""
 
-    def __init__(self, steps: Iterable[int], read: Callable[[int], object], cache_rounds: int):
+    def __init__(self, steps: Iterable[int], read: Callable[[int], object], cache_rounds: int,
+                 has_batch: Callable[[int], bool] | None = None):
         self._steps = tuple(sorted(steps))
         self._known = set(self._steps)
         self._read_round, self._cache_rounds = read, cache_rounds
+        self._has_batch = has_batch
         self._cache: OrderedDict[int, object] = OrderedDict()
 
     def __len__(self) -> int:
@@ -142,6 +145,10 @@ class LazyRounds(Mapping):
 
     def __contains__(self, step: object) -> bool:
         return step in self._known
+
+    def has_batch(self, step: int) -> bool:
+        """Whether round step carries its batch; read from its value only without a has_batch."""
+        return self._has_batch(step) if self._has_batch is not None else self[step].has_batch
 
     def __getitem__(self, step: int):
         if step not in self._known:

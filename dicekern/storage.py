@@ -237,7 +237,7 @@ class RoundFiles(LazyRounds):
     checks of ``Recorder.record``; the newest ``cache_rounds`` are kept (see LazyRounds)."""
 
     def __init__(self, root: Path, parts: tuple[str, ...], manifest: Manifest, objective: NodeObjective, device: torch.device, cache_rounds: int):
-        super().__init__(manifest.rounds, self._read, cache_rounds)
+        super().__init__(manifest.rounds, self._read, cache_rounds, has_batch=lambda step: "inputs" in manifest.rounds[step]["shapes"])
         self._root, self._parts, self._manifest, self._objective = root, parts, manifest, objective
         self._device = device
         self._layout: BatchLayout | None = None

@@ -19,7 +19,7 @@ from dicekern.description import RunDescription, check_describes, described
 from dicekern.engine.step import local_update
 from dicekern.objectives.torch_func import LossFn, NodeObjective
 from dicekern.optim import SGD, OptimizerSpec, spec_of
-from dicekern.rounds import BatchLayout, Round, check_round
+from dicekern.rounds import BatchLayout, LazyRounds, Round, check_round
 
 
 REPLAY_CHECKS = ("sampled", "every", "off")
@@ -188,11 +188,15 @@ class Trajectory:
         return self.objective.layout.unflatten(self[step].params)
 
     def window(self, step: int, hops: int) -> tuple[Round, ...]:
-        """Rounds step..step+hops, checked to hold what a hops-hop query from ``step`` needs.
+        """Rounds step..step+hops, checked (:meth:`check_window`) to hold what a hops-hop query
+        from ``step`` needs."""
+        self.check_window(step, hops)
+        return tuple(self._rounds[t] for t in range(step, step + hops + 1))
 
-        Rounds step..step+hops-1 (and step itself when hops=0) need their batch, lr, W and state;
-        round step+hops needs params only.
-        """
+    def check_window(self, step: int, hops: int) -> None:
+        """Raise a ValueError unless rounds step..step+hops hold what a hops-hop query from
+        ``step`` needs: rounds step..step+hops-1 (and step itself when hops=0) their batch, lr, W
+        and state, round step+hops its params. A saved run is checked from its manifest, unread."""
         step = check_int("step", step)
         hops = check_int("hops", hops, minimum=0)
         needed = range(step, step + hops + 1)
@@ -207,14 +211,16 @@ class Trajectory:
                 f"round {missing[0]} is missing from the trajectory: hops={hops} from step {step} needs "
                 f"rounds {step}..{step + hops} (recorded: {self._describe_steps()})"
             )
-        rounds = [self._rounds[t] for t in needed]
-        for t, rnd in zip(needed[: max(hops, 1)], rounds):
-            if not rnd.has_batch:
+        for t in needed[: max(hops, 1)]:
+            if not self._has_batch(t):
                 raise ValueError(
                     f"round {t} was recorded with params only, but hops={hops} from step {step} "
                     f"needs its inputs, targets, lr and W"
                 )
-        return tuple(rounds)
+
+    def _has_batch(self, step: int) -> bool:
+        rounds = self._rounds
+        return rounds.has_batch(step) if isinstance(rounds, LazyRounds) else rounds[step].has_batch
 
     def verify(self, rtol: float | None = None) -> VerifyReport:
         """Replay every round t whose successor t+1 is recorded and compare with round t+1.

@@ -283,3 +283,21 @@ def test_cascade_and_validate_default_to_the_first_round_that_fits(saved, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         main(["score", str(path), "--test", str(test_file), "--out", str(path / "results")])
     assert exit_info.value.code == 2 and "is inside RUN_DIR" in capsys.readouterr().err
+
+
+def test_checking_windows_of_a_saved_run_reads_no_round(saved, monkeypatch) -> None:
+    """dicekern score checks every round it will score before any work, from the manifest alone."""
+    from dicekern import storage
+
+    _, path, _ = saved
+    reads = []
+    real = storage.RoundFiles._read
+    monkeypatch.setattr(storage.RoundFiles, "_read", lambda self, step: reads.append(step) or real(self, step))
+    traj = dk.Trajectory.load(path)
+    reads.clear()  # loading a described run reads its first round, to check the rebuilt model
+    for t in traj.steps[:-2]:
+        traj.check_window(t, 2)
+    with pytest.raises(ValueError, match="is missing from the trajectory"):
+        traj.check_window(traj.steps[-2], 2)
+    assert reads == []
+    assert len(traj.window(1, 2)) == 3 and reads == [1, 2, 3]

@@ -24,6 +24,8 @@ def ratio_rows(report: dict) -> list[str]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit(f"usage: python {sys.argv[0]} BENCHMARK_JSON  (the file make bench writes: benchmarks/results/cpu.json)")
     with open(sys.argv[1]) as f:
         report = json.load(f)
     info = report["machine_info"]

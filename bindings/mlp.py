@@ -86,6 +86,26 @@ def _stacked_csr(mixings: list[torch.Tensor], transpose: bool) -> tuple[torch.Te
     return rowptr.contiguous(), torch.cat([p.col for p in parts]), torch.cat([p.val for p in parts])
 
 
+def _chain_launch(
+    programs: int, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, coefs: torch.Tensor,
+    rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, widths: torch.Tensor, woff: torch.Tensor, boff: torch.Tensor,
+    slope: torch.Tensor, loss: int, act: int, wmax: int, scratch_size: int, sender: bool, curvature: int,
+) -> dict:
+    """The launch arguments both chain kernels take, with the workspace of each of ``programs``
+    programs: 2N + 1 vectors (D,) and its scratch."""
+    hops = thetas.shape[0] - 1
+    n, d = thetas.shape[1:]
+    batch, features = inputs.shape[2:4]
+    return dict(
+        p_buf=torch.empty(programs, 2 * n + 1, d, dtype=thetas.dtype, device=thetas.device),
+        p_scratch=torch.empty(programs * scratch_size, dtype=thetas.dtype, device=thetas.device),
+        p_thetas=thetas, p_x=inputs, p_y=targets, p_coef=coefs, p_rowptr=rowptr, p_col=col, p_val=val,
+        p_widths=widths, p_woff=woff, p_boff=boff, p_slope=slope, L=widths.numel() - 1, N=n, B=batch, F=features, D=d,
+        stride_xr=inputs[0].numel(), stride_yr=targets[0].numel(), stride_yn=targets[0, 0].numel(), SCRATCH=scratch_size,
+        HOPS=hops, SENDER=sender, CURVATURE=curvature, LOSS=loss, ACT=act, BLOCK_B=BLOCK_B, BW=BW, WMAX=wmax, BLOCK_D=BLOCK_D,
+    )
+
+
 @triton_op("dicekern::mlp_adjoint_chain", mutates_args={})
 def _adjoint_chain_op(
     thetas: torch.Tensor, theta0: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, coefs: torch.Tensor,
@@ -93,23 +113,17 @@ def _adjoint_chain_op(
     widths: torch.Tensor, woff: torch.Tensor, boff: torch.Tensor, slope: torch.Tensor,
     loss: int, act: int, wmax: int, scratch_size: int, sender: bool, curvature: int,
 ) -> torch.Tensor:
-    hops = thetas.shape[0] - 1
-    n, d = thetas.shape[1:]
-    batch, features = inputs.shape[2:4]
+    n, batch = inputs.shape[1:3]
     m = x_test.shape[-2]
     per_node = x_test.dim() == 4  # (hops+1, N, M, F) test features of each node, or (M, F) shared
     stride_ts, stride_tn = (x_test[0].numel(), x_test[0, 0].numel()) if per_node else (0, 0)
     out = new_output((m, n, batch), thetas)
-    buffers = torch.empty(m, 2 * n + 1, d, dtype=thetas.dtype, device=thetas.device)
-    scratch = torch.empty(m * scratch_size, dtype=thetas.dtype, device=thetas.device)
     ones = torch.ones(batch, dtype=thetas.dtype, device=thetas.device)
+    shared = _chain_launch(m, thetas, inputs, targets, coefs, rowptr, col, val, widths, woff, boff, slope,
+                           loss, act, wmax, scratch_size, sender, curvature)
     wrap_triton(kernel.mlp_adjoint_chain_kernel)[(m,)](
-        p_out=out, p_buf=buffers, p_scratch=scratch, p_thetas=thetas, p_theta0=theta0, p_x=inputs, p_y=targets, p_coef=coefs,
-        p_rowptr=rowptr, p_col=col, p_val=val, p_q=q, p_xt=x_test, p_yt=y_test, p_one=ones,
-        p_widths=widths, p_woff=woff, p_boff=boff, p_slope=slope, L=widths.numel() - 1, N=n, B=batch, F=features, D=d,
-        stride_xr=inputs[0].numel(), stride_yr=targets[0].numel(), stride_yn=targets[0, 0].numel(), stride_yt=y_test[0].numel(),
-        stride_ts=stride_ts, stride_tn=stride_tn, SCRATCH=scratch_size,
-        HOPS=hops, SENDER=sender, CURVATURE=curvature, LOSS=loss, ACT=act, BLOCK_B=BLOCK_B, BW=BW, WMAX=wmax, BLOCK_D=BLOCK_D,
+        p_out=out, p_theta0=theta0, p_q=q, p_xt=x_test, p_yt=y_test, p_one=ones,
+        stride_yt=y_test[0].numel(), stride_ts=stride_ts, stride_tn=stride_tn, **shared,
     )
     return out
 
@@ -122,18 +136,11 @@ def _forward_chain_op(
     loss: int, act: int, wmax: int, scratch_size: int, sender: bool, curvature: int,
 ) -> torch.Tensor:
     hops = thetas.shape[0] - 1
-    n, d = thetas.shape[1:]
-    batch, features = inputs.shape[2:4]
+    n = thetas.shape[1]
     out = new_output((hops + 1, n, n), thetas)
-    buffers = torch.empty(n, 2 * n + 1, d, dtype=thetas.dtype, device=thetas.device)
-    scratch = torch.empty(n * scratch_size, dtype=thetas.dtype, device=thetas.device)
-    wrap_triton(kernel.mlp_forward_chain_kernel)[(n,)](
-        p_out=out, p_buf=buffers, p_scratch=scratch, p_thetas=thetas, p_x=inputs, p_y=targets, p_coef=coefs,
-        p_rowptr=rowptr, p_col=col, p_val=val, p_disp=displacements, p_g=scaled_test_grads,
-        p_widths=widths, p_woff=woff, p_boff=boff, p_slope=slope, L=widths.numel() - 1, N=n, B=batch, F=features, D=d,
-        stride_xr=inputs[0].numel(), stride_yr=targets[0].numel(), stride_yn=targets[0, 0].numel(), SCRATCH=scratch_size,
-        HOPS=hops, SENDER=sender, CURVATURE=curvature, LOSS=loss, ACT=act, BLOCK_B=BLOCK_B, BW=BW, WMAX=wmax, BLOCK_D=BLOCK_D,
-    )
+    shared = _chain_launch(n, thetas, inputs, targets, coefs, rowptr, col, val, widths, woff, boff, slope,
+                           loss, act, wmax, scratch_size, sender, curvature)
+    wrap_triton(kernel.mlp_forward_chain_kernel)[(n,)](p_out=out, p_disp=displacements, p_g=scaled_test_grads, **shared)
     return out
 
 

@@ -42,6 +42,12 @@ def _softmax(b_o, m_k):
 
 
 @triton.jit
+def _load_tile(p, stride, o_r, m_r, o_c, m_c):
+    """The [rows, cols] tile at p + row * stride + col, zero outside the masks m_r (rows), m_c (cols)."""
+    return tl.load(p + o_r[:, None] * stride + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
 def _loss_grad(b_o, p_y, o_b, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
     """[BLOCK_B, K_PAD] d loss_b / d outputs; samples o_b of the targets at p_y."""
     o_k = tl.arange(0, K_PAD)
@@ -54,7 +60,7 @@ def _loss_grad(b_o, p_y, o_b, m_b, K, LOSS: tl.constexpr, K_PAD: tl.constexpr):
         b_r = 1.0 / (1.0 + tl.exp(-b_o)) - b_y[:, None]
     else:
         tl.static_assert(LOSS == LOSS_SQUARED, "unknown LOSS code")
-        b_y = tl.load(p_y + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_y = _load_tile(p_y, K, o_b, m_b, o_k, m_k)
         b_r = 2.0 * (b_o - b_y) / K
     return tl.where(m_b[:, None] & m_k[None, :], b_r, 0.0)
 
@@ -103,14 +109,19 @@ def _act(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _layer_input(p_x, stride_x, p_s, l, TILE: tl.constexpr, WMAX: tl.constexpr):
-    """(pointer, row stride) of layer l's input block: the batch itself for l = 0, else A[l-1]."""
+def _layer(p_widths, p_woff, p_boff, p_x, stride_x, p_s, l, TILE: tl.constexpr, WMAX: tl.constexpr):
+    """Layer l's (inputs, outputs, weight offset, bias offset (-1: none), input block pointer, its
+    row stride): the input block is the batch itself for l = 0, else A[l-1]."""
+    n_in = tl.load(p_widths + l)
+    n_out = tl.load(p_widths + l + 1)
+    w_off = tl.load(p_woff + l)
+    b_off = tl.load(p_boff + l)
     s_in = stride_x + 0 * l
     p_in = p_x + 0 * l
     if l > 0:
         p_in = p_s + (l - 1) * TILE
         s_in = 0 * stride_x + WMAX
-    return p_in, s_in
+    return n_in, n_out, w_off, b_off, p_in, s_in
 
 
 @triton.jit
@@ -123,11 +134,7 @@ def _forward(p_theta, p_v, p_x, stride_x, p_s, p_widths, p_woff, p_boff, L, slop
     o_b = tl.arange(0, BLOCK_B)
     TILE: tl.constexpr = BLOCK_B * WMAX
     for l in range(0, L):
-        n_in = tl.load(p_widths + l)
-        n_out = tl.load(p_widths + l + 1)
-        w_off = tl.load(p_woff + l)
-        b_off = tl.load(p_boff + l)
-        p_in, s_in = _layer_input(p_x, stride_x, p_s, l, TILE, WMAX)
+        n_in, n_out, w_off, b_off, p_in, s_in = _layer(p_widths, p_woff, p_boff, p_x, stride_x, p_s, l, TILE, WMAX)
         p_rin = p_s + (2 * L + l - 1) * TILE
         hidden = l < L - 1
         for o0 in range(0, n_out, BW):
@@ -138,14 +145,14 @@ def _forward(p_theta, p_v, p_x, stride_x, p_s, p_widths, p_woff, p_boff, L, slop
             for i0 in range(0, n_in, BW):
                 o_i = i0 + tl.arange(0, BW)
                 m_i = o_i < n_in
-                b_a = tl.load(p_in + o_b[:, None] * s_in + o_i[None, :], mask=m_b[:, None] & m_i[None, :], other=0.0)
+                b_a = _load_tile(p_in, s_in, o_b, m_b, o_i, m_i)
                 m_w = m_i[:, None] & m_o[None, :]
                 b_w = tl.load(p_theta + w_off + o_o[None, :] * n_in + o_i[:, None], mask=m_w, other=0.0)  # [BW in, BW out]
                 b_z += tl.dot(b_a, b_w, input_precision="ieee")  # [BLOCK_B, BW in] @ [BW in, BW out]
                 if R_OP:
                     b_rz += tl.dot(b_a, tl.load(p_v + w_off + o_o[None, :] * n_in + o_i[:, None], mask=m_w, other=0.0), input_precision="ieee")
                     if l > 0:
-                        b_ra = tl.load(p_rin + o_b[:, None] * WMAX + o_i[None, :], mask=m_b[:, None] & m_i[None, :], other=0.0)
+                        b_ra = _load_tile(p_rin, WMAX, o_b, m_b, o_i, m_i)
                         b_rz += tl.dot(b_ra, b_w, input_precision="ieee")
             m_bias = m_o & (o_o * 0 + b_off >= 0)
             b_z += tl.load(p_theta + b_off + o_o, mask=m_bias, other=0.0)[None, :]
@@ -186,11 +193,7 @@ def _backward(p_out, coef, p_theta, p_v, p_x, stride_x, p_s, p_widths, p_woff, p
     p_rg, p_rgin = p_s + (4 * L + 2) * TILE, p_s + (4 * L + 3) * TILE
     for k in range(0, L):
         l = L - 1 - k
-        n_in = tl.load(p_widths + l)
-        n_out = tl.load(p_widths + l + 1)
-        w_off = tl.load(p_woff + l)
-        b_off = tl.load(p_boff + l)
-        p_in, s_in = _layer_input(p_x, stride_x, p_s, l, TILE, WMAX)
+        n_in, n_out, w_off, b_off, p_in, s_in = _layer(p_widths, p_woff, p_boff, p_x, stride_x, p_s, l, TILE, WMAX)
         p_z, p_rz, p_ra = p_s + (L + l) * TILE, p_s + (3 * L + l) * TILE, p_s + (2 * L + l - 1) * TILE
         hidden = l < L - 1
         # parameter gradients: out[w] += coef sum_b src[b, o] a[b, i] (+ gz^T ra with EXACT), bias += coef sum_b src
@@ -203,11 +206,11 @@ def _backward(p_out, coef, p_theta, p_v, p_x, stride_x, p_s, p_widths, p_woff, p
             for i0 in range(0, n_in, BW):
                 o_i = i0 + tl.arange(0, BW)
                 m_i = o_i < n_in
-                b_a = tl.load(p_in + o_b[:, None] * s_in + o_i[None, :], mask=m_b[:, None] & m_i[None, :], other=0.0)
+                b_a = _load_tile(p_in, s_in, o_b, m_b, o_i, m_i)
                 b_dw = tl.dot(tl.trans(b_src), b_a, input_precision="ieee")  # [BW out, BLOCK_B] @ [BLOCK_B, BW in]
                 if EXACT:
                     if l > 0:
-                        b_ra = tl.load(p_ra + o_b[:, None] * WMAX + o_i[None, :], mask=m_b[:, None] & m_i[None, :], other=0.0)
+                        b_ra = _load_tile(p_ra, WMAX, o_b, m_b, o_i, m_i)
                         b_dw += tl.dot(tl.trans(b_gz), b_ra, input_precision="ieee")
                 p_w = p_out + w_off + o_o[:, None] * n_in + o_i[None, :]
                 m_w = m_o[:, None] & m_i[None, :]

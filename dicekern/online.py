@@ -321,20 +321,19 @@ class OnlineDICE:
         if q is not None and (saved_q is None or not torch.equal(as_tensor("q", q).detach().cpu().double(), saved_q)):
             raise ValueError(f"{where}: q differs from the saved node weights {state['q']}; resume with the same q (or none)")
         recording = {"optimizer": spec_from_dict(state["optimizer"]), "mix_state": state["mix_state"], "replay_check": state["replay_check"]}
-        if kwargs.get("recorder") is not None:
-            _check_recorder(kwargs["recorder"], model, loss_fn, state["hops"])
-            differ = [name for name, value in recording.items() if getattr(kwargs["recorder"], name, None) != value]
-            if differ:
-                raise ValueError(f"{where}: the given recorder does not match the saved {' and '.join(differ)} ({recording})")
-            recording = {}
-        ledger = cls(model, loss_fn, test, state["hops"], node_matrix=state["node_matrix"], q=saved_q, **recording, **state["options"], **kwargs)
+        given_recorder = kwargs.get("recorder") is not None  # checked by the constructor, then against the saved recording
+        ledger = cls(model, loss_fn, test, state["hops"], node_matrix=state["node_matrix"], q=saved_q,
+                     **({} if given_recorder else recording), **state["options"], **kwargs)
+        differ = [name for name, value in recording.items() if getattr(ledger.recorder, name) != value]
+        if differ:
+            raise ValueError(f"{where}: the given recorder does not match the saved {' and '.join(differ)} ({recording})")
         like = None
         if state["pending"]:
             manifest = read_file(directory, (snapshot.name, PENDING, MANIFEST), 1 << 30)
             if hashlib.sha256(manifest).hexdigest() != state["checksums"].get(f"{PENDING}/{MANIFEST}"):
                 raise ValueError(f"{snapshot / PENDING / MANIFEST} does not belong to {where}: its checksum differs")
             run = read_run(directory, (snapshot.name, PENDING), manifest, model, loss_fn, device, len(state["pending"]))
-            pending = Trajectory(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state)
+            pending = Trajectory.of_saved(run)
             if list(pending.steps) != state["pending"]:
                 raise ValueError(f"{where}: pending rounds {state['pending']} differ from the saved rounds {list(pending.steps)}")
             for t in pending.steps:

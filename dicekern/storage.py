@@ -187,12 +187,17 @@ def parse_manifest(manifest: dict, where: str, objective: NodeObjective) -> Mani
             raise ValueError(f"{where}: round key {key!r} is not a canonical integer")
         step = int(key)
         _check_entry(entry, step, f"{where}: round {key}", optimizer, num_nodes, total_nodes, objective.layout.dim, manifest["dtype"])
-        if "inputs" in entry["shapes"]:
+        if _has_batch(entry):
             batch_layouts.add(tuple((tuple(entry["shapes"][k][2:]), entry["dtypes"][k]) for k in ("inputs", "targets")))
         rounds[step] = entry
     if len(batch_layouts) > 1:
         raise ValueError(f"{where}: the rounds' batches differ in per-sample shape or dtype: {sorted(batch_layouts)}")
     return Manifest(optimizer, mix_state, num_nodes, total_nodes, dtype, rounds)
+
+
+def _has_batch(entry: dict) -> bool:
+    """Whether a round's manifest entry (its shapes already checked) holds a batch: inputs, targets, lr, W."""
+    return "inputs" in entry["shapes"]
 
 
 def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec, n: int, total: int, dim: int, dtype: str) -> None:
@@ -208,7 +213,7 @@ def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec,
         raise ValueError(f"{where}: fields 'shapes' and 'dtypes' must name the same tensors")
     state = {STATE_PREFIX + k for k in (*optimizer.state_blocks, *optimizer.state_counters)}
     names = set(shapes) - {"params"} - set(BATCH)
-    has_batch = "inputs" in shapes
+    has_batch = _has_batch(entry)
     if "params" not in shapes or (has_batch and not set(BATCH) <= set(shapes)) or (not has_batch and set(BATCH) & set(shapes)) or not names <= state:
         raise ValueError(f"{where}: tensors {sorted(shapes)} are not params, [inputs, targets, lr, W] and the state of {optimizer}")
     if has_batch and names != state and not optimizer.stateless:
@@ -237,7 +242,7 @@ class RoundFiles(LazyRounds):
     checks of ``Recorder.record``; the newest ``cache_rounds`` are kept (see LazyRounds)."""
 
     def __init__(self, root: Path, parts: tuple[str, ...], manifest: Manifest, objective: NodeObjective, device: torch.device, cache_rounds: int):
-        super().__init__(manifest.rounds, self._read, cache_rounds, has_batch=lambda step: "inputs" in manifest.rounds[step]["shapes"])
+        super().__init__(manifest.rounds, self._read, cache_rounds, has_batch=lambda step: _has_batch(manifest.rounds[step]))
         self._root, self._parts, self._manifest, self._objective = root, parts, manifest, objective
         self._device = device
         self._layout: BatchLayout | None = None

@@ -278,7 +278,11 @@ class Trajectory:
             >>> dk.Trajectory.load(folder).steps
             (0, 1, 2)
         """
-        run = storage.open_run(directory, model, loss_fn, device=device, cache_rounds=cache_rounds)
+        return cls.of_saved(storage.open_run(directory, model, loss_fn, device=device, cache_rounds=cache_rounds))
+
+    @classmethod
+    def of_saved(cls, run: storage.SavedRun) -> Trajectory:
+        """The trajectory of a run opened from disk (``dicekern.storage``); its rounds are read lazily."""
         return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, description=run.description, saved_as=run.saved_as)
 
     def _describe_steps(self) -> str:

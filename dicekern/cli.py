@@ -8,7 +8,6 @@ message on stderr), 2 for bad command-line arguments.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -179,8 +178,8 @@ def _source(args, hops: int) -> Source:
     if args.run is not None:
         traj = Trajectory.load(args.run)
         described = traj.description.metadata if traj.description else {}
-        test = read_test_set(args.test, traj.dtype)
-        test_file = {"path": str(args.test.resolve()), "sha256": hashlib.sha256(args.test.read_bytes()).hexdigest()}
+        test, digest = read_test_set(args.test, traj.dtype)
+        test_file = {"path": str(args.test.resolve()), "sha256": digest}
         return Source(traj, test, str(args.run.resolve()), described.get("topology"), described.get("seed"), test_file)
     step = DIGITS_STEP if args.step is None else args.step
     rounds = examples.rounds_needed(step, hops, args.rounds)

@@ -10,6 +10,7 @@ round goes through the same checks as ``Recorder.record`` when it is first read.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -335,10 +336,11 @@ def open_run(
 TEST_SET_KEYS = {"inputs", "targets"}
 
 
-def read_test_set(path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def read_test_set(path: str | os.PathLike, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
     """A test set from a .safetensors or .npz file holding exactly ``inputs`` (M, ...) and ``targets``
     (M, ...): inputs (floating point) and floating targets in dtype, integer targets as int64.
-    Neither format can hold code: .npz is read with allow_pickle=False.
+    Neither format can hold code: .npz is read with allow_pickle=False. Returns ((inputs,
+    targets), the sha256 of the bytes they were parsed from).
 
     Raises:
         ValueError: a missing or unreadable file, another format, other arrays, integer inputs.
@@ -348,15 +350,14 @@ def read_test_set(path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.Te
         raise ValueError(f"test file {path} does not exist or is not a file")
     if path.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"test file {path} must be a .safetensors or .npz file")
+    data = path.read_bytes()  # read once: the sha256 returned is of the bytes parsed
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            arrays = load_file(path)
+            arrays = load_tensors(data)
         else:
             import numpy as np
 
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {name: torch.from_numpy(npz[name].copy()) for name in npz.files}
     except Exception as error:  # safetensors and numpy raise their own error types on malformed files
         raise ValueError(f"test file {path} cannot be read: {error}") from None
@@ -368,4 +369,4 @@ def read_test_set(path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.Te
     if targets.dtype == torch.bool:
         raise ValueError(f"test file {path}: targets must be numbers (class indices or values), got bool")
     targets = targets.to(dtype) if targets.is_floating_point() else targets.to(torch.int64)
-    return inputs.to(dtype), targets
+    return (inputs.to(dtype), targets), hashlib.sha256(data).hexdigest()

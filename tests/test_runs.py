@@ -4,6 +4,7 @@ and cascade, validate and detect with RUN_DIR."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -278,6 +279,7 @@ def test_cascade_and_validate_default_to_the_first_round_that_fits(saved, tmp_pa
     assert main(["cascade", str(path), "--test", str(test_file), "--hops", "2", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert results["metadata"]["step"] == 0 and results["metadata"]["test_file"]["path"] == str(test_file.resolve())
+    assert results["metadata"]["test_file"]["sha256"] == hashlib.sha256(test_file.read_bytes()).hexdigest()
     assert main(["score", str(path), "--test", str(test_file), "--steps", "1:5", "--hops", "2", "--out", str(tmp_path / "s")]) == 1
     assert "round 4 cannot be scored with hops 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

@@ -36,7 +36,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 import dicekern as dk
-from dicekern.engine.step import gossip_round
+from dicekern.curvature.round import gossip_round
 
 SEEDS = range(10)
 NODES, ROUNDS, BATCH, HOPS = 16, 24, 16, 3

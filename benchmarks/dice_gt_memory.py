@@ -1,4 +1,4 @@
-"""Peak memory of dk.dice_gt_samples per chunk size, against dicekern.ground_truth.replay_bytes.
+"""Peak memory of dk.dice_gt_samples per chunk size, against dicekern.truth.ground_truth.replay_bytes.
 
     python benchmarks/dice_gt_memory.py
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from dicekern.ground_truth import replay_bytes
+from dicekern.truth.ground_truth import replay_bytes
 
 NODES, BATCH, HOPS = 8, 16, 3
 

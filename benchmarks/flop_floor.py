@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dicekern as dk
 from timing import wall_seconds
-from dicekern.engine.step import gossip_round
+from dicekern.curvature.round import gossip_round
 
 HOPS, STEP = 3, 5
 

@@ -30,10 +30,10 @@ from torch import nn
 
 import dicekern as dk
 from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
-from dicekern.objectives.kernel import MLPKernelObjective
-from dicekern.engine.step import gossip_round
-from dicekern.objectives.closed_form import ClosedFormObjective
-from dicekern.objectives.torch_func import NodeObjective
+from dicekern.curvature.triton import TritonBackend
+from dicekern.curvature.round import gossip_round
+from dicekern.curvature.closed_form import ClosedFormBackend
+from dicekern.curvature.torch_func import TorchFuncBackend
 from timing import wall_seconds
 
 
@@ -99,7 +99,7 @@ def curvature_vs_torch(device, n: int, features: int, hidden: int, classes: int,
     g = torch.Generator().manual_seed(1)
     model = mlp(features, hidden, classes)
     engines = {name: make(model, dk.losses.softmax_cross_entropy)
-               for name, make in (("kernel", MLPKernelObjective), ("closed_form", ClosedFormObjective), ("torch_func", NodeObjective))}
+               for name, make in (("kernel", TritonBackend), ("closed_form", ClosedFormBackend), ("torch_func", TorchFuncBackend))}
     d = engines["kernel"].layout.dim
     thetas = (torch.randn(n, d, generator=g) / features**0.5).to(device)
     x = torch.randn(n, batch, features, generator=g).to(device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dicekern as dk
-from dicekern.engine.step import gossip_round
+from dicekern.curvature.round import gossip_round
 
 HOPS, STEP = 3, 5  # rounds STEP..STEP+HOPS+1 are recorded
 
@@ -38,7 +38,7 @@ def test_one_source_batch(benchmark, run, test_set, hops, engine) -> None:
     """cascade (one chain over the network) on both torch engines vs the paper's walk-by-walk reference."""
     benchmark.group = f"cascade-vs-walks {_setting(run, test_set)} hops={hops}"
     traj = run.trajectory
-    walks = lambda: dk.reference.dice_e_walks(traj, STEP, 3, test_set, hops)
+    walks = lambda: dk.walks.dice_e_walks(traj, STEP, 3, test_set, hops)
     fast = {backend: (lambda b=backend: dk.cascade(traj, STEP, 3, test_set, hops, backend=b)) for backend in ("closed_form", "torch")}
     expected = walks()
     rtol = 1e-9 if traj.dtype == torch.float64 else 1e-4

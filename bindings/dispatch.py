@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dicekern.bindings.plan import mlp_plan
-from dicekern.checks import check_choice
-from dicekern.extras import MissingExtra
+from dicekern.core.checks import check_choice
+from dicekern.core.extras import MissingExtra
 
 BACKENDS = ("auto", "torch", "closed_form", "triton")
 POISON_ENV = "DICEKERN_POISON_OUTPUTS"  # set to 1 (the tests do) to fill kernel outputs with NaN before launch

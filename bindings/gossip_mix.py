@@ -12,7 +12,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from dicekern.bindings.dispatch import check_operand, new_output, require_triton_device
-from dicekern.checks import check_mixing
+from dicekern.core.checks import check_mixing
 from dicekern.kernels.gossip_mix import gossip_mix_kernel
 
 BLOCK_D = 128

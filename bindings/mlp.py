@@ -1,6 +1,6 @@
 """Launchers of the MLP kernels (``dicekern::mlp``, ``dicekern::mlp_adjoint_chain``,
 ``dicekern::mlp_forward_chain``) for the models of ``dicekern.bindings.plan.mlp_plan``; the
-objective built on them is ``dicekern.objectives.kernel.MLPKernelObjective``. Importing this module
+objective built on them is ``dicekern.curvature.triton.TritonBackend``. Importing this module
 imports triton: on CPU set ``TRITON_INTERPRET=1`` before that import.
 """
 

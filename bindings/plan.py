@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dicekern.kernels import codes
-from dicekern.objectives.closed_form import unsupported_reason
+from dicekern.curvature.closed_form import unsupported_reason
 
 MAX_WIDTH = 256  # the widest layer output whose tiles fit a program; wider models run the closed-form engine
 LOSS_CODES = {"softmax_cross_entropy": codes.LOSS_SOFTMAX_CE, "binary_logistic": codes.LOSS_LOGISTIC, "squared_error": codes.LOSS_SQUARED}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dicekern.bindings.plan import mlp_plan
-from dicekern.losses import ClosedFormLoss
+from dicekern.core.losses import ClosedFormLoss
 
 _VERDICTS: dict[tuple, bool] = {}
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}  # of the result's scale: float32 scores are cancelling dot products
@@ -43,10 +43,10 @@ def kernels_agree(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.devic
 def _worst_relative_error(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> float:
     """Both engines on a 3-node, 2-hop run of this architecture with random parameters and data:
     per-hop scores, per-test scores (one launch) and the influence matrix (one launch)."""
-    from dicekern import topology
-    from dicekern.engine.step import gossip_round
-    from dicekern.influence import dice_e, influence_matrix
-    from dicekern.trajectory import Recorder
+    from dicekern.core import topology
+    from dicekern.curvature.round import gossip_round
+    from dicekern.engine.queries import dice_e, influence_matrix
+    from dicekern.record.trajectory import Recorder
 
     g = torch.Generator().manual_seed(0)
     plan = mlp_plan(model, loss_fn)

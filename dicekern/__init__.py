@@ -5,17 +5,46 @@
     >>> scores = dk.dice_e(run.trajectory, step=0, test=run.test, hops=2)   # (N, B)
     >>> tuple(scores.shape)
     (4, 5)
+
+Glossary (one name per concept, used in every module):
+
+* **node** k: one participant of the gossip run, N of them; it trains on its own **batch** of B
+  **samples** each round.
+* **round** t: every node's local optimizer step on its batch, then the **mix** (gossip) with the
+  mixing matrix W^t (W[k, j]: the weight receiver k gives node j; rows sum to 1).
+* **params**: every node's parameters stacked on a leading node axis: a name -> (N, *shape) dict
+  at the API's edge, flat (N, D) inside. theta is one node's (D,).
+* **node state**: a node's params plus its optimizer's **state blocks** (momentum, Adam moments),
+  S blocks in all; stacked, an (N, S, D) tensor.
+* **hop** s: s rounds after the scored round t; hop s reads the params of round t + s. A query's
+  **window** is the rounds t..t+hops.
+* **source** j: the node whose samples are removed; **receiver** k: a node whose test loss changes.
+* **column**: one of C chain vectors carried side by side, (N, C, S, D): a source (forward) or a
+  test objective (adjoint).
+* **perturbation** delta: the change of every node's state that removing samples causes (forward);
+  its **adjoint** lambda carries a test objective back to the samples.
+* **backend**: what computes gradients and curvature products of all nodes
+  (``dicekern.curvature``); a **query plan** fixes the window, options, backend and chunking of one
+  query (``dicekern.engine.plan``).
+
+Layout: ``core`` (0) <- ``curvature`` (1) <- ``record`` (2) <- ``engine`` (3) <- ``truth`` (4) <-
+``apps``, ``distributed`` (5); imports only point down. README.md, "Layout", has the picture.
 """
 
-from dicekern import adapters, analysis, baselines, examples, losses, optim, plots, reference, topology
-from dicekern.description import RunDescription, rebuildable
+
+from dicekern import compat
+from dicekern.apps import analysis, baselines, examples, plots
+from dicekern.core import losses, optim, topology
+from dicekern.record import adapters
+from dicekern.truth import walks
+from dicekern.record.description import RunDescription, rebuildable
 from dicekern.engine.options import DiceOptions
-from dicekern.ground_truth import dice_gt, dice_gt_samples
-from dicekern.influence import cascade, dice_e, influence_matrix
-from dicekern.online import OnlineDICE
-from dicekern.restrict import PerNodeTest, last_layer
-from dicekern.rounds import Round
-from dicekern.trajectory import Recorder, Trajectory, VerifyReport
+from dicekern.truth.ground_truth import dice_gt, dice_gt_samples
+from dicekern.engine.queries import cascade, dice_e, influence_matrix
+from dicekern.engine.ledger import OnlineDICE
+from dicekern.engine.last_layer import PerNodeTest, last_layer
+from dicekern.record.rounds import Round
+from dicekern.record.trajectory import Recorder, Trajectory, VerifyReport
 
 __all__ = [
     "DiceOptions",
@@ -40,6 +69,15 @@ __all__ = [
     "optim",
     "plots",
     "rebuildable",
-    "reference",
     "topology",
+    "walks",
 ]
+
+compat.install()
+
+
+def __getattr__(name: str):
+    if name == "reference":
+        compat.warn_moved("dk.reference", "dk.walks")
+        return walks
+    raise AttributeError(f"module 'dicekern' has no attribute {name!r}")

@@ -1,8 +1,8 @@
-"""``python -m dicekern``: the command line of :mod:`dicekern.cli`."""
+"""``python -m dicekern``: the command line of :mod:`dicekern.apps.cli`."""
 
 import sys
 
-from dicekern.cli import main
+from dicekern.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ os.environ["DICEKERN_POISON_OUTPUTS"] = "1"  # kernel outputs start as NaN: an u
 from torch import nn
 
 import dicekern as dk
-from dicekern.engine.step import gossip_round
+from dicekern.curvature.round import gossip_round
 
 @dataclass(frozen=True)
 class Tolerance:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import dicekern as dk
+from dicekern.bindings.dispatch import kernels_cover
 from conftest import DEVICE, TOL, assert_close, random_mixing, random_run, recast
-from dicekern.engine.step import gossip_round
+from dicekern.curvature.round import gossip_round
 
 pytestmark = pytest.mark.kernels
 
@@ -163,26 +164,26 @@ def test_auto_takes_triton_only_for_supported_models_on_cuda_that_pass_the_self_
     assert resolve_backend("auto", cpu, kernels=True, closed_form=None) == "closed_form"
     with pytest.raises(ValueError, match="backend='closed_form' cannot run this model: a reason"):
         resolve_backend("closed_form", cpu, kernels=False, closed_form="a reason")
-    assert dk.bindings.kernels_cover(nn.Linear(3, 2), dk.losses.squared_error)
-    assert dk.bindings.kernels_cover(nn.Sequential(nn.Flatten(), nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2)), dk.losses.squared_error)
-    assert not dk.bindings.kernels_cover(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
-    assert not dk.bindings.kernels_cover(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
-    assert not dk.bindings.kernels_cover(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), dk.losses.squared_error)
-    assert not dk.bindings.kernels_cover(nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 2)), dk.losses.squared_error)
+    assert kernels_cover(nn.Linear(3, 2), dk.losses.squared_error)
+    assert kernels_cover(nn.Sequential(nn.Flatten(), nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2)), dk.losses.squared_error)
+    assert not kernels_cover(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
+    assert not kernels_cover(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
+    assert not kernels_cover(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), dk.losses.squared_error)
+    assert not kernels_cover(nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 2)), dk.losses.squared_error)
 
 
 def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatch) -> None:
     """Run here in the interpreter (on CPU tensors): the same check "auto" runs once per CUDA device."""
     from dicekern.bindings import selfcheck
-    from dicekern.objectives.kernel import MLPKernelObjective
+    from dicekern.curvature.triton import TritonBackend
 
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
     head, device = nn.Linear(7, 4), torch.device(DEVICE)
     assert selfcheck.kernels_agree(head, dk.losses.softmax_cross_entropy, device, torch.float64)
     mlp = nn.Sequential(nn.Linear(7, 6), nn.SiLU(), nn.Linear(6, 4))
     assert selfcheck.kernels_agree(mlp, dk.losses.squared_error, device, torch.float32)
-    real = MLPKernelObjective.per_sample_dots
-    monkeypatch.setattr(MLPKernelObjective, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
+    real = TritonBackend.per_sample_dots
+    monkeypatch.setattr(TritonBackend, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
     with pytest.warns(RuntimeWarning, match="disagree with the torch engine .* backend='auto' uses the torch engine"):
         assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)
     assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)  # remembered

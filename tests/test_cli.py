@@ -9,7 +9,7 @@ import torch
 
 import dicekern as dk
 
-from dicekern.cli import main
+from dicekern.apps.cli import main
 from test_plots import is_png
 
 SMALL = ["--nodes", "5", "--no-progress"]
@@ -68,9 +68,9 @@ def test_detect(tmp_path, capsys) -> None:
 
 
 def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch) -> None:
-    import dicekern.examples
+    import dicekern.apps.examples
 
-    monkeypatch.setattr(dicekern.examples, "digits_run", lambda *a, **k: pytest.fail("trained before checking the arguments"))
+    monkeypatch.setattr(dicekern.apps.examples, "digits_run", lambda *a, **k: pytest.fail("trained before checking the arguments"))
     (tmp_path / "file").write_text("x")
     for out, message in ((tmp_path / "file", "exists and is not a folder"), (tmp_path / "file" / "sub", "cannot be written")):
         with pytest.raises(SystemExit) as exit_info:

@@ -9,9 +9,9 @@ from torch import nn
 
 import dicekern as dk
 from conftest import TOL, assert_close, random_mixing
-from dicekern.engine.step import gossip_round
-from dicekern.objectives.closed_form import ClosedFormObjective
-from dicekern.objectives.torch_func import NodeObjective
+from dicekern.curvature.round import gossip_round
+from dicekern.curvature.closed_form import ClosedFormBackend
+from dicekern.curvature.torch_func import TorchFuncBackend
 
 LOSSES = {"ce": (dk.losses.softmax_cross_entropy, 4), "logistic": (dk.losses.binary_logistic, 1), "squared": (dk.losses.squared_error, 3)}
 ACTIVATIONS = {
@@ -43,7 +43,7 @@ def test_every_quantity_matches_torch_func(activation: str, loss_name: str) -> N
     loss, outputs = LOSSES[loss_name]
     flatten = activation == "gelu"
     model = mlp(activation, outputs, flatten=flatten, bias=activation != "silu")
-    reference, closed = NodeObjective(model, loss), ClosedFormObjective(model, loss)
+    reference, closed = TorchFuncBackend(model, loss), ClosedFormBackend(model, loss)
     g = torch.Generator().manual_seed(len(activation) + 10 * outputs)
     n, batch, columns, d = 4, 6, 3, reference.layout.dim
     thetas = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -113,7 +113,7 @@ def test_every_query_matches_the_torch_engine(activation: str, loss_name: str, h
 
 
 def test_auto_picks_the_closed_form_engine_where_it_covers_the_model() -> None:
-    from dicekern.engine.builder import engine_of
+    from dicekern.engine.plan import engine_of
 
     traj, _ = run_of("tanh", "ce", 3, 1, None, seed=0)
     assert engine_of(traj, "auto") == "closed_form" and engine_of(traj, "torch") == "torch"
@@ -134,4 +134,4 @@ def test_auto_picks_the_closed_form_engine_where_it_covers_the_model() -> None:
 ], ids=["softplus", "gelu-tanh", "late-flatten", "no-linear"])
 def test_models_outside_the_engine_are_named(model, reason) -> None:
     with pytest.raises(ValueError, match=reason):
-        ClosedFormObjective(model, dk.losses.softmax_cross_entropy)
+        ClosedFormBackend(model, dk.losses.softmax_cross_entropy)

@@ -9,7 +9,7 @@ import torch
 
 import dicekern as dk
 from conftest import TOL
-from dicekern.demo import DemoConfig, run_demo
+from dicekern.apps.demo import DemoConfig, run_demo
 
 
 def test_run_demo_writes_results_and_plots(tmp_path) -> None:

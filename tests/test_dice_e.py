@@ -23,13 +23,13 @@ def test_cascade_and_dice_e_match_walks(n: int, hops: int, curvature_at: str, di
     traj, step = run.trajectory, 1
     opts = dict(q=run.q, curvature_at=curvature_at, direct=direct)
     source, samples = n - 2, [0, 3]
-    walks = dk.reference.dice_e_walks(traj, step, source, run.test, hops, samples=samples, **opts)
+    walks = dk.walks.dice_e_walks(traj, step, source, run.test, hops, samples=samples, **opts)
     assert walks[1:].abs().sum() > 0 or hops == 0
     assert_close(dk.cascade(traj, step, source, run.test, hops, samples=samples, **opts), walks, TOL[torch.float64].chain)
 
     per_hop = dk.dice_e(traj, step, run.test, hops, per_hop=True, **opts)
     assert per_hop.shape == (hops + 1, n, 5)
-    one = dk.reference.dice_e_walks(traj, step, source, run.test, hops, samples=[2], **opts)
+    one = dk.walks.dice_e_walks(traj, step, source, run.test, hops, samples=[2], **opts)
     assert_close(per_hop[:, source, 2], one.sum(-1), TOL[torch.float64].chain)
     total = dk.dice_e(traj, step, run.test, hops, **opts)
     assert_close(total, per_hop.sum(0), TOL[torch.float64].chain)
@@ -43,7 +43,7 @@ def test_cascade_and_dice_e_match_walks(n: int, hops: int, curvature_at: str, di
 def test_other_curvatures_match_walks(curvature: str, curvature_at: str) -> None:
     run = random_run(5, rounds=4, seed=7)
     opts = dict(q=run.q, curvature=curvature, curvature_at=curvature_at)
-    walks = dk.reference.dice_e_walks(run.trajectory, 0, 1, run.test, 3, **opts)
+    walks = dk.walks.dice_e_walks(run.trajectory, 0, 1, run.test, 3, **opts)
     assert_close(dk.cascade(run.trajectory, 0, 1, run.test, 3, **opts), walks, TOL[torch.float64].chain)
     per_hop = dk.dice_e(run.trajectory, 0, run.test, 3, per_hop=True, **opts)
     assert_close(per_hop[:, 1].sum(-1), walks.sum(-1), TOL[torch.float64].chain)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import dicekern as dk
 import dicekern.distributed as dkd
 from conftest import TOL, assert_close, random_run
-from dicekern.engine.step import gossip_round
+from dicekern.curvature.round import gossip_round
 
 N, HOPS, SOURCE = 7, 3, 5
 
@@ -129,7 +129,7 @@ def test_torchrun_example_trains_and_reports_every_node() -> None:
     import sys
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-               "-m", "dicekern.gossip_torchrun", "--rounds", "5", "--hops", "2", "--batch-size", "8"]
+               "-m", "dicekern.apps.torchrun", "--rounds", "5", "--hops", "2", "--batch-size", "8"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -139,7 +139,7 @@ def test_torchrun_example_trains_and_reports_every_node() -> None:
 
 
 def _torchrun_example_in_one_process(n: int, *, rounds: int, hops: int, batch_size: int, lr: float = 0.1) -> torch.Tensor:
-    """The node totals dicekern.gossip_torchrun prints, from the same data, seeds and steps in one process."""
+    """The node totals dicekern.apps.torchrun prints, from the same data, seeds and steps in one process."""
     node_indices, features, labels, test_indices = dk.examples.digits_split(n)
     x_all, y_all = torch.tensor(features), torch.tensor(labels)
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
+from dicekern.truth import ground_truth
 from conftest import TOL, assert_close, random_mixing, random_run, sgd_round
 
 
@@ -122,6 +123,6 @@ def test_unreachable_nodes_get_exactly_zero() -> None:
     # are bitwise those of the factual run, and every reached node's differs
     keep = torch.ones(2, n, 4, dtype=torch.float64)
     keep[1, 0, 1] = 0
-    losses = dk.ground_truth._replay_test_losses(traj, traj.window(0, 3), test, keep)  # (2, hops+1, N)
+    losses = ground_truth._replay_test_losses(traj, traj.window(0, 3), test, keep)  # (2, hops+1, N)
     assert torch.equal(losses[0][~reach], losses[1][~reach])
     assert (losses[0][reach] != losses[1][reach]).all()

@@ -89,8 +89,8 @@ MLP_CASES = [
 def test_mlp_kernel_matches_the_closed_form_engine(loss, act, hidden: tuple[int, ...], bias: bool, dtype: torch.dtype) -> None:
     """Gradients, test gradients, exact and Gauss-Newton products and per-sample scores: B = 20,
     F = 40 and the 37-wide layer span two blocks each."""
-    from dicekern.objectives.kernel import MLPKernelObjective
-    from dicekern.objectives.closed_form import ClosedFormObjective
+    from dicekern.curvature.triton import TritonBackend
+    from dicekern.curvature.closed_form import ClosedFormBackend
 
     g = torch.Generator().manual_seed(len(hidden) + 10 * bias)
     n, batch, features, columns = 3, 20, 40, 2
@@ -100,7 +100,7 @@ def test_mlp_kernel_matches_the_closed_form_engine(loss, act, hidden: tuple[int,
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
         layers += [nn.Linear(a, b, bias=bias)] + ([act()] if i < len(widths) - 2 else [])
     model = nn.Sequential(*layers)
-    reference, kernel = ClosedFormObjective(model, loss), MLPKernelObjective(model, loss)
+    reference, kernel = ClosedFormBackend(model, loss), TritonBackend(model, loss)
     d = reference.layout.dim
     thetas = torch.randn(n, d, generator=g, dtype=dtype) / features**0.5
     x = torch.randn(n, batch, features, generator=g, dtype=dtype)
@@ -127,10 +127,10 @@ def test_mlp_kernel_matches_the_closed_form_engine(loss, act, hidden: tuple[int,
 
 
 def test_mlp_launcher_rejects_bad_operands_and_models() -> None:
-    from dicekern.objectives.kernel import MLPKernelObjective
+    from dicekern.curvature.triton import TritonBackend
 
     model = nn.Linear(4, 3)
-    kernel = MLPKernelObjective(model, dk.losses.softmax_cross_entropy)
+    kernel = TritonBackend(model, dk.losses.softmax_cross_entropy)
     on = dict(dtype=torch.float64, device=DEVICE)
     thetas = torch.zeros(2, 15, **on)
     x, y, w = torch.zeros(2, 5, 4, **on), torch.zeros(2, 5, dtype=torch.long, device=DEVICE), torch.full((2, 5), 0.2, **on)
@@ -141,8 +141,8 @@ def test_mlp_launcher_rejects_bad_operands_and_models() -> None:
     with pytest.raises(ValueError, match="inputs is torch.float32"):
         kernel.node_grads(thetas, x.float(), y, w)
     with pytest.raises(ValueError, match="one activation between each two"):
-        MLPKernelObjective(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), dk.losses.softmax_cross_entropy)
+        TritonBackend(nn.Sequential(nn.Linear(4, 3), nn.Tanh()), dk.losses.softmax_cross_entropy)
     with pytest.raises(ValueError, match="binary_logistic needs one output"):
-        MLPKernelObjective(nn.Linear(4, 2), dk.losses.binary_logistic)
+        TritonBackend(nn.Linear(4, 2), dk.losses.binary_logistic)
     with pytest.raises(ValueError, match="wider than the kernels' 256 outputs"):
-        MLPKernelObjective(nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 2)), dk.losses.squared_error)
+        TritonBackend(nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 2)), dk.losses.squared_error)

@@ -11,7 +11,7 @@ from torch import nn
 
 import dicekern as dk
 from conftest import TOL, assert_close, cross_entropy, random_run
-from dicekern.objectives.torch_func import NodeObjective
+from dicekern.curvature.torch_func import TorchFuncBackend
 
 
 class CountedRounds(Mapping):
@@ -94,7 +94,7 @@ def test_last_layer_takes_the_head_name_from_the_module_tree() -> None:
     run = random_run(5, rounds=3, seed=31)
     named = nn.Sequential(OrderedDict(body=nn.Linear(3, 4), act=nn.Tanh(), head=nn.Linear(4, 3)))
     rounds = {t: run.trajectory[t] for t in run.trajectory.steps}  # same flat layout: body = 0, head = 2
-    traj = dk.Trajectory(NodeObjective(named, cross_entropy), rounds, run.trajectory.optimizer)
+    traj = dk.Trajectory(TorchFuncBackend(named, cross_entropy), rounds, run.trajectory.optimizer)
     head_traj, head_test = dk.last_layer(traj, run.test)
     index_traj, index_test = dk.last_layer(run.trajectory, run.test)
     assert head_traj.objective.layout.names == ("weight", "bias")

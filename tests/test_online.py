@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import dicekern as dk
+from dicekern.engine.ledger import LedgerState
 from conftest import TOL, assert_close
-from dicekern.engine.builder import build_chain
+from dicekern.engine.plan import build_chain
 
 HOPS = 2
 
@@ -94,7 +95,7 @@ def test_a_stopped_run_resumes_with_identical_totals(run, tmp_path) -> None:
     assert picture.stat().st_size > 0
 
 
-def assert_same_state(got: dk.online.LedgerState, expected: dk.online.LedgerState) -> None:
+def assert_same_state(got: LedgerState, expected: LedgerState) -> None:
     """Every field of two ledger states equal, tensors bitwise."""
     same = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
     for name in vars(expected):

@@ -144,7 +144,7 @@ def test_conventions_of_the_sgd_analysis_are_refused_with_state() -> None:
         with pytest.raises(ValueError, match=f"{option}='{value}' .*SGD without momentum"):
             dk.dice_e(run.trajectory, STEP, run.test, 1, **{option: value})
     with pytest.raises(ValueError, match="walk reference evaluates the paper's plain-SGD walks"):
-        dk.reference.dice_e_walks(run.trajectory, STEP, 0, run.test, 1)
+        dk.walks.dice_e_walks(run.trajectory, STEP, 0, run.test, 1)
     weight_decay = recorded_run("weight-decay", 3, 2)  # stateless: both conventions apply
     dk.dice_e(weight_decay.trajectory, STEP, weight_decay.test, 2, curvature_at="receiver", direct="paper")
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import dicekern as dk
+from dicekern.core.extras import MissingExtra
 
 OPTIONAL = ("networkx", "sklearn", "scipy", "matplotlib", "triton")
 
@@ -34,20 +35,20 @@ def test_importing_dicekern_and_scoring_a_run_import_no_optional_package() -> No
 def test_a_missing_package_names_the_extra_that_installs_it(monkeypatch) -> None:
     run = dk.examples.digits_run(num_nodes=3, rounds=2, batch_size=4)
     monkeypatch.setitem(sys.modules, "networkx", None)  # as if not installed
-    with pytest.raises(dk.extras.MissingExtra, match=r"dk.topology needs networkx: pip install 'dicekern\[apps\]'"):
+    with pytest.raises(MissingExtra, match=r"dk.topology needs networkx: pip install 'dicekern\[apps\]'"):
         dk.topology.ring(4)
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
-    with pytest.raises(dk.extras.MissingExtra, match=r"a progress bar needs tqdm: pip install 'dicekern\[apps\]'"):
+    with pytest.raises(MissingExtra, match=r"a progress bar needs tqdm: pip install 'dicekern\[apps\]'"):
         dk.dice_gt_samples(run.trajectory, 0, run.test, 1, progress=True)
     assert dk.dice_gt_samples(run.trajectory, 0, run.test, 1).shape == (3, 4)  # no bar, no tqdm
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else real(name, *args))
-    with pytest.raises(dk.extras.MissingExtra, match=r"backend 'triton' needs triton: pip install 'dicekern\[triton\]'"):
+    with pytest.raises(MissingExtra, match=r"backend 'triton' needs triton: pip install 'dicekern\[triton\]'"):
         dk.dice_e(run.trajectory, 0, run.test, 1, backend="triton")
 
 
 def test_the_command_line_reports_a_missing_package_without_a_traceback(tmp_path, monkeypatch, capsys) -> None:
-    from dicekern import cli
+    from dicekern.apps import cli
 
     monkeypatch.setitem(sys.modules, "sklearn", None)  # the bundled digits need scikit-learn
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

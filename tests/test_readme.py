@@ -56,7 +56,7 @@ def test_readme_your_own_run_section_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     scope = run_block(2)
     loaded = dk.Trajectory.load("out/my_run")
-    assert loaded.description.model == "dicekern.examples:mlp" and loaded.description.metadata["data"] == "sklearn digits"
+    assert loaded.description.model == "dicekern.apps.examples:mlp" and loaded.description.metadata["data"] == "sklearn digits"
     torch.testing.assert_close(scope["scores"], dk.dice_e(scope["run"].trajectory, 2, scope["run"].test, 2), rtol=0, atol=0)
     commands = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
     assert len(commands) == 1

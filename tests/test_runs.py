@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import dicekern as dk
 import run_factories
 from conftest import TOL, assert_close, random_run
-from dicekern.cli import main
+from dicekern.apps.cli import main
 from test_plots import is_png
 
 TESTS = Path(__file__).resolve().parent
@@ -289,7 +289,7 @@ def test_cascade_and_validate_default_to_the_first_round_that_fits(saved, tmp_pa
 
 def test_checking_windows_of_a_saved_run_reads_no_round(saved, monkeypatch) -> None:
     """dicekern score checks every round it will score before any work, from the manifest alone."""
-    from dicekern import storage
+    from dicekern.record import storage
 
     _, path, _ = saved
     reads = []

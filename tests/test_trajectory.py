@@ -71,7 +71,7 @@ def test_verify_measures_against_the_update(make, lr, name, dtype) -> None:
 
 
 def test_record_replays_the_first_two_transitions_then_one_in_thirty_two(monkeypatch) -> None:
-    import dicekern.trajectory as trajectory
+    import dicekern.record.trajectory as trajectory
 
     run = random_run(3, rounds=40, seed=6)
     replayed = []

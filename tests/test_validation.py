@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-import dicekern.distributed  # noqa: F401  (dk.distributed)
+import dicekern.distributed as dkd
 from conftest import cross_entropy, random_run
 
 
@@ -109,7 +109,7 @@ def test_queries_reject_bad_arguments(run) -> None:
     with pytest.raises(ValueError, match="curvature_at must be one of"):
         dk.cascade(traj, 0, 0, test, 1, curvature_at="both")
     with pytest.raises(ValueError, match="direct must be one of"):
-        dk.reference.dice_e_walks(traj, 0, 0, test, 1, direct="theta_t")
+        dk.walks.dice_e_walks(traj, 0, 0, test, 1, direct="theta_t")
     with pytest.raises(ValueError, match="backend must be one of"):
         dk.dice_e(traj, 0, test, 1, backend="cuda")
     with pytest.raises(ValueError, match="round 9 is not in the trajectory"):
@@ -177,9 +177,9 @@ def test_the_smaller_cases(run, tmp_path) -> None:
         with pytest.raises(ValueError, match="chunk_size must be >= 1"):
             dk.dice_gt_samples(traj, 0, test, 1, chunk_size=bad)
     with pytest.raises(ValueError, match="rank must be in \\[0, 4\\), got 4"):
-        dk.distributed.node_block(8, 4, 4)
+        dkd.node_block(8, 4, 4)
     with pytest.raises(ValueError, match="rank must be >= 0"):
-        dk.distributed.node_block(8, -1, 4)
+        dkd.node_block(8, -1, 4)
     with pytest.raises(ValueError, match="rtol must be a positive number"):
         traj.verify(rtol=-1)
     with pytest.raises(ValueError, match="round 4 is missing .* needs rounds 1..10000001"):

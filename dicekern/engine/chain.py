@@ -17,7 +17,7 @@ from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
 from dicekern.engine.mixing import Mixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
-from dicekern.rounds import Round
+from dicekern.record.rounds import Round
 
 BATCHED_TEST_GRADS_MAX_ELEMENTS = 1 << 20  # (hops+1) N O D below this: every hop's test gradients in one call
 INFLUENCE_CHUNK_BYTES = 16 << 20  # chain vectors of one chunk of sources in influence_matrix

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dicekern.objectives.torch_func import Curvature, NodeObjective, mean_weights
-from dicekern.restrict import PerNodeTest
+from dicekern.curvature.torch_func import Curvature, TorchFuncBackend, mean_weights
+from dicekern.engine.last_layer import PerNodeTest
 
 
 class SharedTestSet:
@@ -21,7 +21,7 @@ class SharedTestSet:
 
     cacheable = True  # a round's mean-loss gradients are the same in every window that reads them
 
-    def __init__(self, objective: NodeObjective, test: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, objective: TorchFuncBackend, test: tuple[torch.Tensor, torch.Tensor]):
         self.objective, self.test = objective, test
         self.points = len(test[0])  # M
 
@@ -44,7 +44,7 @@ class PerNodeTestSet:
 
     cacheable = False
 
-    def __init__(self, objective: NodeObjective, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
+    def __init__(self, objective: TorchFuncBackend, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
         self.objective, self.targets = objective, test.targets
         self.features = test.rows(steps, like)  # (hops+1, N, M, F)
         self.points = len(test.targets)  # M

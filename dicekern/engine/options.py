@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from dicekern.bindings.dispatch import BACKENDS
-from dicekern.checks import check_choice, check_q
+from dicekern.core.checks import check_choice, check_q
 
 CURVATURES = ("exact", "ggn", "none")
 CURVATURE_AT = ("sender", "receiver")

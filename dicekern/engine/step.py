@@ -12,32 +12,8 @@ from functools import cached_property
 
 import torch
 
-from dicekern.objectives.torch_func import Curvature, NodeObjective, mean_weights
-from dicekern.optim import OptimizerSpec, State
-
-
-def local_update(
-    objective: NodeObjective, optimizer: OptimizerSpec, thetas: torch.Tensor, state: State, inputs: torch.Tensor,
-    targets: torch.Tensor, lr: torch.Tensor, weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, State]:
-    """(theta^{t+1/2} (N, D), state^{t+1}) of every node's optimizer step on sum_b weights[k, b] loss_b.
-
-    weights (N, B) default to 1/B (the batch mean); a zero drops a sample but keeps B.
-    """
-    if weights is None:
-        weights = mean_weights(inputs.shape[:2], thetas)
-    return optimizer.update(thetas, state, objective.node_grads(thetas, inputs, targets, weights), lr)
-
-
-def gossip_round(
-    objective: NodeObjective, optimizer: OptimizerSpec, thetas: torch.Tensor, state: State, inputs: torch.Tensor,
-    targets: torch.Tensor, lr: torch.Tensor, mixing: torch.Tensor, weights: torch.Tensor | None = None, *, mix_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, State]:
-    """One round of adapt-then-combine: (theta^{t+1/2}, theta^{t+1}, state^{t+1}); thetas (N, D)."""
-    half, state = local_update(objective, optimizer, thetas, state, inputs, targets, lr, weights)
-    if mix_state:
-        state = {name: mixing @ value if name in optimizer.state_blocks else value for name, value in state.items()}
-    return half, mixing @ half, state
+from dicekern.curvature.torch_func import Curvature, TorchFuncBackend, mean_weights
+from dicekern.core.optim import OptimizerSpec, State
 
 
 class LocalStep:
@@ -51,7 +27,7 @@ class LocalStep:
     """
 
     def __init__(
-        self, objective: NodeObjective, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
+        self, objective: TorchFuncBackend, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
         targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: Curvature,
     ):
         self.objective, self.optimizer, self.curvature = objective, optimizer, curvature

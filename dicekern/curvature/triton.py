@@ -11,13 +11,13 @@ from torch import nn
 from dicekern.bindings.mlp import CURVATURE_MODES, mlp_node
 from dicekern.bindings.plan import mlp_plan
 from dicekern.kernels import codes
-from dicekern.objectives.torch_func import Curvature, LossFn, NodeObjective, mean_weights
+from dicekern.curvature.torch_func import Curvature, LossFn, TorchFuncBackend, mean_weights
 
 
-class MLPKernelObjective(NodeObjective):
+class TritonBackend(TorchFuncBackend):
     """Gradients, curvature products and per-sample dots of an MLP the kernels cover, computed by them.
 
-    Same interface and results as :class:`NodeObjective`. Shapes: inputs (N, B, F) (flattened
+    Same interface and results as :class:`TorchFuncBackend`. Shapes: inputs (N, B, F) (flattened
     when the model starts with nn.Flatten), targets (N, B) (or (N, B, K) for squared_error).
     """
 

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dicekern import extras, topology
-from dicekern.losses import softmax_cross_entropy
-from dicekern.checks import check_choice, check_int
-from dicekern.description import rebuildable
-from dicekern.engine.step import gossip_round
-from dicekern.optim import SGD, Adam, OptimizerSpec
-from dicekern.trajectory import Recorder, Trajectory
+from dicekern.core import extras, topology
+from dicekern.core.losses import softmax_cross_entropy
+from dicekern.core.checks import check_choice, check_int
+from dicekern.record.description import rebuildable
+from dicekern.curvature.round import gossip_round
+from dicekern.core.optim import SGD, Adam, OptimizerSpec
+from dicekern.record.trajectory import Recorder, Trajectory
 
 TEST_SIZE = 200  # held-out digits of the bundled run's test objective
 

@@ -13,7 +13,7 @@ import torch
 from torch.func import vmap
 
 from dicekern.engine.step import LocalStep
-from dicekern.trajectory import Trajectory
+from dicekern.record.trajectory import Trajectory
 
 
 def _rounds(traj: Trajectory, steps: Sequence[int]) -> list:

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicekern import analysis, examples, extras, plots, report
-from dicekern.checks import check_node
-from dicekern.demo import DemoConfig, run_demo
-from dicekern.ground_truth import dice_gt_samples
-from dicekern.influence import cascade, dice_e, influence_matrix
-from dicekern.report import write_csv, write_json
-from dicekern.storage import read_test_set
-from dicekern.trajectory import Trajectory
+from dicekern.apps import analysis, examples, plots, report
+from dicekern.core import extras
+from dicekern.core.checks import check_node
+from dicekern.apps.demo import DemoConfig, run_demo
+from dicekern.truth.ground_truth import dice_gt_samples
+from dicekern.engine.queries import cascade, dice_e, influence_matrix
+from dicekern.apps.report import write_csv, write_json
+from dicekern.record.storage import read_test_set
+from dicekern.record.trajectory import Trajectory
 
 TRUST = (
     "RUN_DIR is a folder written by Trajectory.save with a dk.RunDescription. Loading it imports the "

@@ -1,6 +1,6 @@
 """One process per node: a gossip trainer on torch.distributed that records with dicekern.
 
-    torchrun --standalone --nproc-per-node 4 -m dicekern.gossip_torchrun --rounds 12 --hops 3
+    torchrun --standalone --nproc-per-node 4 -m dicekern.apps.torchrun --rounds 12 --hops 3
 
 Every rank is one node with its own non-IID share of the digits. Each round it records its model
 (one row), its batch, lr and W into a DistributedOnlineDICE ledger, takes an SGD step on its own
@@ -17,12 +17,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dicekern import examples, topology
+from dicekern.apps import examples
+from dicekern.core import topology
 from dicekern.distributed import BlockMixer, DistributedOnlineDICE, node_block
-from dicekern.losses import softmax_cross_entropy
-from dicekern.engine.step import local_update
-from dicekern.objectives.torch_func import NodeObjective
-from dicekern.optim import SGD
+from dicekern.core.losses import softmax_cross_entropy
+from dicekern.curvature.round import local_update
+from dicekern.curvature.torch_func import TorchFuncBackend
+from dicekern.core.optim import SGD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         test = (x_all[test_indices], y_all[test_indices])
         torch.manual_seed(0)  # the same initial model on every node
         model = examples.mlp().double()
-        objective = NodeObjective(model, softmax_cross_entropy)
+        objective = TorchFuncBackend(model, softmax_cross_entropy)
         theta = objective.layout.flatten({k: p.detach()[None] for k, p in model.named_parameters()})  # (1, D): this node
         W = topology.exponential(n)
         gossip = BlockMixer([W], [node_block(n, r, n) for r in range(n)], rank)

@@ -1,7 +1,7 @@
-"""Recording a gossip training run: what DICE needs of every round (``dicekern.rounds``), and nothing more.
+"""Recording a gossip training run: what DICE needs of every round (``dicekern.record.rounds``), and nothing more.
 
 The recorder checks that recorded rounds follow from each other under the declared optimizer; a
-Trajectory is the recorded rounds of one run, in memory or read lazily from disk (``dicekern.storage``).
+Trajectory is the recorded rounds of one run, in memory or read lazily from disk (``dicekern.record.storage``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dicekern import storage
-from dicekern.checks import check_choice, check_int
-from dicekern.description import RunDescription, check_describes, described
-from dicekern.engine.step import local_update
-from dicekern.objectives.torch_func import LossFn, NodeObjective
-from dicekern.optim import SGD, OptimizerSpec, spec_of
-from dicekern.rounds import BatchLayout, LazyRounds, Round, check_round
+from dicekern.record import storage
+from dicekern.core.checks import check_choice, check_int
+from dicekern.record.description import RunDescription, check_describes, described
+from dicekern.curvature.round import local_update
+from dicekern.curvature.torch_func import LossFn, TorchFuncBackend
+from dicekern.core.optim import SGD, OptimizerSpec, spec_of
+from dicekern.record.rounds import BatchLayout, LazyRounds, Round, check_round
 
 
 REPLAY_CHECKS = ("sampled", "every", "off")
@@ -81,7 +81,7 @@ def default_rtol(dtype: torch.dtype) -> float:
 
 
 def replay_mismatch(
-    objective: NodeObjective, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, rtol: float, mix=None,
+    objective: TorchFuncBackend, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, rtol: float, mix=None,
 ) -> Mismatch:
     """The worst :class:`Mismatch` of round ``following`` (t+1) against the replay of round ``rnd`` (t).
 
@@ -131,7 +131,7 @@ class Trajectory:
     """
 
     def __init__(
-        self, objective: NodeObjective, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *,
+        self, objective: TorchFuncBackend, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *,
         mix_state: bool = False, layout: BatchLayout | None = None, description: RunDescription | None = None,
         saved_as: dict | None = None,
     ):
@@ -248,7 +248,7 @@ class Trajectory:
         return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol, worst.excess)
 
     def save(self, directory: str | os.PathLike, *, description: RunDescription | None = None) -> None:
-        """Write every round as safetensors plus a checksummed manifest (see dicekern.storage),
+        """Write every round as safetensors plus a checksummed manifest (see dicekern.record.storage),
         published whole or not at all.
 
         Args:
@@ -263,7 +263,7 @@ class Trajectory:
         device: torch.device | str = "cpu", cache_rounds: int = 8,
     ) -> Trajectory:
         """Open a saved run lazily. A run saved with a :class:`dk.RunDescription` rebuilds its model
-        and loss by importing them (never unpickling; see ``dicekern.description`` for what that
+        and loss by importing them (never unpickling; see ``dicekern.record.description`` for what that
         trusts); otherwise, or to override them, pass the model and loss it was recorded with.
 
         Raises:
@@ -274,7 +274,7 @@ class Trajectory:
             >>> import tempfile, dicekern as dk
             >>> run = dk.examples.digits_run(num_nodes=4, rounds=2, batch_size=3)
             >>> folder = tempfile.mkdtemp()
-            >>> run.trajectory.save(folder, description=dk.RunDescription("dicekern.examples:mlp"))
+            >>> run.trajectory.save(folder, description=dk.RunDescription("dicekern.apps.examples:mlp"))
             >>> dk.Trajectory.load(folder).steps
             (0, 1, 2)
         """
@@ -282,7 +282,7 @@ class Trajectory:
 
     @classmethod
     def of_saved(cls, run: storage.SavedRun) -> Trajectory:
-        """The trajectory of a run opened from disk (``dicekern.storage``); its rounds are read lazily."""
+        """The trajectory of a run opened from disk (``dicekern.record.storage``); its rounds are read lazily."""
         return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, description=run.description, saved_as=run.saved_as)
 
     def _describe_steps(self) -> str:
@@ -335,7 +335,7 @@ class Recorder:
         window: int | None = None, total_nodes: int | None = None, replay_check: str = "sampled",
         description: RunDescription | None = None,
     ):
-        self.objective = NodeObjective(model, loss_fn)
+        self.objective = TorchFuncBackend(model, loss_fn)
         self.description = described(description, self.objective)
         self.optimizer = SGD() if optimizer is None else spec_of(optimizer)
         if not isinstance(mix_state, bool):

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dicekern.checks import as_tensor, check_mixing
+from dicekern.core.checks import as_tensor, check_mixing
 
 
 def from_bluefog_matrix(W_src_dst: object) -> torch.Tensor:

@@ -6,16 +6,16 @@ import torch
 from torch import nn
 
 from dicekern.bindings.dispatch import kernels_cover, resolve_backend
-from dicekern.checks import check_node_weights, check_test
+from dicekern.core.checks import check_node_weights, check_test
 from dicekern.engine.chain import Chain
 from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
 from dicekern.engine.mixing import Mixer, TorchMixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
-from dicekern.objectives.closed_form import ClosedFormObjective, unsupported_reason
-from dicekern.optim import OptimizerSpec
-from dicekern.restrict import PerNodeTest
-from dicekern.trajectory import Trajectory
+from dicekern.curvature.closed_form import ClosedFormBackend, unsupported_reason
+from dicekern.core.optim import OptimizerSpec
+from dicekern.engine.last_layer import PerNodeTest
+from dicekern.record.trajectory import Trajectory
 
 
 def closed_form_reason(traj: Trajectory) -> str | None:
@@ -99,15 +99,15 @@ def build_chain(
     engine = engine_of(traj, options.backend)
     kernels = engine == "triton"
     stepping = rounds[: max(hops, 1)]
-    objective = ClosedFormObjective(model, loss_fn) if closed_form and engine != "torch" else traj.objective
+    objective = ClosedFormBackend(model, loss_fn) if closed_form and engine != "torch" else traj.objective
     if kernels:
         # imported only here: triton must not load before the user can choose its interpreter
         from dicekern.bindings.gossip_mix import ColumnMixer
-        from dicekern.objectives.kernel import MLPKernelObjective
+        from dicekern.curvature.triton import TritonBackend
 
         mixer = mixer or ColumnMixer([rnd.W for rnd in stepping])
         if covered:
-            objective = MLPKernelObjective(model, loss_fn)
+            objective = TritonBackend(model, loss_fn)
     mixer = mixer or TorchMixer([rnd.W for rnd in stepping])
     steps = [LocalStep(objective, traj.optimizer, r.params, r.inputs, r.targets, r.lr, r.state, options.curvature) for r in stepping]
     if isinstance(test, PerNodeTest):

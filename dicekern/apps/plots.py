@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dicekern import extras
-from dicekern.analysis import agreement
-from dicekern.checks import as_tensor, check_node
-from dicekern.snapshots import replace_file
+from dicekern.core import extras
+from dicekern.apps.analysis import agreement
+from dicekern.core.checks import as_tensor, check_node
+from dicekern.core.snapshots import replace_file
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -289,7 +289,7 @@ def _layout(graph: nx.Graph) -> dict[int, np.ndarray]:
 def _torus_cells(graph: nx.Graph) -> dict[int, tuple[int, int]] | None:
     """(row, col) of each node when graph is a rows x cols torus with rows, cols >= 3, else None.
 
-    Nodes numbered row by row (as :func:`dicekern.topology.torus` does) keep that order; others
+    Nodes numbered row by row (as :func:`dicekern.core.topology.torus` does) keep that order; others
     take the cells of any isomorphism.
     """
     nx = _networkx()

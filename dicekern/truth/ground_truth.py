@@ -8,12 +8,12 @@ from functools import partial
 import torch
 from torch.func import vmap
 
-from dicekern import extras
-from dicekern.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
-from dicekern.engine.step import gossip_round
-from dicekern.objectives.torch_func import mean_weights
-from dicekern.rounds import Round
-from dicekern.trajectory import Trajectory
+from dicekern.core import extras
+from dicekern.core.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
+from dicekern.curvature.round import gossip_round
+from dicekern.curvature.torch_func import mean_weights
+from dicekern.record.rounds import Round
+from dicekern.record.trajectory import Trajectory
 
 
 def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:

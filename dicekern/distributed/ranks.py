@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dicekern.checks import check_flag, check_int, check_node, check_samples
-from dicekern.engine.builder import build_chain
+from dicekern.core.checks import check_flag, check_int, check_node, check_samples
+from dicekern.engine.plan import build_chain
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
-from dicekern.objectives.torch_func import LossFn
-from dicekern.online import OnlineDICE, test_digest
-from dicekern.rounds import Round
-from dicekern.trajectory import Mismatch, Recorder, Trajectory, replay_mismatch
+from dicekern.curvature.torch_func import LossFn
+from dicekern.engine.ledger import OnlineDICE, test_digest
+from dicekern.record.rounds import Round
+from dicekern.record.trajectory import Mismatch, Recorder, Trajectory, replay_mismatch
 
 
 def node_block(num_nodes: int, rank: int, world_size: int) -> range:

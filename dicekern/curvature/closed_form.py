@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dicekern.losses import ClosedFormLoss
-from dicekern.objectives.torch_func import Curvature, LossFn, NodeObjective, mean_weights
+from dicekern.core.losses import ClosedFormLoss
+from dicekern.curvature.torch_func import Curvature, LossFn, TorchFuncBackend, mean_weights
 
 ACTIVATIONS = (nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity)
 
@@ -59,7 +59,7 @@ def unsupported_reason(model: nn.Module, loss_fn: object) -> str | None:
     return None
 
 
-def _layers(model: nn.Module, objective: NodeObjective) -> list[Layer]:
+def _layers(model: nn.Module, objective: TorchFuncBackend) -> list[Layer]:
     columns = dict(objective.layout.slices())
     modules = [("", model)] if isinstance(model, nn.Linear) else list(model.named_children())
     layers = []
@@ -129,10 +129,10 @@ def _outer(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return gw.view(*lead, out, -1)
 
 
-class ClosedFormObjective(NodeObjective):
+class ClosedFormBackend(TorchFuncBackend):
     """Gradients, exact Hessian and Gauss-Newton products and per-sample dots of an MLP, in closed form.
 
-    Same interface and results as :class:`NodeObjective` (the torch.func reference).
+    Same interface and results as :class:`TorchFuncBackend` (the torch.func reference).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
@@ -245,7 +245,7 @@ class ClosedFormObjective(NodeObjective):
             return s * (1 - s) * u
         return 2 * u / outputs.shape[-1]
 
-    # ---- the NodeObjective interface ----
+    # ---- the TorchFuncBackend interface ----
 
     def node_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         params = self._params(thetas)

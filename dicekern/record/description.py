@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicekern import losses
-from dicekern.losses import ClosedFormLoss
-from dicekern.objectives.torch_func import NodeObjective
+from dicekern.core import losses
+from dicekern.core.losses import ClosedFormLoss
+from dicekern.curvature.torch_func import TorchFuncBackend
 
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 LOSS_NAMES = {loss.kind: loss for loss in (losses.softmax_cross_entropy, losses.binary_logistic, losses.squared_error)}
@@ -111,7 +111,7 @@ class RunDescription:
 
     Example:
         >>> import dicekern as dk
-        >>> description = dk.RunDescription("dicekern.examples:mlp", {"hidden": 32}, metadata={"seed": 0})
+        >>> description = dk.RunDescription("dicekern.apps.examples:mlp", {"hidden": 32}, metadata={"seed": 0})
         >>> description.build_model()[0].out_features
         32
     """
@@ -169,10 +169,10 @@ class RunDescription:
             raise ValueError(f"{where}: field 'description': {error}") from None
 
 
-def check_describes(description: RunDescription, objective: NodeObjective, theta: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> None:
+def check_describes(description: RunDescription, objective: TorchFuncBackend, theta: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> None:
     """The description rebuilds this objective's model (same parameters; same outputs at theta (D,)
     on inputs (B, ...) when given) and its loss; a ValueError naming the difference otherwise."""
-    built = NodeObjective(description.build_model(), objective.loss_fn)
+    built = TorchFuncBackend(description.build_model(), objective.loss_fn)
     expected, found = list(zip(objective.layout.names, objective.layout.shapes)), list(zip(built.layout.names, built.layout.shapes))
     if found != expected:
         raise ValueError(f"model factory {description.model!r} builds parameters {found}, but the run's model has {expected}")
@@ -185,7 +185,7 @@ def check_describes(description: RunDescription, objective: NodeObjective, theta
         raise ValueError(f"the description names the loss {description.loss!r}, which is not the run's loss {objective.loss_fn!r}")
 
 
-def described(description: object, objective: NodeObjective) -> RunDescription | None:
+def described(description: object, objective: TorchFuncBackend) -> RunDescription | None:
     """description checked against objective's parameters, its loss named when that is a ``dk.losses`` loss."""
     if description is None:
         return None

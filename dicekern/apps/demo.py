@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from dicekern import examples, plots, reference
-from dicekern.analysis import pearson, relative_error
-from dicekern.ground_truth import dice_gt_samples
-from dicekern.influence import cascade, dice_e
-from dicekern.restrict import last_layer
-from dicekern.report import describe_optimizer, run_metadata, write_json
+from dicekern.apps import examples, plots
+from dicekern.truth import walks
+from dicekern.apps.analysis import pearson, relative_error
+from dicekern.truth.ground_truth import dice_gt_samples
+from dicekern.engine.queries import cascade, dice_e
+from dicekern.engine.last_layer import last_layer
+from dicekern.apps.report import describe_optimizer, run_metadata, write_json
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def run_demo(
     flow, t_cascade = _timed(lambda: cascade(traj, step, source, test, hops))
     walk_error, t_walks = None, None  # the paper's walks are those of plain SGD
     if traj.optimizer.is_plain_sgd:
-        walks, t_walks = _timed(lambda: reference.dice_e_walks(traj, step, source, test, hops))
-        walk_error = relative_error(flow, walks)
+        by_walks, t_walks = _timed(lambda: walks.dice_e_walks(traj, step, source, test, hops))
+        walk_error = relative_error(flow, by_walks)
     head_traj, head_test = last_layer(traj, test)
     head_scores, t_head = _timed(lambda: dice_e(head_traj, step, head_test, hops))  # (N, B)
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dicekern import extras
-from dicekern.checks import check_choice, check_int
+from dicekern.core import extras
+from dicekern.core.checks import check_choice, check_int
 
 if TYPE_CHECKING:
     import networkx as nx

@@ -2,7 +2,7 @@
 
 Memory stays bounded by hops + 1 rounds whatever the run length: rounds leave the recorder once
 scored, and each round's test gradients are computed once and reused by every window that needs
-them. Checkpoints are crash-safe folders (``dicekern.snapshots``): a save is published whole or
+them. Checkpoints are crash-safe folders (``dicekern.core.snapshots``): a save is published whole or
 not at all, and a load checks that every part belongs to the same save.
 """
 
@@ -21,15 +21,15 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from dicekern.checks import as_tensor, check_flag, check_int, check_test
-from dicekern.engine.builder import build_chain, check_query
+from dicekern.core.checks import as_tensor, check_flag, check_int, check_test
+from dicekern.engine.plan import build_chain, check_query
 from dicekern.engine.chain import Chain
 from dicekern.engine.options import DiceOptions
-from dicekern.objectives.torch_func import LossFn
-from dicekern.optim import spec_from_dict
-from dicekern.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
-from dicekern.storage import MANIFEST, read_run, write_run
-from dicekern.trajectory import Recorder, Trajectory
+from dicekern.curvature.torch_func import LossFn
+from dicekern.core.optim import spec_from_dict
+from dicekern.core.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
+from dicekern.record.storage import MANIFEST, read_run, write_run
+from dicekern.record.trajectory import Recorder, Trajectory
 
 LEDGER = "ledger.json"
 TEST_GRADS = "test_grads.safetensors"
@@ -39,7 +39,7 @@ READABLE_LEDGER_VERSIONS = (2, 3)
 
 
 class ChainFactory(Protocol):
-    """Builds the chain that scores round ``step`` (``dicekern.engine.builder.build_chain`` in one
+    """Builds the chain that scores round ``step`` (``dicekern.engine.plan.build_chain`` in one
     process); ``test_grad_cache`` is the ledger's step -> (N, D) test-gradient cache to share."""
 
     def __call__(
@@ -191,7 +191,7 @@ class OnlineDICE:
         else:
             _check_recorder(recorder, model, loss_fn, self.hops)
         if not callable(chains):
-            raise TypeError(f"chains must be a chain factory such as dicekern.engine.builder.build_chain, got {type(chains).__name__}")
+            raise TypeError(f"chains must be a chain factory such as dicekern.engine.plan.build_chain, got {type(chains).__name__}")
         self.recorder = recorder
         self.chains = chains
         self.state = LedgerState()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from dicekern.checks import check_finite_result, check_flag, check_node, check_samples
-from dicekern.engine.builder import build_chain
+from dicekern.core.checks import check_finite_result, check_flag, check_node, check_samples
+from dicekern.engine.plan import build_chain
 from dicekern.engine.options import DiceOptions
-from dicekern.restrict import PerNodeTest
-from dicekern.trajectory import Trajectory
+from dicekern.engine.last_layer import PerNodeTest
+from dicekern.record.trajectory import Trajectory
 
 
 def dice_e(

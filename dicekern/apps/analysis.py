@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicekern import extras
-from dicekern.baselines import NODE_BASELINES
-from dicekern.checks import check_int, check_node
+from dicekern.core import extras
+from dicekern.apps.baselines import NODE_BASELINES
+from dicekern.core.checks import check_int, check_node
 from dicekern.engine.options import DiceOptions
-from dicekern.examples import digits_run
-from dicekern.influence import influence_matrix
-from dicekern.trajectory import Trajectory
+from dicekern.apps.examples import digits_run
+from dicekern.engine.queries import influence_matrix
+from dicekern.record.trajectory import Trajectory
 
 
 def pearson(estimate: torch.Tensor, truth: torch.Tensor) -> float:

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dicekern.checks import check_finite, check_test
-from dicekern.objectives.torch_func import NodeObjective
-from dicekern.rounds import LazyRounds, Round, check_round
-from dicekern.trajectory import Trajectory
+from dicekern.core.checks import check_finite, check_test
+from dicekern.curvature.torch_func import TorchFuncBackend
+from dicekern.record.rounds import LazyRounds, Round, check_round
+from dicekern.record.trajectory import Trajectory
 
 CACHE_ROUNDS = 8  # derived rounds (or test features) kept in memory, the least recently used dropped first
 
@@ -96,7 +96,7 @@ def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tup
         raise ValueError("the trajectory is empty: record at least one round")
     # PerNodeTest holds its targets, so the test takes the run's dtype and device now: one round's params
     x_test, y_test = check_test(test, traj[traj.steps[0]].params)
-    head_objective = NodeObjective(head, traj.objective.loss_fn)
+    head_objective = TorchFuncBackend(head, traj.objective.loss_fn)
     columns = torch.cat([torch.arange(c.start, c.stop) for name, c in layout.slices() if name.startswith(prefix)])
     blocks = traj.optimizer.state_blocks
 

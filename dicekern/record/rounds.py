@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dicekern.checks import check_batch, check_finite, check_mixing
-from dicekern.losses import ClosedFormLoss
-from dicekern.objectives.torch_func import NodeObjective
-from dicekern.optim import OptimizerSpec, State, check_lr
+from dicekern.core.checks import check_batch, check_finite, check_mixing
+from dicekern.core.losses import ClosedFormLoss
+from dicekern.curvature.torch_func import TorchFuncBackend
+from dicekern.core.optim import OptimizerSpec, State, check_lr
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BatchLayout:
     outputs: int
 
     @classmethod
-    def of(cls, objective: NodeObjective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> BatchLayout:
+    def of(cls, objective: TorchFuncBackend, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> BatchLayout:
         """From one node's batch x (B, ...), y (B, ...) and its params theta (D,): one forward of one sample."""
         try:
             out = objective.outputs(theta, x[:1])

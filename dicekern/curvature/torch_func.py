@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from dicekern.layout import ParamLayout
+from dicekern.core.layout import ParamLayout
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Curvature = Literal["exact", "ggn", "none"]
@@ -47,7 +47,7 @@ def check_replayable_model(model: nn.Module) -> None:
         )
 
 
-class NodeObjective:
+class TorchFuncBackend:
     """The losses of one architecture evaluated at many parameter vectors at once.
 
     Args:

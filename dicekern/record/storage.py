@@ -1,5 +1,5 @@
 """Trajectories on disk: one safetensors file per round and a JSON manifest with their checksums,
-inside a crash-safe folder (``dicekern.snapshots``).
+inside a crash-safe folder (``dicekern.core.snapshots``).
 
 A save is published whole or not at all. A load trusts nothing it reads: the manifest is
 checksummed by the folder's pointer and validated field by field, file names must be plain names
@@ -17,22 +17,37 @@ import re
 from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from dicekern.checks import check_int
-from dicekern.description import RunDescription, check_describes, described
-from dicekern.objectives.torch_func import LossFn, NodeObjective
-from dicekern.optim import OptimizerSpec, spec_from_dict
-from dicekern.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
-from dicekern.rounds import BatchLayout, LazyRounds, Round, check_round
+from dicekern.core.checks import check_int
+from dicekern.record.description import RunDescription, check_describes, described
+from dicekern.curvature.torch_func import LossFn, TorchFuncBackend
+from dicekern.core.optim import OptimizerSpec, spec_from_dict
+from dicekern.core.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
+from dicekern.record.rounds import BatchLayout, LazyRounds, Round, check_round
 
-if TYPE_CHECKING:
-    from dicekern.trajectory import Trajectory
+
+
+class RecordedRun(Protocol):
+    """What storage reads of a run to save it (``dk.Trajectory`` is one)."""
+
+    objective: TorchFuncBackend
+    optimizer: OptimizerSpec
+    mix_state: bool
+    description: RunDescription | None
+
+    @property
+    def steps(self) -> tuple[int, ...]: ...
+    @property
+    def num_nodes(self) -> int: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    def __getitem__(self, step: int) -> Round: ...
 
 FORMAT = "dicekern-trajectory"
 VERSION = 4  # 4 added the run's description; version 3 runs (none) still load
@@ -54,7 +69,7 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def write_run(traj: Trajectory, folder: Path, description: RunDescription | None = None) -> str:
+def write_run(traj: RecordedRun, folder: Path, description: RunDescription | None = None) -> str:
     """Write every round of traj and its manifest (with description, default traj's) into the
     (new, empty) folder; returns the manifest's name."""
     description = description or traj.description
@@ -94,7 +109,7 @@ def write_run(traj: Trajectory, folder: Path, description: RunDescription | None
     return MANIFEST
 
 
-def _fingerprint(traj: Trajectory) -> dict | None:
+def _fingerprint(traj: RecordedRun) -> dict | None:
     """Node 0's outputs on the first sample of the first round with a batch: what a rebuilt model
     must reproduce on load, so that a factory changed since the save is caught."""
     step = next((t for t in traj.steps if traj[t].has_batch), None)
@@ -122,7 +137,7 @@ def _check_fingerprint(fingerprint: object, run: SavedRun, where: str) -> None:
                          f"with (node 0, first sample of round {fingerprint['step']}): the factory changed since the save")
 
 
-def save_trajectory(traj: Trajectory, directory: str | os.PathLike, description: RunDescription | None = None) -> None:
+def save_trajectory(traj: RecordedRun, directory: str | os.PathLike, description: RunDescription | None = None) -> None:
     """Publish every recorded round of traj as the new content of directory (created if missing),
     with description (checked against traj's model, loss and first batch) or traj's own."""
     if not traj.steps:
@@ -155,7 +170,7 @@ def parse_description(manifest: dict, where: str) -> RunDescription | None:
     return None if fields is None else RunDescription.from_dict(fields, where)
 
 
-def parse_manifest(manifest: dict, where: str, objective: NodeObjective) -> Manifest:
+def parse_manifest(manifest: dict, where: str, objective: TorchFuncBackend) -> Manifest:
     """Every other field of a manifest's JSON checked, after ``parse_description``; errors are
     ValueErrors that name where and the field."""
 
@@ -242,7 +257,7 @@ class RoundFiles(LazyRounds):
     """step -> Round, read from disk on first access, checked against the manifest and through the
     checks of ``Recorder.record``; the newest ``cache_rounds`` are kept (see LazyRounds)."""
 
-    def __init__(self, root: Path, parts: tuple[str, ...], manifest: Manifest, objective: NodeObjective, device: torch.device, cache_rounds: int):
+    def __init__(self, root: Path, parts: tuple[str, ...], manifest: Manifest, objective: TorchFuncBackend, device: torch.device, cache_rounds: int):
         super().__init__(manifest.rounds, self._read, cache_rounds, has_batch=lambda step: _has_batch(manifest.rounds[step]))
         self._root, self._parts, self._manifest, self._objective = root, parts, manifest, objective
         self._device = device
@@ -278,7 +293,7 @@ class RoundFiles(LazyRounds):
 class SavedRun:
     """A saved run, opened: what a Trajectory is built from (its rounds are read lazily)."""
 
-    objective: NodeObjective
+    objective: TorchFuncBackend
     rounds: RoundFiles
     optimizer: OptimizerSpec
     mix_state: bool
@@ -304,7 +319,7 @@ def read_run(
     model = description.build_model(DTYPES.get(fields.get("dtype"), torch.float32)) if model is None else model
     loss_fn = description.build_loss() if loss_fn is None else loss_fn
     description = None if overridden else description
-    objective = NodeObjective(model, loss_fn)
+    objective = TorchFuncBackend(model, loss_fn)
     manifest = parse_manifest(fields, where, objective)
     rounds = RoundFiles(root, parts, manifest, objective, torch.device(device), cache_rounds)
     run = SavedRun(objective, rounds, manifest.optimizer, manifest.mix_state, description)

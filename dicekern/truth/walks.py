@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from dicekern.checks import check_node, check_node_weights, check_samples, check_test
+from dicekern.core.checks import check_node, check_node_weights, check_samples, check_test
 from dicekern.engine.options import DiceOptions
-from dicekern.objectives.torch_func import Curvature, NodeObjective
-from dicekern.trajectory import Trajectory
+from dicekern.curvature.torch_func import Curvature, TorchFuncBackend
+from dicekern.record.trajectory import Trajectory
 
 
 class _Autograd:
     """Losses, gradients and curvature products of one node's model with torch.autograd."""
 
-    def __init__(self, objective: NodeObjective):
+    def __init__(self, objective: TorchFuncBackend):
         self.model, self.loss_fn, self.layout = objective.model, objective.loss_fn, objective.layout
 
     def outputs(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def dice_e_walks(
     Example:
         >>> import dicekern as dk
         >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
-        >>> dk.reference.dice_e_walks(run.trajectory, 0, 1, run.test, hops=2).shape
+        >>> dk.walks.dice_e_walks(run.trajectory, 0, 1, run.test, hops=2).shape
         torch.Size([3, 4])
     """
     options = DiceOptions.of(options, **option_fields)

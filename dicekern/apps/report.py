@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicekern.description import RunDescription
-from dicekern.optim import OptimizerSpec
-from dicekern.snapshots import replace_file
+from dicekern.record.description import RunDescription
+from dicekern.core.optim import OptimizerSpec
+from dicekern.core.snapshots import replace_file
 
 
 def provenance(command_line: list[str]) -> dict:

@@ -1,9 +1,7 @@
-"""Launchers and dispatch between the Triton kernels and the torch engine (``dicekern.bindings``).
+"""Launchers of the Triton kernels (``dicekern.bindings``): shape, dtype and device checks, output
+buffers, ``torch.library`` registrations.
 
 Installed inside the package: the repository's top-level ``bindings/`` imports as
-``dicekern.bindings``, never as a generic top-level ``bindings``.
+``dicekern.bindings``, never as a generic top-level ``bindings``. May import: ``dicekern.kernels``
+and ``dicekern.core`` only; which models the kernels cover is ``dicekern.curvature.triton``'s question.
 """
-
-from dicekern.bindings.dispatch import BACKENDS, kernels_cover, resolve_backend
-
-__all__ = ["BACKENDS", "kernels_cover", "resolve_backend"]

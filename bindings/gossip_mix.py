@@ -11,7 +11,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from dicekern.bindings.dispatch import check_operand, new_output, require_triton_device
+from dicekern.bindings.launch import check_operand, new_output, require_triton_device
 from dicekern.core.checks import check_mixing
 from dicekern.kernels.gossip_mix import gossip_mix_kernel
 

@@ -39,6 +39,7 @@ from dicekern.record import adapters
 from dicekern.truth import walks
 from dicekern.record.description import RunDescription, rebuildable
 from dicekern.engine.options import DiceOptions
+from dicekern.engine.plan import QueryPlan, plan_query
 from dicekern.truth.ground_truth import dice_gt, dice_gt_samples
 from dicekern.engine.queries import cascade, dice_e, influence_matrix
 from dicekern.engine.ledger import OnlineDICE
@@ -50,6 +51,7 @@ __all__ = [
     "DiceOptions",
     "OnlineDICE",
     "PerNodeTest",
+    "QueryPlan",
     "Recorder",
     "Round",
     "RunDescription",
@@ -67,6 +69,7 @@ __all__ = [
     "last_layer",
     "losses",
     "optim",
+    "plan_query",
     "plots",
     "rebuildable",
     "topology",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dicekern as dk
-from dicekern.bindings.dispatch import kernels_cover
+from dicekern.curvature.triton import mlp_plan
 from conftest import DEVICE, TOL, assert_close, random_mixing, random_run, recast
 from dicekern.curvature.round import gossip_round
 
@@ -142,39 +142,28 @@ def test_mlp_kernels_serve_every_optimizer(optimizer) -> None:
     assert_matches(lambda tr, te, backend: dk.cascade(tr, 0, 2, te, 3, q=q, samples=[0, 6], backend=backend), traj, test)
 
 
-def test_any_model_mixes_with_the_kernel() -> None:
-    """A Softplus MLP has no kernel: backend="triton" still mixes every hop with Triton."""
-    run = random_run(5, rounds=4, seed=8, model=nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 3)))
+def test_triton_refuses_a_model_the_kernels_do_not_cover() -> None:
+    """A Softplus MLP has no kernel: backend="triton" names why instead of running another backend."""
+    run = random_run(5, rounds=4, seed=8, loss_fn=dk.losses.softmax_cross_entropy,
+                     model=nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 3)))
     traj, test = recast(run.trajectory, run.test, torch.float64, DEVICE)
-    for curvature in ("exact", "ggn"):
-        assert_matches(
-            lambda tr, te, backend, kind=curvature: dk.dice_e(tr, 0, te, 3, q=run.q, curvature=kind, per_hop=True, backend=backend),
-            traj, test,
-        )
+    with pytest.raises(ValueError, match="backend='triton' cannot run this query: module 1 is a Softplus"):
+        dk.dice_e(traj, 0, test, 3, backend="triton")
 
 
-def test_auto_takes_triton_only_for_supported_models_on_cuda_that_pass_the_self_check() -> None:
-    from dicekern.bindings import resolve_backend
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_backend("auto", cuda, kernels=True, closed_form=None, validated=lambda: True) == "triton"
-    assert resolve_backend("auto", cuda, kernels=True, closed_form=None, validated=lambda: False) == "closed_form"
-    assert resolve_backend("auto", cuda, kernels=True, closed_form="a reason", validated=lambda: False) == "torch"
-    assert resolve_backend("auto", cuda, kernels=False, closed_form="a reason") == "torch"
-    assert resolve_backend("auto", cpu, kernels=True, closed_form=None) == "closed_form"
-    with pytest.raises(ValueError, match="backend='closed_form' cannot run this model: a reason"):
-        resolve_backend("closed_form", cpu, kernels=False, closed_form="a reason")
-    assert kernels_cover(nn.Linear(3, 2), dk.losses.squared_error)
-    assert kernels_cover(nn.Sequential(nn.Flatten(), nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2)), dk.losses.squared_error)
-    assert not kernels_cover(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
-    assert not kernels_cover(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
-    assert not kernels_cover(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), dk.losses.squared_error)
-    assert not kernels_cover(nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 2)), dk.losses.squared_error)
+def test_the_kernels_cover_mlps_with_one_activation_at_most_256_wide() -> None:
+    covers = lambda model, loss_fn: not isinstance(mlp_plan(model, loss_fn), str)
+    assert covers(nn.Linear(3, 2), dk.losses.squared_error)
+    assert covers(nn.Sequential(nn.Flatten(), nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2)), dk.losses.squared_error)
+    assert not covers(nn.Linear(3, 2), dk.losses.binary_logistic)  # logistic needs one output
+    assert not covers(nn.Linear(3, 2), lambda o, y: (o - y).pow(2).mean(-1))
+    assert not covers(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), dk.losses.squared_error)
+    assert not covers(nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 2)), dk.losses.squared_error)
 
 
 def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatch) -> None:
     """Run here in the interpreter (on CPU tensors): the same check "auto" runs once per CUDA device."""
-    from dicekern.bindings import selfcheck
+    from dicekern.curvature import triton as selfcheck
     from dicekern.curvature.triton import TritonBackend
 
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
@@ -184,7 +173,7 @@ def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatc
     assert selfcheck.kernels_agree(mlp, dk.losses.squared_error, device, torch.float32)
     real = TritonBackend.per_sample_dots
     monkeypatch.setattr(TritonBackend, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
-    with pytest.warns(RuntimeWarning, match="disagree with the torch engine .* backend='auto' uses the torch engine"):
+    with pytest.warns(RuntimeWarning, match="disagree with the closed-form backend .* backend='auto' does not use them"):
         assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)
     assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)  # remembered
 

@@ -113,16 +113,14 @@ def test_every_query_matches_the_torch_engine(activation: str, loss_name: str, h
 
 
 def test_auto_picks_the_closed_form_engine_where_it_covers_the_model() -> None:
-    from dicekern.engine.plan import engine_of
-
-    traj, _ = run_of("tanh", "ce", 3, 1, None, seed=0)
-    assert engine_of(traj, "auto") == "closed_form" and engine_of(traj, "torch") == "torch"
+    traj, test = run_of("tanh", "ce", 3, 1, None, seed=0)
+    assert dk.plan_query(traj, 0, test, 1).backend == "closed_form" and dk.plan_query(traj, 0, test, 1, backend="torch").backend == "torch"
     custom = dk.Recorder(mlp("tanh", 4), lambda o, y: nn.functional.cross_entropy(o, y, reduction="none"), replay_check="off")
     r = traj[0]
     custom.record(0, traj.params(0), r.inputs, r.targets, r.lr, r.W)
     custom.record(1, traj.params(1))
-    assert engine_of(custom.trajectory(), "auto") == "torch"
-    with pytest.raises(ValueError, match="backend='closed_form' cannot run this model: the loss is not one of dk.losses"):
+    assert dk.plan_query(custom.trajectory(), 0, (r.inputs[0], r.targets[0]), 1).backend == "torch"
+    with pytest.raises(ValueError, match="backend='closed_form' cannot run this query: the loss is not one of dk.losses"):
         dk.dice_e(custom.trajectory(), 0, (r.inputs[0], r.targets[0]), 1, backend="closed_form")
 
 

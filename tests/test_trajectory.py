@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import dicekern as dk
+from dicekern.core.partition import Partition
+from dicekern.engine.mixing import TorchMixer
 from conftest import TOL, cross_entropy, random_run, torch_optim_run
 
 
@@ -156,7 +158,8 @@ def test_a_stateful_optimizer_needs_its_state() -> None:
 def test_a_block_of_the_nodes_cannot_be_replayed_alone() -> None:
     run = random_run(4, rounds=2, seed=2)
     traj = run.trajectory
-    rec = dk.Recorder(traj.objective.model, cross_entropy, total_nodes=4)
+    block = Partition(range(2), 4, exchange=TorchMixer)  # a mixer of rows, but no other process to exchange with
+    rec = dk.Recorder(traj.objective.model, cross_entropy, partition=block)
     rows = lambda t: {k: v[:2] for k, v in traj.params(t).items()}
     rec.record(0, rows(0), traj[0].inputs[:2], traj[0].targets[:2], traj[0].lr[:2], traj[0].W)
     with pytest.raises(ValueError, match="hold 2 of the 4 nodes.*DistributedRecorder"):

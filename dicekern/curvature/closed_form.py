@@ -6,7 +6,7 @@ Every quantity of the chain is one forward pass, one backward pass, and for curv
 R-op pass (Pearlmutter) forward and back, written with matmuls that broadcast over leading axes:
 (N,) for nodes, (N, C) for nodes and chain columns, whose forward pass is shared across columns.
 
-Shapes: thetas (R, D); a layer's weight (R, out, in) row-major, then its bias (R, out); batches
+Shapes: params (R, D); a layer's weight (R, out, in) row-major, then its bias (R, out); batches
 (R, B, features) after the flatten; outputs (R, B, K).
 """
 
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from dicekern.core.losses import ClosedFormLoss
-from dicekern.curvature.torch_func import Curvature, LossFn, TorchFuncBackend, mean_weights
+from dicekern.core.layout import ParamLayout
+from dicekern.curvature.protocol import Capabilities, Curvature, LossFn
+from dicekern.curvature.torch_func import mean_weights
 
 ACTIVATIONS = (nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity)
 
@@ -59,8 +62,8 @@ def unsupported_reason(model: nn.Module, loss_fn: object) -> str | None:
     return None
 
 
-def _layers(model: nn.Module, objective: TorchFuncBackend) -> list[Layer]:
-    columns = dict(objective.layout.slices())
+def _layers(model: nn.Module, layout: ParamLayout) -> list[Layer]:
+    columns = dict(layout.slices())
     modules = [("", model)] if isinstance(model, nn.Linear) else list(model.named_children())
     layers = []
     for name, module in modules:
@@ -129,35 +132,54 @@ def _outer(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return gw.view(*lead, out, -1)
 
 
-class ClosedFormBackend(TorchFuncBackend):
+class ClosedFormBackend:
     """Gradients, exact Hessian and Gauss-Newton products and per-sample dots of an MLP, in closed form.
 
-    Same interface and results as :class:`TorchFuncBackend` (the torch.func reference).
+    Implements every method of the ``CurvatureBackend`` protocol itself, with the results of the
+    torch.func reference.
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        name="closed_form",
+        models="nn.Linear, or an nn.Sequential of nn.Linear and pointwise activations (Tanh, ReLU, LeakyReLU, GELU, SiLU, "
+               "Sigmoid, Identity) with an optional leading nn.Flatten",
+        losses="dk.losses: softmax_cross_entropy, binary_logistic, squared_error",
+        dtypes=(torch.float32, torch.float64),
+        devices=None,
+    )
+
+    @classmethod
+    def unsupported(cls, model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], device: torch.device,
+                    dtype: torch.dtype) -> str | None:
+        reason = unsupported_reason(model, loss_fn) or cls.capabilities.unsupported(device, dtype)
+        flattens = isinstance(model, nn.Sequential) and len(model) and isinstance(model[0], nn.Flatten)
+        if reason is None and not flattens and len(input_shape) != 1:
+            reason = f"its inputs are {input_shape} per sample; put an nn.Flatten first"
+        return reason
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         reason = unsupported_reason(model, loss_fn)
         if reason is not None:
             raise ValueError(f"the closed-form engine cannot run this model: {reason}")
-        super().__init__(model, loss_fn)
-        self.layers = _layers(model, self)
+        self.model, self.loss_fn, self.layout = model, loss_fn, ParamLayout.of(model)
+        self.layers = _layers(model, self.layout)
         self.loss_kind = loss_fn.kind
 
     # ---- the passes ----
 
-    def _params(self, thetas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Every linear layer's (weight (..., out, in), bias (..., out) or None) as views of thetas (..., D)."""
-        lead = thetas.shape[:-1]
-        return [(thetas[..., layer.weight].view(*lead, *layer.shape), None if layer.bias is None else thetas[..., layer.bias])
+    def _linears(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Every linear layer's (weight (..., out, in), bias (..., out) or None) as views of params (..., D)."""
+        lead = params.shape[:-1]
+        return [(params[..., layer.weight].view(*lead, *layer.shape), None if layer.bias is None else params[..., layer.bias])
                 for layer in self.layers if layer.kind == "linear"]
 
     def _flat(self, inputs: torch.Tensor, lead: int) -> torch.Tensor:
         """(..., B, features): inputs with every axis after the first lead + 1 flattened."""
         return inputs.flatten(lead + 1) if inputs.dim() > lead + 2 else inputs
 
-    def _forward(self, params: list, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def _forward(self, linears: list, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """(outputs (..., B, K), per module: its input (linear) or its Activated (activation))."""
-        tape, a, linear = [], x, iter(params)
+        tape, a, linear = [], x, iter(linears)
         for layer in self.layers:
             if layer.kind == "linear":
                 tape.append(a)
@@ -169,9 +191,9 @@ class ClosedFormBackend(TorchFuncBackend):
                 a = tape[-1].out
         return a, tape
 
-    def _jvp(self, params: list, vparams: list, tape: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """R{outputs} and R{every module's input} along the parameter direction vparams."""
-        r_tape, r, linear = [], None, iter(zip(params, vparams))
+    def _jvp(self, linears: list, v_linears: list, tape: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """R{outputs} and R{every module's input} along the parameter direction v_linears."""
+        r_tape, r, linear = [], None, iter(zip(linears, v_linears))
         for layer, entry in zip(self.layers, tape):
             r_tape.append(r)
             if layer.kind == "linear":
@@ -183,14 +205,14 @@ class ClosedFormBackend(TorchFuncBackend):
                 r = entry.d1 * r
         return r, r_tape
 
-    def _backward(self, params: list, tape: list, g: torch.Tensor, r_tape: list | None = None,
-                  rg: torch.Tensor | None = None, vparams: list | None = None) -> torch.Tensor:
+    def _backward(self, linears: list, tape: list, g: torch.Tensor, r_tape: list | None = None,
+                  rg: torch.Tensor | None = None, v_linears: list | None = None) -> torch.Tensor:
         """(..., D) parameter gradients of the output cotangent g (..., B, K).
 
-        With r_tape, rg and vparams: instead the R-op of that gradient (the exact Hessian product),
+        With r_tape, rg and v_linears: instead the R-op of that gradient (the exact Hessian product),
         rg being R{g}. Each layer's part is written into the flat result as it is computed.
         """
-        out, linear = None, len(params)
+        out, linear = None, len(linears)
         exact = r_tape is not None
 
         def put(columns: slice | None, part: torch.Tensor) -> None:
@@ -204,9 +226,9 @@ class ClosedFormBackend(TorchFuncBackend):
             if layer.kind == "linear":
                 a = entry
                 linear -= 1
-                W = params[linear][0]
+                W = linears[linear][0]
                 if exact:
-                    ra, V = r_tape[i], vparams[linear][0]
+                    ra, V = r_tape[i], v_linears[linear][0]
                     gW = _outer(rg, a)
                     put(layer.weight, (gW if ra is None else gW.add_(_outer(g, ra))).flatten(-2))
                     if layer.bias is not None:
@@ -245,44 +267,46 @@ class ClosedFormBackend(TorchFuncBackend):
             return s * (1 - s) * u
         return 2 * u / outputs.shape[-1]
 
-    # ---- the TorchFuncBackend interface ----
+    # ---- the CurvatureBackend protocol ----
 
-    def node_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        params = self._params(thetas)
-        out, tape = self._forward(params, self._flat(inputs, 1))
-        return self._backward(params, tape, weights.unsqueeze(-1) * self._loss_grad(out, targets))
+    def node_grads(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        linears = self._linears(params)
+        out, tape = self._forward(linears, self._flat(inputs, 1))
+        return self._backward(linears, tape, weights.unsqueeze(-1) * self._loss_grad(out, targets))
 
-    def test_grads(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def test_grads(self, params: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = test
-        return self.node_grads(thetas, x.unsqueeze(0), y.unsqueeze(0), mean_weights((1, len(x)), thetas))
+        return self.node_grads(params, x.unsqueeze(0), y.unsqueeze(0), mean_weights((1, len(x)), params))
 
-    def test_point_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(K, M, D): each test point's own gradient; a point is a batch of one."""
-        k, m = inputs.shape[:2]
-        rows = thetas.unsqueeze(1).expand(k, m, thetas.shape[-1])
-        one = torch.ones(k, m, 1, dtype=thetas.dtype, device=thetas.device)
-        params = self._params(rows)
-        out, tape = self._forward(params, self._flat(inputs, 1).unsqueeze(2))
-        g = one.unsqueeze(-1) * self._loss_grad(out, targets.expand(k, *targets.shape).unsqueeze(2))
-        return self._backward(params, tape, g)
+    def per_sample_grads(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(K, B, D): each sample's own gradient at its row's params; a sample is a batch of one."""
+        k, b = inputs.shape[:2]
+        rows = params.unsqueeze(1).expand(k, b, params.shape[-1])
+        linears = self._linears(rows)
+        out, tape = self._forward(linears, self._flat(inputs, 1).unsqueeze(2))
+        return self._backward(linears, tape, self._loss_grad(out, targets.unsqueeze(2)))
 
-    def _curvature_products(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
+    def test_point_grads(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(K, M, D): each test point's own gradient; the M targets are shared by the K rows."""
+        return self.per_sample_grads(params, inputs, targets.expand(len(params), *targets.shape))
+
+    def curvature_products(
+        self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:
-        params, vparams = self._params(thetas.unsqueeze(1)), self._params(vectors)
-        out, tape = self._forward(params, self._flat(inputs, 1).unsqueeze(1))
-        r_out, r_tape = self._jvp(params, vparams, tape)
+        linears, v_linears = self._linears(params.unsqueeze(1)), self._linears(vectors)
+        out, tape = self._forward(linears, self._flat(inputs, 1).unsqueeze(1))
+        r_out, r_tape = self._jvp(linears, v_linears, tape)
         scale = 1.0 / inputs.shape[1]  # of the batch mean
         rg = scale * self._loss_hvp(out, r_out)
         if kind == "ggn":
-            grads = self._backward(params, tape, rg)
+            grads = self._backward(linears, tape, rg)
         else:
             g = scale * self._loss_grad(out, targets.unsqueeze(1))
-            grads = self._backward(params, tape, g, r_tape, rg, vparams)
+            grads = self._backward(linears, tape, g, r_tape, rg, v_linears)
         return grads
 
-    def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        params, vparams = self._params(thetas.unsqueeze(1)), self._params(vectors)
-        out, tape = self._forward(params, self._flat(inputs, 1).unsqueeze(1))
-        r_out, _ = self._jvp(params, vparams, tape)
+    def per_sample_dots(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        linears, v_linears = self._linears(params.unsqueeze(1)), self._linears(vectors)
+        out, tape = self._forward(linears, self._flat(inputs, 1).unsqueeze(1))
+        r_out, _ = self._jvp(linears, v_linears, tape)
         return (self._loss_grad(out, targets.unsqueeze(1)) * r_out).sum(-1)

@@ -1,4 +1,4 @@
-"""Every node's training loss and the test loss, as functions of flat parameters, batched with torch.func.
+"""The reference curvature backend: any model's losses as functions of flat params, batched with torch.func.
 
 Shapes: N nodes, D parameters per node, B samples per node batch, C vectors per node (the
 columns of a chain), M test points. Node inputs are (N, B, ...), a node's own batch (B, ...).
@@ -7,16 +7,14 @@ columns of a chain), M test points. Node inputs are (N, B, ...), a node's own ba
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from dicekern.core.layout import ParamLayout
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Curvature = Literal["exact", "ggn", "none"]
+from dicekern.curvature.protocol import Capabilities, Curvature, LossFn
 
 
 def mean_weights(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -48,12 +46,26 @@ def check_replayable_model(model: nn.Module) -> None:
 
 
 class TorchFuncBackend:
-    """The losses of one architecture evaluated at many parameter vectors at once.
+    """The losses of one architecture evaluated at many parameter vectors at once (the reference backend).
 
     Args:
         model: the architecture; its own parameter values are never used.
         loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses.
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        name="torch",
+        models="any deterministic nn.Module without buffers whose forward torch.func can transform",
+        losses="any per-sample loss_fn(outputs, targets) -> (B,) that works under torch.func.vmap",
+        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        devices=None,
+    )
+
+    @classmethod
+    def unsupported(cls, model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], device: torch.device,
+                    dtype: torch.dtype) -> str | None:
+        """Only the dtype can be missing: the model and loss were checked when the run was recorded."""
+        return cls.capabilities.unsupported(device, dtype)
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         if not isinstance(model, nn.Module):
@@ -103,54 +115,35 @@ class TorchFuncBackend:
 
     # ---- batched over nodes ----
 
-    def node_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """(N, D) gradients of Sum_b weights[k, b] loss_b at thetas (N, D); weights (N, B)."""
-        return vmap(grad(self.weighted_loss))(thetas, inputs, targets, weights)
+    def node_grads(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(N, D) gradients of Sum_b weights[k, b] loss_b at params (N, D); weights (N, B)."""
+        return vmap(grad(self.weighted_loss))(params, inputs, targets, weights)
 
-    def per_sample_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(N, B, D) the gradient of every sample's own loss at its node's thetas (N, D)."""
+    def per_sample_grads(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, B, D) the gradient of every sample's own loss at its node's params (N, D)."""
         one = grad(lambda theta, x, y: self.per_sample_losses(theta, x[None], y[None])[0])
-        return vmap(vmap(one, in_dims=(None, 0, 0)))(thetas, inputs, targets)
+        return vmap(vmap(one, in_dims=(None, 0, 0)))(params, inputs, targets)
 
-    def test_losses(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(K,) mean test loss at each of thetas (K, D)."""
-        return vmap(self.mean_loss, in_dims=(0, None, None))(thetas, *test)
+    def test_losses(self, params: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(K,) mean test loss at each of params (K, D)."""
+        return vmap(self.mean_loss, in_dims=(0, None, None))(params, *test)
 
-    def test_grads(self, thetas: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(K, D) gradients of the mean test loss at thetas (K, D)."""
-        return vmap(grad(self.mean_loss), in_dims=(0, None, None))(thetas, *test)
+    def test_grads(self, params: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(K, D) gradients of the mean test loss at params (K, D)."""
+        return vmap(grad(self.mean_loss), in_dims=(0, None, None))(params, *test)
 
-    def test_point_grads(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(K, M, D) gradient of each test point's own loss at thetas (K, D); inputs (K, M, ...) per row."""
+    def test_point_grads(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(K, M, D) gradient of each test point's own loss at params (K, D); inputs (K, M, ...) per row."""
         per_point = vmap(grad(self.mean_loss), in_dims=(None, 0, 0))
-        return vmap(per_point, in_dims=(0, 0, None))(thetas, inputs.unsqueeze(2), targets[:, None])
+        return vmap(per_point, in_dims=(0, 0, None))(params, inputs.unsqueeze(2), targets[:, None])
 
     def curvature_products(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
+        self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
     ) -> torch.Tensor:
-        """H_k V_k for every node k, H_k the curvature of node k's batch loss at thetas[k]: (N, C, D).
+        """(N, C, D) H_k V[k, c], H_k the Hessian ("exact") or Gauss-Newton ("ggn") of node k's batch-mean loss."""
+        return _over_columns(self._curvature_vp, params, inputs, targets, vectors, kind)
 
-        kind "exact" (Hessian), "ggn" (Gauss-Newton) or "none" (zero).
-        """
-        if kind == "none":
-            return torch.zeros_like(vectors)
-        # a perturbation that has not reached node k yet is exactly zero there: skip k
-        active = vectors.flatten(1).ne(0).any(dim=1)
-        if active.all():
-            return self._curvature_products(thetas, inputs, targets, vectors, kind)
-        nodes = active.nonzero().flatten()
-        products = torch.zeros_like(vectors)
-        if len(nodes):
-            products[nodes] = self._curvature_products(thetas[nodes], inputs[nodes], targets[nodes], vectors[nodes], kind)
-        return products
-
-    def _curvature_products(
-        self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, kind: Curvature
-    ) -> torch.Tensor:
-        """H_k V_k for the given nodes, without the zero-row skip: (N', C, D)."""
-        return _over_columns(self._curvature_vp, thetas, inputs, targets, vectors, kind)
-
-    def per_sample_dots(self, thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def per_sample_dots(self, params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C, B) grad loss_b(theta_k)^T V[k, c] for every sample b, by one JVP per vector.
 
         No per-sample gradient is ever materialised.
@@ -159,10 +152,10 @@ class TorchFuncBackend:
         def dots(theta, x, y, v):
             return jvp(lambda th: self.per_sample_losses(th, x, y), (theta,), (v,))[1]
 
-        return _over_columns(dots, thetas, inputs, targets, vectors)
+        return _over_columns(dots, params, inputs, targets, vectors)
 
 
-def _over_columns(fn: Callable[..., torch.Tensor], thetas: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, *extra) -> torch.Tensor:
+def _over_columns(fn: Callable[..., torch.Tensor], params: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, vectors: torch.Tensor, *extra) -> torch.Tensor:
     """fn(theta_k, x_k, y_k, V[k, c], *extra) for every node k and column c: (N, C, ...).
 
     A vmap over columns inside a vmap over nodes, so a node's params and batch are never copied
@@ -170,4 +163,4 @@ def _over_columns(fn: Callable[..., torch.Tensor], thetas: torch.Tensor, inputs:
     """
     rest = (None,) * len(extra)
     over_columns = vmap(fn, in_dims=(None, None, None, 0, *rest))
-    return vmap(over_columns, in_dims=(0, 0, 0, 0, *rest))(thetas, inputs, targets, vectors, *extra)
+    return vmap(over_columns, in_dims=(0, 0, 0, 0, *rest))(params, inputs, targets, vectors, *extra)

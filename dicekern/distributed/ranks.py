@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dicekern.core.checks import check_flag, check_int, check_node, check_samples
-from dicekern.engine.plan import build_chain
-from dicekern.engine.chain import Chain
+from dicekern.core.checks import check_flag, check_int
+from dicekern.core.partition import Partition
+from dicekern.engine.plan import check_partition_backend, plan_query
 from dicekern.engine.options import DiceOptions
 from dicekern.curvature.torch_func import LossFn
 from dicekern.engine.ledger import OnlineDICE, test_digest
@@ -128,13 +128,15 @@ class DistributedRecorder(Recorder):
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, num_nodes: int, *, group=None, timeout: float | None = None, **recorder_options):
-        super().__init__(model, loss_fn, total_nodes=num_nodes, **recorder_options)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.group, self.timeout = group, timeout
-        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.blocks = [node_block(num_nodes, r, self.world_size) for r in range(self.world_size)]
-        self.nodes = self.blocks[self.rank]
+        num_nodes = check_int("num_nodes", num_nodes, minimum=1)
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        blocks = [node_block(num_nodes, r, world_size) for r in range(world_size)]
+        exchange = partial(BlockMixer, blocks=blocks, rank=rank, group=group, timeout=timeout)
+        super().__init__(model, loss_fn, partition=Partition(blocks[rank], num_nodes, exchange), **recorder_options)
+        self.group, self.timeout, self.rank, self.world_size, self.blocks = group, timeout, rank, world_size, blocks
+        self.nodes, self.total_nodes = blocks[rank], num_nodes
 
     def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None) -> None:
         """As Recorder.record with this rank's rows (len(self.nodes), ...) and the full (N, N) W."""
@@ -159,26 +161,9 @@ class DistributedRecorder(Recorder):
         return max(everyone, key=lambda m: m.excess)
 
 
-def _check_backend(options: DiceOptions) -> None:
-    if options.backend not in ("auto", "torch"):
-        raise ValueError("across processes the torch engine runs: backend must be 'auto' or 'torch'")
-
-
 def _options_digest(options: DiceOptions) -> dict:
     q = options.q
     return {"options": repr(replace(options, q=None)), "q": None if q is None else q.double().tolist()}
-
-
-def _chain(
-    recorder: DistributedRecorder, traj: Trajectory, step: int, test, hops: int, options: DiceOptions, *,
-    test_grad_cache: dict[int, torch.Tensor] | None = None,
-) -> Chain:
-    """The chain of one query over this rank's rows of traj, exchanging rows with the other ranks."""
-    _check_backend(options)
-    mixings = [traj[step + s].W for s in range(max(hops, 1)) if step + s in traj]
-    mixer = BlockMixer(mixings, recorder.blocks, recorder.rank, recorder.group, recorder.timeout)
-    return build_chain(traj, step, test, hops, replace(options, backend="torch"), test_grad_cache=test_grad_cache, mixer=mixer,
-                       nodes=recorder.nodes, total_nodes=recorder.total_nodes)
 
 
 def dice_e(
@@ -193,7 +178,7 @@ def dice_e(
     options, per_hop = DiceOptions.of(options, **option_fields), check_flag("per_hop", per_hop)
     recorder.agree("dicekern.distributed.dice_e", {"step": step, "hops": hops, "per_hop": per_hop, "test": test_digest(test),
                                                    "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options)})
-    return _chain(recorder, recorder.trajectory(), step, test, hops, options).adjoint(per_hop=per_hop)
+    return plan_query(recorder.trajectory(), step, test, hops, options, partition=recorder.partition).chain().adjoint(per_hop=per_hop)
 
 
 def cascade(
@@ -209,9 +194,8 @@ def cascade(
         "step": step, "hops": hops, "source": source, "samples": None if samples is None else torch.as_tensor(samples).tolist(),
         "test": test_digest(test), "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options),
     })
-    chain = _chain(recorder, recorder.trajectory(), step, test, hops, options)
-    source = check_node("source", source, recorder.total_nodes)
-    return chain.cascade(source, check_samples(samples, chain.batch_size, chain.q))
+    plan = plan_query(recorder.trajectory(), step, test, hops, options, partition=recorder.partition, source=source, samples=samples)
+    return plan.chain().cascade(plan.source, plan.samples)
 
 
 class DistributedOnlineDICE(OnlineDICE):
@@ -235,16 +219,16 @@ class DistributedOnlineDICE(OnlineDICE):
     ):
         if node_matrix:
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
-        if "recorder" in option_fields or "chains" in option_fields:
-            raise TypeError("DistributedOnlineDICE builds its own DistributedRecorder and chain factory: pass neither recorder nor chains")
+        if "recorder" in option_fields:
+            raise TypeError("DistributedOnlineDICE builds its own DistributedRecorder: pass no recorder")
         options = DiceOptions.of(options, **option_fields)
-        _check_backend(options)
         if options.order == 2:
             raise ValueError("order=2 node totals come from the node matrix, which is single-process only: use dicekern.OnlineDICE")
         hops = check_int("hops", hops, minimum=0)
         recorder = DistributedRecorder(model, loss_fn, num_nodes, group=group, timeout=timeout, optimizer=optimizer, mix_state=mix_state,
                                        window=hops + 1, replay_check=replay_check)
-        super().__init__(model, loss_fn, test, hops, recorder=recorder, chains=partial(_chain, recorder), options=options)
+        check_partition_backend(options, recorder.partition)
+        super().__init__(model, loss_fn, test, hops, recorder=recorder, options=options)
 
     def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None):
         rec = self.recorder

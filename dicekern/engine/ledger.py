@@ -14,7 +14,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -22,8 +21,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dicekern.core.checks import as_tensor, check_flag, check_int, check_test
-from dicekern.engine.plan import build_chain, check_query
-from dicekern.engine.chain import Chain
+from dicekern.engine.plan import check_inputs, plan_query
 from dicekern.engine.options import DiceOptions
 from dicekern.curvature.torch_func import LossFn
 from dicekern.core.optim import spec_from_dict
@@ -36,16 +34,6 @@ TEST_GRADS = "test_grads.safetensors"
 PENDING = "pending"
 LEDGER_VERSION = 3  # 3 added round_totals; a version 2 ledger resumes with them empty
 READABLE_LEDGER_VERSIONS = (2, 3)
-
-
-class ChainFactory(Protocol):
-    """Builds the chain that scores round ``step`` (``dicekern.engine.plan.build_chain`` in one
-    process); ``test_grad_cache`` is the ledger's step -> (N, D) test-gradient cache to share."""
-
-    def __call__(
-        self, traj: Trajectory, step: int, test: object, hops: int, options: DiceOptions, *,
-        test_grad_cache: dict[int, torch.Tensor] | None = None,
-    ) -> Chain: ...
 
 
 @dataclass
@@ -131,10 +119,9 @@ class OnlineDICE:
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
         recorder: an empty Recorder with window hops + 1 to record into, built from the same
             model and loss; optimizer, mix_state and replay_check are then the recorder's and
-            may not be given. Default: a Recorder built from the arguments above.
-        chains: the :class:`ChainFactory` that scores a round (default: one process's; across
-            processes use ``dicekern.distributed.DistributedOnlineDICE``, which brings its own
-            recorder and factory).
+            may not be given. Default: a Recorder built from the arguments above. Its
+            ``partition`` says which nodes this process scores (across processes use
+            ``dicekern.distributed.DistributedOnlineDICE``, which brings its own recorder).
         options: a :class:`DiceOptions` (q, curvature, curvature_at, direct, backend), or its
             fields as keywords, as for :func:`dicekern.dice_e`.
 
@@ -172,7 +159,6 @@ class OnlineDICE:
         replay_check: str | None = None,
         node_matrix: bool = False,
         recorder: Recorder | None = None,
-        chains: ChainFactory = build_chain,
         options: DiceOptions | None = None,
         **option_fields,
     ):
@@ -190,10 +176,7 @@ class OnlineDICE:
             raise ValueError(f"with a recorder given, pass {' and '.join(given)} to the recorder, not to OnlineDICE")
         else:
             _check_recorder(recorder, model, loss_fn, self.hops)
-        if not callable(chains):
-            raise TypeError(f"chains must be a chain factory such as dicekern.engine.plan.build_chain, got {type(chains).__name__}")
         self.recorder = recorder
-        self.chains = chains
         self.state = LedgerState()
         self._query_checked = False
 
@@ -241,14 +224,15 @@ class OnlineDICE:
     def _check_query(self, traj: Trajectory) -> None:
         """Check the test set (and q) against the first recorded batch, once."""
         if not self._query_checked and any(traj[s].has_batch for s in traj.steps):
-            self.test = check_query(traj, self.test, self.options, total_nodes=self.recorder.total_nodes)
+            self.test = check_inputs(traj, self.test, self.options, self.recorder.partition)
             self._query_checked = True
 
     def _score(self, traj, t: int) -> torch.Tensor | None:
         """Score round t if its window is complete; every total changes only once all is computed."""
         if any(s not in traj for s in range(t, t + self.hops + 1)) or not traj[t].has_batch or t in self.state.scored_steps:
             return None
-        chain = self.chains(traj, t, self.test, self.hops, self.options, test_grad_cache=self.state.test_grads)
+        plan = plan_query(traj, t, self.test, self.hops, self.options, partition=self.recorder.partition)
+        chain = plan.chain(test_grad_cache=self.state.test_grads)
         scores = chain.adjoint(per_hop=False)  # (N, B)
         whole = chain.influence_matrix().sum(0) if self.node_matrix or self.options.order == 2 else None  # (N_source, N_receiver)
         matrix = whole if self.node_matrix else None
@@ -305,7 +289,7 @@ class OnlineDICE:
 
         Pass the same model, loss and test set as before (a different test set raises); q
         defaults to the saved one and, if given, must equal it. Other constructor arguments
-        (``recorder``, ``chains``; a subclass's own) come as keywords; a given recorder must have
+        (``recorder``; a subclass's own) come as keywords; a given recorder must have
         the saved optimizer, mix_state and replay_check.
 
         Raises:

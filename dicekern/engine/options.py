@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from dicekern.bindings.dispatch import BACKENDS
+from dicekern.curvature.select import BACKENDS
 from dicekern.core.checks import check_choice, check_q
 
 CURVATURES = ("exact", "ggn", "none")

@@ -1,46 +1,118 @@
-"""build_chain: the one place that inspects the run, the device and the options to pick the parts."""
+"""The query plan: the one place that inspects a run, its device and the options, once per query.
+
+``plan_query`` checks a query's inputs against the run, picks its curvature backend from the
+backends' declared capabilities (``dicekern.curvature.select``), and returns a frozen
+:class:`QueryPlan`; ``QueryPlan.chain()`` assembles the parts that every query (``dice_e``,
+``cascade``, ``influence_matrix``, the ledger) executes.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
 
-from dicekern.bindings.dispatch import kernels_cover, resolve_backend
-from dicekern.core.checks import check_node_weights, check_test
-from dicekern.engine.chain import Chain
+import torch
+
+from dicekern.core.checks import check_node, check_node_weights, check_samples, check_test
+from dicekern.core.optim import OptimizerSpec
+from dicekern.core.partition import Partition
+from dicekern.curvature.protocol import CurvatureBackend
+from dicekern.curvature.select import Selection, select_backend
+from dicekern.curvature.torch_func import TorchFuncBackend
+from dicekern.curvature.triton import TritonBackend, kernels_agree
+from dicekern.engine.chain import INFLUENCE_CHUNK_BYTES, Chain
 from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
-from dicekern.engine.mixing import Mixer, TorchMixer
+from dicekern.engine.last_layer import PerNodeTest
+from dicekern.engine.mixing import TorchMixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
-from dicekern.curvature.closed_form import ClosedFormBackend, unsupported_reason
-from dicekern.core.optim import OptimizerSpec
-from dicekern.engine.last_layer import PerNodeTest
+from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Trajectory
 
-
-def closed_form_reason(traj: Trajectory) -> str | None:
-    """Why the closed-form engine cannot run this run's model on its batches, or None."""
-    model = traj.objective.model
-    reason = unsupported_reason(model, traj.objective.loss_fn)
-    flattens = isinstance(model, nn.Sequential) and len(model) and isinstance(model[0], nn.Flatten)
-    if reason is None and not flattens and len(traj.batch_layout().input_shape) != 1:
-        reason = f"its inputs are {traj.batch_layout().input_shape} per sample; put an nn.Flatten first"
-    return reason
+TestSet = tuple[torch.Tensor, torch.Tensor] | PerNodeTest
 
 
-def engine_of(traj: Trajectory, backend: str, *, validate: bool = True) -> str:
-    """The engine backend resolves to for this run: "torch", "closed_form" or "triton" (see
-    ``resolve_backend``); on CUDA, "auto" self-checks the kernels once (validate=False skips it)."""
-    model, loss_fn = traj.objective.model, traj.objective.loss_fn
+@dataclass(frozen=True, eq=False)
+class QueryPlan:
+    """Everything one query fixes before any work; ``chain()`` builds what executes it.
 
-    def validated() -> bool:
-        from dicekern.bindings.selfcheck import kernels_agree  # imports triton: only on CUDA, only for "auto"
+    Attributes:
+        traj: the recorded run.
+        step: the scored round t.
+        hops: r; the window is rounds t..t+r.
+        window: those rounds.
+        test: the checked test set (inputs (M, ...), targets (M, ...)) or a PerNodeTest.
+        options: the linearisation and backend asked for.
+        q: (rows,) node weights of the rows this process holds.
+        partition: which nodes this process holds and how its mixes exchange rows.
+        selection: the curvature backend that runs the query, and under "auto" why faster ones could not.
+        one_launch: whether the one-launch Triton chains run the queries they cover.
+        chunk_bytes: the most bytes of chain vectors one chunk of sources (influence_matrix) or of
+            per-sample work (order=2) holds.
+        source: cascade's source node j (global index), or None.
+        samples: (B,) 0/1 mask of cascade's removed samples of j, or None.
+    """
 
-        return not validate or kernels_agree(model, loss_fn, traj.device, traj.dtype)
+    traj: Trajectory
+    step: int
+    hops: int
+    window: tuple[Round, ...]
+    test: TestSet
+    options: DiceOptions
+    q: torch.Tensor
+    partition: Partition
+    selection: Selection
+    one_launch: bool
+    chunk_bytes: int = INFLUENCE_CHUNK_BYTES
+    source: int | None = None
+    samples: torch.Tensor | None = None
 
-    closed_form = closed_form_reason(traj)
-    kernels = closed_form is None and kernels_cover(model, loss_fn)
-    return resolve_backend(backend, traj.device, kernels=kernels, closed_form=closed_form, validated=validated)
+    @property
+    def backend(self) -> str:
+        """The name of the curvature backend that runs the query: "torch", "closed_form" or "triton"."""
+        return self.selection.name
+
+    @property
+    def fallback(self) -> str | None:
+        """Under backend="auto", why faster backends could not run this query; None when none was passed over."""
+        return self.selection.fallback
+
+    def curvature_backend(self) -> CurvatureBackend:
+        objective = self.traj.objective
+        if self.selection.backend is TorchFuncBackend:
+            return objective  # the recorder's own, already checked against the model
+        return self.selection.backend(objective.model, objective.loss_fn)
+
+    def chain(self, *, test_grad_cache: dict[int, torch.Tensor] | None = None) -> Chain:
+        """The chain that executes this plan.
+
+        Args:
+            test_grad_cache: step -> (rows, D) q-scaled mean test gradients, shared by the windows
+                of one ledger (one q and test set per cache).
+        """
+        backend = self.curvature_backend()
+        stepping = self.window[: max(self.hops, 1)]
+        mixings = [rnd.W for rnd in stepping]
+        if self.partition.exchange is not None:
+            mixer = self.partition.exchange(mixings)
+        elif self.backend == "triton":
+            from dicekern.bindings.gossip_mix import ColumnMixer  # imports triton: only for the Triton backend
+
+            mixer = ColumnMixer(mixings)
+        else:
+            mixer = TorchMixer(mixings)
+        optimizer = self.traj.optimizer
+        steps = [LocalStep(backend, optimizer, r.params, r.inputs, r.targets, r.lr, r.state, self.options.curvature) for r in stepping]
+        if isinstance(self.test, PerNodeTest):
+            tests = PerNodeTestSet(backend, self.test, [self.step + s for s in range(self.hops + 1)], self.window[0].params)
+        else:
+            tests = SharedTestSet(backend, self.test)
+        chain_class = Chain
+        if self.one_launch:
+            from dicekern.engine.fused import FusedMLPChain  # imports triton
+
+            chain_class = FusedMLPChain
+        return chain_class(self.window, steps, mixer, tests, self.q, self.options, mix_state=self.traj.mix_state,
+                           nodes=self.partition.nodes, test_grad_cache=test_grad_cache, step=self.step)
 
 
 def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
@@ -56,19 +128,39 @@ def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
         raise ValueError(f"direct='paper' is the SGD analysis's convention (SGD without momentum); with {optimizer} use direct='half_step'")
 
 
-def check_query(traj: Trajectory, test: object, options: DiceOptions, *, total_nodes: int | None = None) -> object:
+def check_partition_backend(options: DiceOptions, partition: Partition) -> None:
+    """Across processes the torch.func reference runs: only backend "auto" or "torch" may be asked for."""
+    if not partition.is_whole and options.backend not in ("auto", "torch"):
+        raise ValueError(f"across processes the torch engine runs: backend must be 'auto' or 'torch', got {options.backend!r}")
+
+
+def select_for(traj: Trajectory, options: DiceOptions, partition: Partition) -> Selection:
+    """The curvature backend of a query on traj. Across processes the torch.func reference runs."""
+    check_partition_backend(options, partition)
+    if not partition.is_whole:
+        return Selection(TorchFuncBackend, "across processes only the torch.func reference runs")
+    model, loss_fn = traj.objective.model, traj.objective.loss_fn
+
+    def trusted(backend: type[CurvatureBackend]) -> bool:
+        return backend is not TritonBackend or kernels_agree(model, loss_fn, traj.device, traj.dtype)
+
+    return select_backend(options.backend, model, loss_fn, traj.batch_layout().input_shape, traj.device, traj.dtype, trusted=trusted)
+
+
+def check_inputs(traj: Trajectory, test: object, options: DiceOptions, partition: Partition) -> TestSet:
     """Everything a query needs of its inputs, checked against the run before any work: the
-    options against the optimizer, q against N, the backend against the device, and the test set
-    against the run's batches (shapes, dtypes, labels). Returns the test set in the params' dtype
-    and device (a PerNodeTest as it is)."""
+    options against the optimizer, q against N, and the test set against the run's batches
+    (shapes, dtypes, labels). Returns the test set in the params' dtype and device (a
+    PerNodeTest as it is)."""
     if not isinstance(options, DiceOptions):
         raise TypeError(f"options must be a dk.DiceOptions, got {type(options).__name__}")
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a dicekern Partition, got {type(partition).__name__}")
     check_options_for(traj.optimizer, options)
-    like = traj[traj.steps[0]].params if traj.steps else None
-    if like is None:
+    if not traj.steps:
         raise ValueError("the trajectory is empty: record at least one round")
-    check_node_weights(options.q, total_nodes or traj.num_nodes, like)
-    engine_of(traj, options.backend, validate=False)
+    like = traj[traj.steps[0]].params
+    check_node_weights(options.q, partition.num_nodes, like)
     if isinstance(test, PerNodeTest):
         return test
     x, y = check_test(test, like)
@@ -76,48 +168,35 @@ def check_query(traj: Trajectory, test: object, options: DiceOptions, *, total_n
     return x, y
 
 
-def build_chain(
-    traj: Trajectory, step: int, test: object, hops: int, options: DiceOptions, *,
-    test_grad_cache: dict[int, torch.Tensor] | None = None, mixer: Mixer | None = None, nodes: range | None = None,
-    total_nodes: int | None = None,
-) -> Chain:
-    """The chain of one query from round ``step``, ``hops`` hops, against ``test``.
+def plan_query(
+    traj: Trajectory, step: int, test: object, hops: int, options: DiceOptions | None = None, *,
+    partition: Partition | None = None, source: int | None = None, samples: object = None, **option_fields,
+) -> QueryPlan:
+    """The plan of one query from round ``step``, ``hops`` hops, against ``test``: checks every input
+    against the run and picks the curvature backend. ``plan.backend`` and ``plan.fallback`` say
+    which backend runs and, under "auto", why faster ones could not.
 
     Args:
-        test: (inputs (M, ...), targets (M, ...)), or a PerNodeTest (last-layer mode).
-        mixer, nodes, total_nodes: across processes, the exchange of rows, the global indices of
-            this trajectory's rows, and N of the whole run (default: one process holds all).
+        partition: the nodes this process holds (default: every node).
+        source, samples: cascade's source node and the indices of its removed samples (None: all).
+        The rest as for :func:`dicekern.dice_e`.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.plan_query(run.trajectory, 0, run.test, 2).backend
+        'closed_form'
     """
-    rounds = traj.window(step, hops)
-    test = check_query(traj, test, options, total_nodes=total_nodes)
-    first = rounds[0]
-    nodes = range(traj.num_nodes) if nodes is None else nodes
-    q = check_node_weights(options.q, total_nodes or traj.num_nodes, first.params)[nodes.start : nodes.stop]
-    model, loss_fn = traj.objective.model, traj.objective.loss_fn
-    closed_form = closed_form_reason(traj) is None
-    covered = closed_form and kernels_cover(model, loss_fn)  # the kernels' models are closed-form ones, narrower
-    engine = engine_of(traj, options.backend)
-    kernels = engine == "triton"
-    stepping = rounds[: max(hops, 1)]
-    objective = ClosedFormBackend(model, loss_fn) if closed_form and engine != "torch" else traj.objective
-    if kernels:
-        # imported only here: triton must not load before the user can choose its interpreter
-        from dicekern.bindings.gossip_mix import ColumnMixer
-        from dicekern.curvature.triton import TritonBackend
-
-        mixer = mixer or ColumnMixer([rnd.W for rnd in stepping])
-        if covered:
-            objective = TritonBackend(model, loss_fn)
-    mixer = mixer or TorchMixer([rnd.W for rnd in stepping])
-    steps = [LocalStep(objective, traj.optimizer, r.params, r.inputs, r.targets, r.lr, r.state, options.curvature) for r in stepping]
-    if isinstance(test, PerNodeTest):
-        tests = PerNodeTestSet(objective, test, [step + s for s in range(hops + 1)], first.params)
-    else:
-        tests = SharedTestSet(objective, test)
-    chain_class = Chain
-    if kernels and covered and traj.optimizer.is_plain_sgd and options.order == 1:  # the kernels fuse the first-order chain
-        from dicekern.engine.fused import FusedMLPChain  # one launch for the queries it covers
-
-        chain_class = FusedMLPChain
-    return chain_class(rounds, steps, mixer, tests, q, options, mix_state=traj.mix_state, nodes=nodes,
-                       test_grad_cache=test_grad_cache, step=step)
+    options = DiceOptions.of(options, **option_fields)
+    partition = Partition.whole(traj.num_nodes) if partition is None else partition
+    window = traj.window(step, hops)
+    test = check_inputs(traj, test, options, partition)
+    nodes = partition.nodes
+    q = check_node_weights(options.q, partition.num_nodes, window[0].params)[nodes.start : nodes.stop]
+    selection = select_for(traj, options, partition)
+    one_launch = selection.backend.capabilities.one_launch_chains and traj.optimizer.is_plain_sgd and options.order == 1
+    mask = None
+    if source is not None:
+        source = check_node("source", source, partition.num_nodes)
+        mask = check_samples(samples, window[0].inputs.shape[1], q)
+    return QueryPlan(traj, step, hops, window, test, options, q, partition, selection, one_launch, source=source, samples=mask)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dicekern.core.checks import check_finite_result, check_flag, check_node, check_samples
-from dicekern.engine.plan import build_chain
+from dicekern.core.checks import check_finite_result, check_flag
+from dicekern.engine.plan import plan_query
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.last_layer import PerNodeTest
 from dicekern.record.trajectory import Trajectory
@@ -48,7 +48,7 @@ def dice_e(
         torch.Size([4, 5])
     """
     per_hop, per_test = check_flag("per_hop", per_hop), check_flag("per_test", per_test)
-    chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
+    chain = plan_query(traj, step, test, hops, options, **option_fields).chain()
     return check_finite_result("DICE-E", chain.adjoint(per_hop=per_hop, per_test=per_test))
 
 
@@ -80,10 +80,8 @@ def cascade(
         >>> dk.cascade(run.trajectory, step=0, source=2, test=run.test, hops=2, samples=[0, 3]).shape
         torch.Size([3, 4])
     """
-    chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
-    source = check_node("source", source, traj.num_nodes)
-    mask = check_samples(samples, chain.batch_size, chain.q)
-    return check_finite_result("the cascade", chain.cascade(source, mask))
+    plan = plan_query(traj, step, test, hops, options, source=source, samples=samples, **option_fields)
+    return check_finite_result("the cascade", plan.chain().cascade(plan.source, plan.samples))
 
 
 def influence_matrix(
@@ -107,5 +105,5 @@ def influence_matrix(
         >>> dk.influence_matrix(run.trajectory, step=0, test=run.test, hops=2).shape
         torch.Size([3, 4, 4])
     """
-    chain = build_chain(traj, step, test, hops, DiceOptions.of(options, **option_fields))
+    chain = plan_query(traj, step, test, hops, options, **option_fields).chain()
     return check_finite_result("the influence matrix", chain.influence_matrix())

@@ -15,6 +15,7 @@ from torch import nn
 
 from dicekern.record import storage
 from dicekern.core.checks import check_choice, check_int
+from dicekern.core.partition import Partition
 from dicekern.record.description import RunDescription, check_describes, described
 from dicekern.curvature.round import local_update
 from dicekern.curvature.torch_func import LossFn, TorchFuncBackend
@@ -308,8 +309,8 @@ class Recorder:
             trainers do not: default False).
         window: keep only the newest ``window`` rounds (None keeps all). A query with ``hops``
             hops needs ``hops + 1`` consecutive rounds.
-        total_nodes: the size of W when params hold only a block of the nodes (one process's share,
-            see ``dicekern.distributed``); None means params hold every node.
+        partition: which nodes params hold when they hold only a block of them (one process's
+            share, see ``dicekern.distributed``); None means params hold every node.
         description: how a saved run rebuilds the model and loss (a :class:`dk.RunDescription`),
             checked against model, loss_fn and the first batch; None saves runs that need the
             model and loss passed to ``Trajectory.load``.
@@ -332,7 +333,7 @@ class Recorder:
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, *, optimizer: object = None, mix_state: bool = False,
-        window: int | None = None, total_nodes: int | None = None, replay_check: str = "sampled",
+        window: int | None = None, partition: Partition | None = None, replay_check: str = "sampled",
         description: RunDescription | None = None,
     ):
         self.objective = TorchFuncBackend(model, loss_fn)
@@ -342,7 +343,9 @@ class Recorder:
             raise TypeError(f"mix_state must be a bool, got {type(mix_state).__name__}")
         self.mix_state = mix_state
         self.window = None if window is None else check_int("window", window, minimum=1)
-        self.total_nodes = None if total_nodes is None else check_int("total_nodes", total_nodes, minimum=1)
+        if partition is not None and not isinstance(partition, Partition):
+            raise TypeError(f"partition must be a dicekern Partition, got {type(partition).__name__}")
+        self._partition = partition
         self.replay_check = check_choice("replay_check", replay_check, REPLAY_CHECKS)
         self._rounds: dict[int, Round] = {}
         self._layout: BatchLayout | None = None  # of the first batch; every later batch must match it
@@ -386,12 +389,21 @@ class Recorder:
             raise ValueError(f"params hold N={flat.shape[0]} nodes, earlier rounds hold N={self._node_count()}")
         if self._rounds and (flat.dtype, flat.device) != self._dtype_device():
             raise ValueError(f"params are {flat.dtype} on {flat.device}, earlier rounds {self._dtype_device()}")
-        total = flat.shape[0] if self.total_nodes is None else self.total_nodes
+        total = flat.shape[0] if self._partition is None else self._partition.num_nodes
         rnd = check_round(self.optimizer, flat, inputs, targets, lr, W, state, total_nodes=total, where=f"round {step}")
         if rnd.has_batch:
             self._check_batch(step, rnd)
         self._check_replay(step, rnd)
         self._store(step, rnd)
+
+    @property
+    def partition(self) -> Partition:
+        """The nodes the recorded params hold: the given partition, or every node of the recorded rounds."""
+        if self._partition is not None:
+            return self._partition
+        if not self._rounds:
+            raise ValueError("nothing is recorded yet: the number of nodes is not known")
+        return Partition.whole(self._node_count())
 
     def savepoint(self) -> tuple:
         """What the recorder holds now, for :meth:`rollback` (the rounds are shared, not copied)."""

@@ -15,6 +15,7 @@ import torch
 
 from dicekern.record.description import RunDescription
 from dicekern.core.optim import OptimizerSpec
+from dicekern.engine.options import DiceOptions
 from dicekern.core.snapshots import replace_file
 
 
@@ -41,12 +42,13 @@ def describe_optimizer(spec: OptimizerSpec) -> str:
 
 def run_metadata(
     *, run: str, num_nodes: int, batch_size: int | None, test_points: int, dtype: torch.dtype, topology: str | None,
-    optimizer: OptimizerSpec, seed: object, description: RunDescription | None, command_line: list[str], **query,
+    optimizer: OptimizerSpec, seed: object, description: RunDescription | None, command_line: list[str],
+    options: DiceOptions = DiceOptions(), **query,
 ) -> dict:
-    """What every results.json says about the run, the query (step or steps, hops, ...) and its provenance."""
+    """What every results.json says about the run, the query (step or steps, hops, options, ...) and its provenance."""
     return {
-        "run": run, **query, "N": num_nodes, "B": batch_size, "M": test_points, "dtype": str(dtype).removeprefix("torch."),
-        "topology": topology, "optimizer": optimizer.to_dict(), "seed": seed,
+        "run": run, **query, "options": options.to_dict(), "N": num_nodes, "B": batch_size, "M": test_points,
+        "dtype": str(dtype).removeprefix("torch."), "topology": topology, "optimizer": optimizer.to_dict(), "seed": seed,
         "description": None if description is None else description.to_dict(), **provenance(command_line),
     }
 

@@ -9,7 +9,6 @@ ever holds another rank's parameters: what crosses is one perturbation or adjoin
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 
@@ -161,11 +160,6 @@ class DistributedRecorder(Recorder):
         return max(everyone, key=lambda m: m.excess)
 
 
-def _options_digest(options: DiceOptions) -> dict:
-    q = options.q
-    return {"options": repr(replace(options, q=None)), "q": None if q is None else q.double().tolist()}
-
-
 def dice_e(
     recorder: DistributedRecorder, step: int, test: tuple[torch.Tensor, torch.Tensor], hops: int, *,
     per_hop: bool = False, options: DiceOptions | None = None, **option_fields,
@@ -177,7 +171,7 @@ def dice_e(
     """
     options, per_hop = DiceOptions.of(options, **option_fields), check_flag("per_hop", per_hop)
     recorder.agree("dicekern.distributed.dice_e", {"step": step, "hops": hops, "per_hop": per_hop, "test": test_digest(test),
-                                                   "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options)})
+                                                   "run": run_digest(recorder.trajectory(), step, hops), **options.to_dict()})
     return plan_query(recorder.trajectory(), step, test, hops, options, partition=recorder.partition).chain().adjoint(per_hop=per_hop)
 
 
@@ -192,7 +186,7 @@ def cascade(
     options = DiceOptions.of(options, **option_fields)
     recorder.agree("dicekern.distributed.cascade", {
         "step": step, "hops": hops, "source": source, "samples": None if samples is None else torch.as_tensor(samples).tolist(),
-        "test": test_digest(test), "run": run_digest(recorder.trajectory(), step, hops), **_options_digest(options),
+        "test": test_digest(test), "run": run_digest(recorder.trajectory(), step, hops), **options.to_dict(),
     })
     plan = plan_query(recorder.trajectory(), step, test, hops, options, partition=recorder.partition, source=source, samples=samples)
     return plan.chain().cascade(plan.source, plan.samples)
@@ -234,6 +228,6 @@ class DistributedOnlineDICE(OnlineDICE):
         rec = self.recorder
         rec.agree("DistributedOnlineDICE.record", {
             "step": step, "has_batch": inputs is not None, "hops": self.hops, "test": self._test_digest, "num_nodes": rec.total_nodes,
-            "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **_options_digest(self.options),
+            "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **self.options.to_dict(),
         })
         return super().record(step, params, inputs, targets, lr, W, state=state, sample_ids=sample_ids)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -272,7 +272,7 @@ class OnlineDICE:
             "optimizer": self.recorder.optimizer.to_dict(),
             "mix_state": self.recorder.mix_state,
             "replay_check": self.recorder.replay_check,
-            "options": {f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "q"},
+            "options": {name: value for name, value in self.options.to_dict().items() if name != "q"},  # q is saved on its own
             "q": None if q is None else q.double().tolist(),
             "test": self._test_digest,
             **self.state.to_json(),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -72,3 +74,25 @@ class DiceOptions:
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}: the options are {sorted(names)}")
         return replace(options or cls(), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON values (q as a list of floats, or None), for results and saved ledgers.
+
+        Example:
+            >>> import dicekern as dk
+            >>> dk.DiceOptions.from_dict(dk.DiceOptions(order=2).to_dict()).order
+            2
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["q"] = None if self.q is None else self.q.double().tolist()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DiceOptions:
+        """The options ``to_dict`` wrote; a field missing takes its default, an unknown one raises."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"options must be a mapping of option names to values, got {type(values).__name__}")
+        values = dict(values)
+        if values.get("q") is not None:
+            values["q"] = torch.tensor(values["q"], dtype=torch.float64)
+        return cls.of(None, **values)

@@ -2,19 +2,22 @@
 
 Notation of DICE.md. A hop s >= 2 moves a perturbation of every node's state (N, C, S, D) through
 round t+s-1: J (the linearised local step, at the sender) then the mix with W^{t+s-1} (theta
-block; every block with mix_state). The forward ("cascade") direction follows sources as columns;
-the adjoint direction carries objectives as columns and scores every sample at once. Scores read
-only the theta block.
+block; every block with mix_state). Each hop is a linear operator (``dicekern.engine.operators``)
+built once per round; the forward ("cascade") direction applies it with sources as columns, the
+adjoint direction applies its transpose (derived by the operator algebra) with objectives as
+columns and scores every sample at once. Scores read only the theta block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 
 import torch
 
 from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
 from dicekern.engine.mixing import Mixer
+from dicekern.engine.operators import LinearOperator, Mix, StepJacobian
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
 from dicekern.record.rounds import Round
@@ -59,26 +62,17 @@ class Chain:
 
     # ---- the parts of a hop ----
 
-    def _mix(self, index: int, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """W^{t+index} (or its transpose) on the node axis of (N, C, S, D): every block, or theta only."""
-        n, c, s, d = vectors.shape
-        if self.mix_state or s == 1:
-            return self.mixer(index, vectors.reshape(n, c * s, d), transpose).view(n, c, s, d)
-        mixed = vectors.clone()
-        mixed[:, :, 0] = self.mixer(index, vectors[:, :, 0], transpose)
-        return mixed
+    @cached_property
+    def hop_operators(self) -> tuple[LinearOperator, ...]:
+        """One operator per round of the window, on (N, C, S, D): delta^{(s)} = hop_operators[s-1] delta^{(s-1)}.
 
-    def _forward_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
-        """delta^{(s)} from delta^{(s-1)} through round t+index, index = s-1 >= 1."""
-        if self.options.curvature_at == "sender":
-            return self._mix(index, self.steps[index].jacobian(vectors), transpose=False)
-        return self.steps[index].jacobian(self._mix(index, vectors, transpose=False))
-
-    def _adjoint_hop(self, index: int, vectors: torch.Tensor) -> torch.Tensor:
-        """The transpose of _forward_hop."""
-        if self.options.curvature_at == "sender":
-            return self.steps[index].jacobian_t(self._mix(index, vectors, transpose=True))
-        return self._mix(index, self.steps[index].jacobian_t(vectors), transpose=True)
+        Round t carries Delta to its receivers by the mix alone; round t+i (i >= 1) is Mix_i @ J_i
+        (the sender's curvature) or J_i @ Mix_i (the receiver's). The adjoint chain applies their ``.T``.
+        """
+        mix = [Mix(self.mixer, i, mix_state=self.mix_state) for i in range(len(self.steps))]
+        jacobians = [StepJacobian(step) for step in self.steps[1:]]
+        sender = self.options.curvature_at == "sender"
+        return (mix[0], *(m @ J if sender else J @ m for m, J in zip(mix[1:], jacobians)))
 
     def _as_state(self, theta: torch.Tensor) -> torch.Tensor:
         """(N, C, D) theta vectors as (N, C, S, D) state vectors with zero optimizer blocks."""
@@ -201,7 +195,7 @@ class Chain:
             points[0] = self._direct_points(at_source)
         deltas = [delta[reached[0], 0, 0]]
         for s in range(1, self.hops + 1):
-            delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+            delta = self.hop_operators[s - 1] @ delta
             reached.append(delta.flatten(1).ne(0).any(dim=1).nonzero().flatten())
             points.append(self.rounds[s].params[reached[-1]])
             deltas.append(delta[reached[-1], 0, 0])
@@ -218,7 +212,7 @@ class Chain:
         """Scores of every sample of every node: (N, B), with per_hop a leading (hops+1,) axis,
         with per_test an (M,) axis before N (one objective per test point).
 
-        lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + adjoint_hop(lambda^{(s+1)}) (theta
+        lambda^{(r)} = q g^{(r)}, lambda^{(s)} = q g^{(s)} + hop_s^T lambda^{(s+1)} (theta
         blocks), and a sample's score is Delta_j(z)^T (q_j g_j^{(0)} + ((W^t)^T lambda^{(1)})_j).
         Each objective is a column; with per_hop each hop's term travels in its own block of columns.
         At order 2 each sample's hop-0 term gains -1/2 q_j Delta^T H_test Delta (the mean test loss only).
@@ -232,14 +226,14 @@ class Chain:
             if lam is None:
                 lam = injected
             else:
-                lam = self._adjoint_hop(s, lam)
+                lam = self.hop_operators[s].T @ lam
                 lam = torch.cat([lam, injected], dim=1) if per_hop else lam.add_(injected)  # lam is the hop's fresh output
         direct = self._as_state(scaled_test_grads(0))
         objectives = direct.shape[1]
         if lam is None:
             vectors = direct
         else:
-            to_sources, lam = self._mix(0, lam, transpose=True), None
+            to_sources, lam = self.hop_operators[0].T @ lam, None
             if per_hop:  # hop blocks r..1 -> 1..r
                 to_sources = to_sources.unflatten(1, (self.hops, objectives)).flip(1).flatten(1, 2)
                 vectors = torch.cat([direct, to_sources], dim=1)
@@ -272,6 +266,6 @@ class Chain:
             delta[sources, torch.arange(len(sources))] = displacements[sources]
             for s in range(self.hops + 1):
                 if s:
-                    delta = self._mix(0, delta, transpose=False) if s == 1 else self._forward_hop(s - 1, delta)
+                    delta = self.hop_operators[s - 1] @ delta
                 scores[s, sources] = self._hop_scores(s, points[s], scaled_test_grads[s], delta[:, :, 0])
         return scores

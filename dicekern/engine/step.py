@@ -3,7 +3,8 @@
 Chain vectors are (N, C, S, D): C columns (objectives or sources), S blocks per node state (block
 0 is theta, then the optimizer's float state blocks in ``optimizer.state_blocks`` order), D
 parameters. The local step x -> O(x, g(theta)) is linearised at the recorded point; its Jacobian
-J includes g's dependence on theta (the curvature), and for SGD reduces to I - lr H.
+J (the operator ``dicekern.engine.operators.StepJacobian``) includes g's dependence on theta (the
+curvature), and for SGD reduces to I - lr H.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class LocalStep:
         return self.optimizer.update(self.params, self.state, self.grads, self.lr)[0]
 
     @cached_property
-    def _linearization(self):
-        """The optimizer's Jacobian at every node, shaped to broadcast over the C columns."""
+    def linearization(self):
+        """The optimizer's Jacobian at every node (its tangent and cotangent in (theta, blocks, grad)),
+        shaped to broadcast over the C columns."""
         column = lambda t: t[:, None]
         state = {k: column(v) if k in self.optimizer.state_blocks else v for k, v in self.state.items()}
         grads = column(self.grads) if self.optimizer.linearization_reads_grad else None  # SGD's step is linear in g
@@ -65,28 +67,35 @@ class LocalStep:
         return LocalStep(self.objective, self.optimizer, self.params[index], self.inputs[index], self.targets[index],
                          self.lr[index], state, self.curvature)
 
-    def _split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """(N, C, S, D) -> theta (N, C, D) and the optimizer's blocks by name, each (N, C, D)."""
         return vectors[:, :, 0], dict(zip(self.optimizer.state_blocks, vectors[:, :, 1:].unbind(2)))
 
-    def _join(self, theta: torch.Tensor, blocks: State) -> torch.Tensor:
+    def join(self, theta: torch.Tensor, blocks: State) -> torch.Tensor:
+        """The inverse of ``split``: (N, C, S, D)."""
         if not blocks:
             return theta.unsqueeze(2)
         return torch.stack([theta] + [blocks[name] for name in self.optimizer.state_blocks], dim=2)
 
-    def _curvature(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.objective.curvature_products(self.params, self.inputs, self.targets, vectors, self.curvature)
+    def curvature_products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, C, D) H_k V[k, c], H_k the curvature of node k's batch-mean loss; zero for curvature
+        "none". A fresh tensor.
 
-    def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
-        """J V at every node: (N, C, S, D) -> (N, C, S, D)."""
-        d_theta, d_blocks = self._split(vectors)
-        theta, blocks = self._linearization.tangent(d_theta, d_blocks, self._curvature(d_theta))
-        return self._join(theta, blocks)
-
-    def jacobian_t(self, vectors: torch.Tensor) -> torch.Tensor:
-        """J^T V at every node: (N, C, S, D) -> (N, C, S, D); H is symmetric, so J^T uses H again."""
-        c_theta, c_blocks = self._split(vectors)
-        theta, blocks, c_grad = self._linearization.cotangent(c_theta, c_blocks)
-        return self._join(self._curvature(c_grad).add_(theta), blocks)  # the curvature product is a fresh tensor
+        Only the nodes with a non-zero column are evaluated: a perturbation that has not reached
+        node k yet is exactly zero there, so the cost of a cascade follows the source's reach.
+        """
+        if self.curvature == "none":
+            return torch.zeros_like(vectors)
+        active = vectors.flatten(1).ne(0).any(dim=1)
+        if active.all():
+            return self.objective.curvature_products(self.params, self.inputs, self.targets, vectors, self.curvature)
+        products = torch.zeros_like(vectors)
+        nodes = active.nonzero().flatten()
+        if len(nodes):
+            products[nodes] = self.objective.curvature_products(
+                self.params[nodes], self.inputs[nodes], self.targets[nodes], vectors[nodes], self.curvature
+            )
+        return products
 
     def displacement(self, grads: torch.Tensor) -> torch.Tensor:
         """(dO/dg) G at every node: the state change of gradient changes G (N, C, D), as (N, C, S, D).
@@ -95,14 +104,14 @@ class LocalStep:
         factual minus counterfactual.
         """
         zeros = torch.zeros_like(grads)
-        theta, blocks = self._linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads)
-        return self._join(theta, blocks)
+        theta, blocks = self.linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads)
+        return self.join(theta, blocks)
 
     def sample_scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """Delta_k(z_b)^T V[k, c] for every sample b of every node k: (N, C, S, D) -> (N, C, B).
 
         Delta^T V = (1/B) grad loss_b^T (dO/dg)^T V: one JVP of the per-sample losses per column.
         """
-        c_theta, c_blocks = self._split(vectors)
-        c_grad = self._linearization.cotangent(c_theta, c_blocks)[2]
+        c_theta, c_blocks = self.split(vectors)
+        c_grad = self.linearization.cotangent(c_theta, c_blocks)[2]
         return self.objective.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -130,16 +131,15 @@ _VERDICTS: dict[tuple, bool] = {}
 SELF_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}  # of each result's scale
 
 
-def kernels_agree(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernels for this MLP (its layers, activation and loss) agree with the closed-form
-    backend on device in dtype, on random params, batches and vectors: checked once per
-    configuration, then remembered for the process. No GPU run of the kernels is committed yet,
-    so ``backend="auto"`` trusts a configuration only after it has passed this on the device at hand.
-    """
-    key = (str(device), dtype, mlp_plan(model, loss_fn))
+def agrees_once(what: str, model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype,
+                worst_relative_error: Callable[[], float]) -> bool:
+    """Whether ``worst_relative_error()`` of the kernels named ``what`` is within SELF_CHECK_RTOL:
+    computed once per kind of check, device, dtype and kernel configuration, then remembered for
+    the process. A failure to run counts as disagreement, and either is warned about once."""
+    key = (what, str(device), dtype, mlp_plan(model, loss_fn))
     if key not in _VERDICTS:
         try:
-            error = _worst_relative_error(model, loss_fn, device, dtype)
+            error = worst_relative_error()
             _VERDICTS[key] = error <= SELF_CHECK_RTOL.get(dtype, 1e-2)
             detail = f"relative error {error:.2e}"
         except Exception as failure:  # a kernel that does not even run must not be used either
@@ -147,10 +147,32 @@ def kernels_agree(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.devic
             detail = f"{type(failure).__name__}: {failure}"
         if not _VERDICTS[key]:
             warnings.warn(
-                f"dicekern: the Triton kernels for this {type(model).__name__} under {loss_fn.kind} disagree with the closed-form "
-                f"backend on {device} in {dtype} ({detail}); backend='auto' does not use them", RuntimeWarning, stacklevel=2,
+                f"dicekern: the Triton {what} for this {type(model).__name__} under {loss_fn.kind} disagree with the closed-form "
+                f"backend on {device} in {dtype} ({detail}); backend='auto' does not use them", RuntimeWarning, stacklevel=3,
             )
     return _VERDICTS[key]
+
+
+def random_data(loss_fn: ClosedFormLoss, plan: MLPPlan, lead: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs (*lead, F) and targets the loss takes, (*lead) or (*lead, K), for self-checks."""
+    outputs = plan.widths[-1]
+    x = torch.randn(*lead, plan.widths[0], generator=generator, dtype=dtype)
+    if loss_fn.kind == "softmax_cross_entropy":
+        y = torch.randint(outputs, lead, generator=generator)
+    elif loss_fn.kind == "binary_logistic":
+        y = torch.rand(*lead, generator=generator, dtype=dtype).round()
+    else:
+        y = torch.randn(*lead, outputs, generator=generator, dtype=dtype)
+    return x.to(device), y.to(device)
+
+
+def kernels_agree(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the node kernels for this MLP (its layers, activation and loss) agree with the
+    closed-form backend on device in dtype, on random params, batches and vectors. No GPU run of
+    the kernels is committed yet, so ``backend="auto"`` trusts a configuration only after it has
+    passed this on the device at hand."""
+    return agrees_once("kernels", model, loss_fn, device, dtype, lambda: _worst_relative_error(model, loss_fn, device, dtype))
 
 
 def _worst_relative_error(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> float:
@@ -159,26 +181,25 @@ def _worst_relative_error(model: nn.Module, loss_fn: ClosedFormLoss, device: tor
     g = torch.Generator().manual_seed(0)
     kernels, closed_form = TritonBackend(model, loss_fn), ClosedFormBackend(model, loss_fn)
     plan = kernels.plan
-    n, batch, columns, points, features, outputs = 3, 5, 2, 4, plan.widths[0], plan.widths[-1]
+    n, batch, columns = 3, 5, 2
 
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=dtype).to(device)
 
-    def targets(*lead: int) -> torch.Tensor:
-        if loss_fn.kind == "softmax_cross_entropy":
-            return torch.randint(outputs, lead, generator=g).to(device)
-        if loss_fn.kind == "binary_logistic":
-            return torch.rand(*lead, generator=g, dtype=dtype).round().to(device)
-        return random(*lead, outputs)
-
-    params = random(n, plan.dim) * 0.5 / features**0.5
-    x, y, vectors, weights = random(n, batch, features), targets(n, batch), random(n, columns, plan.dim), random(n, batch).abs()
-    test = (random(points, features), targets(points))
+    params = random(n, plan.dim) * 0.5 / plan.widths[0] ** 0.5
+    x, y = random_data(loss_fn, plan, (n, batch), dtype, device, g)
+    vectors, weights = random(n, columns, plan.dim), random(n, batch).abs()
+    test = random_data(loss_fn, plan, (4,), dtype, device, g)
     worst = 0.0
     for name, args in [("node_grads", (params, x, y, weights)), ("test_grads", (params, test)),
                        ("curvature_products", (params, x, y, vectors, "exact")), ("curvature_products", (params, x, y, vectors, "ggn")),
                        ("per_sample_dots", (params, x, y, vectors))]:
         expected, actual = getattr(closed_form, name)(*args), getattr(kernels, name)(*args)
-        scale = expected.abs().max().clamp_min(torch.finfo(dtype).tiny)
-        worst = max(worst, ((actual - expected).abs().max() / scale).item())
+        worst = max(worst, relative_error(actual, expected))
     return worst
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    return ((actual - expected).abs().max() / scale).item()

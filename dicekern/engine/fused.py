@@ -7,8 +7,20 @@ from __future__ import annotations
 
 import torch
 
+from torch import nn
+
+from dicekern.bindings.gossip_mix import ColumnMixer
 from dicekern.bindings.mlp import adjoint_chain_per_test, forward_chain
+from dicekern.core.losses import ClosedFormLoss
+from dicekern.core.optim import SGD
+from dicekern.curvature.closed_form import ClosedFormBackend
+from dicekern.curvature.triton import TritonBackend, agrees_once, random_data, relative_error
 from dicekern.engine.chain import Chain
+from dicekern.engine.evaluation import SharedTestSet
+from dicekern.engine.mixing import TorchMixer
+from dicekern.engine.options import DiceOptions
+from dicekern.engine.step import LocalStep
+from dicekern.record.rounds import Round
 
 
 class FusedMLPChain(Chain):
@@ -31,3 +43,32 @@ class FusedMLPChain(Chain):
         displacements = first.displacement(first.grads[:, None])[:, 0, 0]  # (N, D): -lr grad, every whole batch
         points = torch.stack([rnd.params for rnd in self.rounds])
         return forward_chain(first.objective.plan, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags())
+
+
+def one_launch_agrees(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the one-launch chains for this MLP agree with the composed chain on the closed-form
+    backend, on device in dtype: ``dice_e(per_test=True)`` and ``influence_matrix`` of a random
+    3-node, 2-hop window of plain SGD. Checked once per configuration (see ``agrees_once``)."""
+    return agrees_once("one-launch chains", model, loss_fn, device, dtype, lambda: _worst_relative_error(model, loss_fn, device, dtype))
+
+
+def _worst_relative_error(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> float:
+    g = torch.Generator().manual_seed(1)
+    kernels, closed_form = TritonBackend(model, loss_fn), ClosedFormBackend(model, loss_fn)
+    n, batch, hops, plan = 3, 5, 2, kernels.plan
+    W = (torch.rand(n, n, generator=g, dtype=dtype) + 0.1).to(device)
+    W = W / W.sum(1, keepdim=True)
+    lr = torch.full((n,), 0.3, dtype=dtype, device=device)
+    rounds = [Round(0.5 * torch.randn(n, plan.dim, generator=g, dtype=dtype).to(device) / plan.widths[0] ** 0.5,
+                    *random_data(loss_fn, plan, (n, batch), dtype, device, g), lr, W, {}) for _ in range(hops)]
+    rounds.append(Round(0.5 * torch.randn(n, plan.dim, generator=g, dtype=dtype).to(device) / plan.widths[0] ** 0.5))
+    test, q, options = random_data(loss_fn, plan, (4,), dtype, device, g), torch.full((n,), 1.0 / n, dtype=dtype, device=device), DiceOptions()
+
+    def chain(kind: type[Chain], backend, mixer) -> Chain:
+        steps = [LocalStep(backend, SGD(), r.params, r.inputs, r.targets, r.lr, r.state, options.curvature) for r in rounds[:hops]]
+        return kind(rounds, steps, mixer([r.W for r in rounds[:hops]]), SharedTestSet(backend, test), q, options, step=0,
+                    mix_state=False, nodes=range(n))
+
+    composed, fused = chain(Chain, closed_form, TorchMixer), chain(FusedMLPChain, kernels, ColumnMixer)
+    return max(relative_error(fused.adjoint(per_hop=False, per_test=True), composed.adjoint(per_hop=False, per_test=True)),
+               relative_error(fused.influence_matrix(), composed.influence_matrix()))

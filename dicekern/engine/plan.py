@@ -142,7 +142,11 @@ def select_for(traj: Trajectory, options: DiceOptions, partition: Partition) -> 
     model, loss_fn = traj.objective.model, traj.objective.loss_fn
 
     def trusted(backend: type[CurvatureBackend]) -> bool:
-        return backend is not TritonBackend or kernels_agree(model, loss_fn, traj.device, traj.dtype)
+        if backend is not TritonBackend:
+            return True
+        from dicekern.engine.fused import one_launch_agrees  # imports triton: only on CUDA, only for "auto"
+
+        return kernels_agree(model, loss_fn, traj.device, traj.dtype) and one_launch_agrees(model, loss_fn, traj.device, traj.dtype)
 
     return select_backend(options.backend, model, loss_fn, traj.batch_layout().input_shape, traj.device, traj.dtype, trusted=trusted)
 

@@ -162,32 +162,41 @@ def test_the_kernels_cover_mlps_with_one_activation_at_most_256_wide() -> None:
 
 
 def test_the_self_check_passes_correct_kernels_and_refuses_wrong_ones(monkeypatch) -> None:
-    """Run here in the interpreter (on CPU tensors): the same check "auto" runs once per CUDA device."""
+    """Run here in the interpreter (on CPU tensors): the same checks "auto" runs once per CUDA device,
+    of the node kernels and of the one-launch chains."""
     from dicekern.curvature import triton as selfcheck
     from dicekern.curvature.triton import TritonBackend
+    from dicekern.engine import fused
 
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
     head, device = nn.Linear(7, 4), torch.device(DEVICE)
     assert selfcheck.kernels_agree(head, dk.losses.softmax_cross_entropy, device, torch.float64)
+    assert fused.one_launch_agrees(head, dk.losses.softmax_cross_entropy, device, torch.float64)
     mlp = nn.Sequential(nn.Linear(7, 6), nn.SiLU(), nn.Linear(6, 4))
     assert selfcheck.kernels_agree(mlp, dk.losses.squared_error, device, torch.float32)
+    assert fused.one_launch_agrees(mlp, dk.losses.squared_error, device, torch.float32)
     real = TritonBackend.per_sample_dots
     monkeypatch.setattr(TritonBackend, "per_sample_dots", lambda self, *a: real(self, *a) * 1.001)
-    with pytest.warns(RuntimeWarning, match="disagree with the closed-form backend .* backend='auto' does not use them"):
+    with pytest.warns(RuntimeWarning, match="Triton kernels .* disagree with the closed-form backend .* backend='auto' does not use them"):
         assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)
     assert not selfcheck.kernels_agree(nn.Linear(7, 3), dk.losses.softmax_cross_entropy, device, torch.float64)  # remembered
+    real_chain = fused.forward_chain
+    monkeypatch.setattr(fused, "forward_chain", lambda *a, **k: real_chain(*a, **k) * 1.001)
+    with pytest.warns(RuntimeWarning, match="Triton one-launch chains .* disagree with the closed-form backend"):
+        assert not fused.one_launch_agrees(nn.Linear(7, 2), dk.losses.squared_error, device, torch.float64)
 
 
 def test_backend_choice(monkeypatch) -> None:
     run = random_run(3, rounds=2, seed=1)
     auto = dk.dice_e(run.trajectory, 0, run.test, 1, backend="auto")
-    assert torch.equal(auto, dk.dice_e(run.trajectory, 0, run.test, 1, backend="torch"))  # an MLP: torch everywhere
+    assert torch.equal(auto, dk.dice_e(run.trajectory, 0, run.test, 1, backend="torch"))  # a loss outside dk.losses: torch
+    covered = random_run(3, rounds=2, seed=1, loss_fn=dk.losses.softmax_cross_entropy)  # a model and loss the kernels cover
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            dk.dice_e(run.trajectory, 0, run.test, 1, backend="triton")
+            dk.dice_e(covered.trajectory, 0, covered.test, 1, backend="triton")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            dk.cascade(run.trajectory, 0, 0, run.test, 1, backend="triton")
+            dk.cascade(covered.trajectory, 0, 0, covered.test, 1, backend="triton")
 
 
 DICEKERN_OPS = ("gossip_mix", "mlp", "mlp_adjoint_chain", "mlp_forward_chain")

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean gpu-suite
+.PHONY: demo test test-fast bench clean gpu-suite
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -15,8 +15,16 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(PY) -m dicekern demo --out out/demo
 
+# one pytest-xdist worker per core; a test marked xdist_group shares a worker with its group
+XDIST := -n auto --dist loadgroup
+
+# everything: core maths, contracts, kernels (Triton's interpreter), distributed ranks, slow end-to-end runs
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
+
+# the inner loop: core maths and contract tests, without the markers of pytest.ini (under 90 s on 2 cores)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not kernels and not distributed"
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -o addopts= --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds \

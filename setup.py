@@ -14,6 +14,6 @@ setup(
     extras_require={
         "triton": ["triton"],  # the kernels
         "apps": ["networkx", "scikit-learn", "scipy", "matplotlib", "tqdm"],  # topologies, digits, analyses, pictures, CLI
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist"],
     },
 )

@@ -1,12 +1,35 @@
-"""Shared fixtures: small random gossip runs that are not powers of two, and one tolerance table."""
+"""Shared fixtures and helpers of the whole suite, imported by name (``from conftest import ...``):
+small random gossip runs that are not powers of two, one tolerance table, saved runs and file checks.
+
+The suite mirrors the package: ``tests/<folder>`` tests ``dicekern/<folder>`` (``tests/kernels``
+tests ``kernels/`` and ``bindings/``; ``tests/contracts`` the layout). Markers (pytest.ini):
+every test under ``tests/kernels`` is ``kernels`` and every test under ``tests/distributed`` is
+``distributed`` (set here, by folder, in ``pytest_collection_modifyitems``); ``slow`` is set in
+each module that has a slow test. ``make test-fast`` runs what is none of the three.
+
+This is the only conftest.py: a second one would also be imported as ``conftest`` and shadow this
+one for ``from conftest import ...``. ``run_factories`` sits beside it so that saved runs can name
+``run_factories:...`` (this folder is on sys.path under pytest's default import mode).
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-import torch
+
+# One thread per process: the suite's tensors are tiny, and `make test` runs a pytest-xdist worker per
+# core, some of whose tests start more processes (ranks, subprocesses). OpenMP threads that spin
+# while the cores are taken made tests 10 to 50 times slower. Set before torch loads; children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Triton kernels run on CPU tensors through Triton's interpreter, which must be chosen before
 # triton is first imported (torch does not import it). Kernel tests build their tensors on DEVICE.
@@ -17,7 +40,30 @@ os.environ["DICEKERN_POISON_OUTPUTS"] = "1"  # kernel outputs start as NaN: an u
 from torch import nn
 
 import dicekern as dk
+import run_factories
 from dicekern.curvature.round import gossip_round
+
+TESTS = Path(__file__).resolve().parent  # on sys.path: run_factories and this module import from here
+ROOT = TESTS.parent  # the repository: README.md, benchmarks/
+
+# every test under tests/<folder> carries the marker of its folder
+FOLDER_MARKERS = {"kernels": "kernels", "distributed": "distributed"}
+# under pytest-xdist's --dist loadgroup, the tests of these folders run one after another on one
+# worker: each starts 2 to 4 processes of its own, and two at once would overcommit the cores
+XDIST_GROUPS = {"distributed"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    xdist = config.pluginmanager.hasplugin("xdist")
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        if TESTS in path.parents:
+            folder = path.relative_to(TESTS).parts[0]
+            if folder in FOLDER_MARKERS:
+                item.add_marker(FOLDER_MARKERS[folder])
+            if xdist and folder in XDIST_GROUPS:
+                item.add_marker(pytest.mark.xdist_group(folder))
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -200,3 +246,52 @@ def torch_optim_run(
 def digits_run() -> dk.examples.DigitsRun:
     """The issue's setting: 16 nodes, exponential graph, tanh MLP, lr 0.1, float64."""
     return dk.examples.digits_run(num_nodes=16, rounds=6, batch_size=8, lr=0.1, graph="exponential")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path) -> bool:
+    """path holds a non-empty PNG picture."""
+    data = path.read_bytes()
+    return data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(path: Path) -> Path:
+    """The folder a saved trajectory's pointer names."""
+    return path / json.loads((path / "CURRENT").read_text())["snapshot"]
+
+
+def republish(path: Path, manifest: dict | None = None, raw: bytes | None = None) -> None:
+    """Rewrite a saved trajectory's manifest and the pointer's checksum, as a forger who knows the format would."""
+    data = raw if raw is not None else json.dumps(manifest).encode()
+    (snapshot(path) / "manifest.json").write_bytes(data)
+    pointer = json.loads((path / "CURRENT").read_text())
+    pointer["sha256"] = hashlib.sha256(data).hexdigest()
+    (path / "CURRENT").write_text(json.dumps(pointer))
+
+
+MLP = dict(inputs=3, hidden=4, classes=3)  # random_run's model, as run_factories.tanh_mlp's arguments
+DESCRIPTION = dk.RunDescription("run_factories:tanh_mlp", MLP, metadata={"topology": "random directed", "seed": 5})
+
+
+def described_run(**kwargs) -> RandomRun:
+    """random_run's run, recorded with DESCRIPTION: a saved copy rebuilds its own model."""
+    return random_run(5, rounds=5, seed=5, model=run_factories.tanh_mlp(**MLP), loss_fn=dk.losses.softmax_cross_entropy,
+                      description=DESCRIPTION, **kwargs)
+
+
+@pytest.fixture
+def described_saved(tmp_path) -> tuple[RandomRun, Path, Path]:
+    """A described run saved to tmp_path/run and its test set written to tmp_path/test.safetensors."""
+    from safetensors.torch import save_file
+
+    run = described_run()
+    run.trajectory.save(tmp_path / "run")
+    save_file({"inputs": run.test[0], "targets": run.test[1]}, tmp_path / "test.safetensors")
+    return run, tmp_path / "run", tmp_path / "test.safetensors"

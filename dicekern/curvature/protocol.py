@@ -13,6 +13,7 @@ Shapes: N nodes (rows), D params, B samples per batch, C columns, M test points.
 from __future__ import annotations
 
 from collections.abc import Callable
+import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -39,6 +40,7 @@ class Capabilities:
         devices: the device types it runs on (None: any device torch runs on).
         curvatures: the curvature products it computes.
         one_launch_chains: whether whole chains of plain SGD run as one kernel launch.
+        requires: (package, extra) pairs it imports, which ``dicekern[extra]`` installs.
     """
 
     name: str
@@ -49,9 +51,16 @@ class Capabilities:
     curvatures: tuple[str, ...] = ("exact", "ggn")
     optimizers: str = "every dk.optim spec"
     one_launch_chains: bool = False
+    requires: tuple[tuple[str, str], ...] = ()
+
+    def missing_packages(self) -> list[tuple[str, str]]:
+        """The (package, extra) pairs of ``requires`` that are not installed."""
+        return [(package, extra) for package, extra in self.requires if importlib.util.find_spec(package) is None]
 
     def unsupported(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this backend cannot compute on device in dtype, or None."""
+        for package, extra in self.missing_packages():
+            return f"{package} is not installed: pip install 'dicekern[{extra}]'"
         if dtype not in self.dtypes:
             return f"backend {self.name!r} computes in {', '.join(str(d) for d in self.dtypes)}, not {dtype}"
         if self.devices is not None and device.type not in self.devices:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dicekern.core.checks import check_choice
+from dicekern.core.extras import MissingExtra
 from dicekern.curvature.closed_form import ClosedFormBackend
 from dicekern.curvature.protocol import CurvatureBackend, LossFn
 from dicekern.curvature.torch_func import TorchFuncBackend
@@ -39,7 +40,8 @@ def select_backend(
 ) -> Selection:
     """The backend of a query, read from the backends' declared capabilities.
 
-    A named backend runs the query or raises a ValueError naming what it lacks. "auto" takes Triton
+    A named backend runs the query or raises a ValueError naming what it lacks (a MissingExtra,
+    naming the extra to install, when it is a package). "auto" takes Triton
     on CUDA where triton is installed, the kernels cover the model and ``trusted(TritonBackend)``
     (a self-check against the closed form) passes; else the closed form where it covers the model;
     else the torch.func reference, with the reasons the others gave in ``fallback``.
@@ -47,6 +49,8 @@ def select_backend(
     check_choice("backend", requested, BACKENDS)
     if requested != "auto":
         backend = BACKEND_CLASSES[requested]
+        for package, extra in backend.capabilities.missing_packages():
+            raise MissingExtra(f"backend {requested!r}", package, extra)
         reason = backend.unsupported(model, loss_fn, input_shape, device, dtype)
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run this query: {reason}")

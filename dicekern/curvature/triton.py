@@ -8,7 +8,6 @@ curvature products and per-sample dots; per-sample and per-test-point gradients 
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import ClassVar
@@ -73,18 +72,18 @@ class TritonBackend:
         dtypes=(torch.float32, torch.float64),
         devices=("cuda", "cpu"),  # CPU only under TRITON_INTERPRET=1
         one_launch_chains=True,
+        requires=(("triton", "triton"),),
     )
 
     @classmethod
     def unsupported(cls, model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], device: torch.device,
                     dtype: torch.dtype) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed: pip install 'dicekern[triton]'"
         plan = mlp_plan(model, loss_fn)
-        reason = plan if isinstance(plan, str) else ClosedFormBackend.unsupported(model, loss_fn, input_shape, device, dtype)
+        reason = cls.capabilities.unsupported(device, dtype) or (plan if isinstance(plan, str) else None) \
+            or ClosedFormBackend.unsupported(model, loss_fn, input_shape, device, dtype)
         if reason is None:
             try:
-                require_triton_device(device)
+                require_triton_device(device)  # the interpreter for CPU tensors
             except ValueError as error:
                 reason = str(error)
         return reason

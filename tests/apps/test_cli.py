@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import dicekern as dk
-
+from conftest import is_png
 from dicekern.apps.cli import main
-from test_plots import is_png
 
 SMALL = ["--nodes", "5", "--no-progress"]
 

@@ -17,9 +17,8 @@ import dicekern as dk
 from conftest import TESTS, TOL, assert_close, is_png, read_csv
 from dicekern.apps.cli import main
 
-pytestmark = pytest.mark.slow  # each test runs a command on a saved run (a subprocess for two of them)
 
-
+@pytest.mark.slow  # a `python -m dicekern` subprocess
 def test_score_in_a_subprocess_equals_dice_e_on_the_loaded_run(described_saved, tmp_path) -> None:
     run, path, test_file = described_saved
     out = tmp_path / "scores"
@@ -52,6 +51,7 @@ def test_score_in_a_subprocess_equals_dice_e_on_the_loaded_run(described_saved, 
     assert is_png(out / "influence_matrix.png") and is_png(out / "contribution.png")
 
 
+@pytest.mark.slow  # a `python -m dicekern` subprocess
 def test_score_of_a_run_whose_factory_is_gone_exits_1_naming_it(described_saved, tmp_path) -> None:
     _, path, test_file = described_saved
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import dicekern as dk
-from conftest import random_run
+from conftest import is_png, random_run
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BACKEND = "svg"
 
 
@@ -25,12 +24,6 @@ def other_backend():
     matplotlib.use(BACKEND)
     yield
     matplotlib.use(before)
-
-
-def is_png(path) -> bool:
-    """path holds a non-empty PNG picture (also used by the CLI tests)."""
-    data = path.read_bytes()
-    return data[:8] == PNG_SIGNATURE and len(data) > 1000
 
 
 def assert_picture(written, expected) -> None:

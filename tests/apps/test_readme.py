@@ -8,14 +8,14 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 import torch
 
 import dicekern as dk
-from conftest import TOL, assert_close
+from conftest import ROOT, TOL, assert_close
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 
 def python_blocks() -> list[str]:
@@ -51,6 +51,7 @@ def test_readme_optimizers_example_runs() -> None:
         assert dk.analysis.pearson(scores[s, 0], truth[s, 0]) > 0.99
 
 
+@pytest.mark.slow  # trains a digits run and runs the README's commands in subprocesses
 def test_readme_your_own_run_section_runs(tmp_path, monkeypatch) -> None:
     """The python block saves a described run, and the sh block's commands score it; every score equals dk.dice_e."""
     monkeypatch.chdir(tmp_path)

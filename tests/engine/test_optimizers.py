@@ -123,6 +123,7 @@ def test_dice_gt_is_the_torch_optim_replay(name: str) -> None:
         assert_close(per_sample[:, 0, b], expected.sum(-1), TOL[torch.float64].op)
 
 
+@pytest.mark.slow  # digits fidelity: trains 34 rounds and replays 128 removals
 @pytest.mark.parametrize("optimizer, lr", [(dk.optim.SGD(momentum=0.9), 0.05), (dk.optim.Adam(), 0.005)], ids=["momentum", "adam"])
 def test_dice_e_tracks_dice_gt_on_digits(optimizer, lr: float) -> None:
     """16 nodes, exponential graph, MLP, batch 16, round 30, per-sample removal of every sample of

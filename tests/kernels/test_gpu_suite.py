@@ -6,17 +6,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TOL
+from conftest import ROOT, TOL
 
-SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 
 
-@pytest.mark.kernels
+@pytest.mark.slow  # a subprocess running the whole suite at --smoke sizes (marked kernels by its folder)
 def test_gpu_suite_smoke_run_checks_and_writes_json(tmp_path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(SUITE), "--smoke"], env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.kernels
+pytestmark = pytest.mark.slow  # the real compiler, in a subprocess (marked kernels by its folder)
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: the H200
 SHARED_MEMORY_PER_BLOCK = 227 * 1024  # bytes a block may opt into on sm_90 (Triton opts in above 48 KiB)

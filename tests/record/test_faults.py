@@ -16,6 +16,8 @@ import torch
 import dicekern as dk
 from conftest import cross_entropy, random_run
 
+pytestmark = pytest.mark.slow  # forks a saving child and kills it at every write step of a save
+
 WRITE_STEPS = ("open", "fsync", "mkdir", "rename", "replace")  # every os call by which a save changes the disk
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 import dicekern as dk
-from conftest import cross_entropy, random_run
+from conftest import cross_entropy, random_run, republish, snapshot
 
 
 @pytest.fixture
@@ -27,20 +27,6 @@ def saved(tmp_path):
 
 def load(run, path, **kwargs) -> dk.Trajectory:
     return dk.Trajectory.load(path, run.trajectory.objective.model, cross_entropy, **kwargs)
-
-
-def snapshot(path):
-    """The folder the pointer names."""
-    return path / json.loads((path / "CURRENT").read_text())["snapshot"]
-
-
-def republish(path, manifest: dict | None = None, raw: bytes | None = None) -> None:
-    """Rewrite the manifest and the pointer's checksum, as a forger who knows the format would."""
-    data = raw if raw is not None else json.dumps(manifest).encode()
-    (snapshot(path) / "manifest.json").write_bytes(data)
-    pointer = json.loads((path / "CURRENT").read_text())
-    pointer["sha256"] = hashlib.sha256(data).hexdigest()
-    (path / "CURRENT").write_text(json.dumps(pointer))
 
 
 def forge_round(path, step: int, change) -> None:

@@ -79,6 +79,7 @@ def test_least_squares_relative_error_shrinks_linearly_with_lr() -> None:
         assert 8 < coarse / fine < 12.5, errors
 
 
+@pytest.mark.slow  # digits fidelity: per-sample replays of the 16-node digits run
 @pytest.mark.parametrize("hops", [0, 1, 2, 3], ids=lambda h: f"hops{h}")
 def test_dice_e_tracks_dice_gt_on_digits(digits_run, hops: int) -> None:
     """16 nodes, exponential graph, MLP, lr 0.1, per-sample removal: Pearson >= 0.999."""

@@ -24,8 +24,10 @@ Glossary (one name per concept, used in every module):
 * **perturbation** delta: the change of every node's state that removing samples causes (forward);
   its **adjoint** lambda carries a test objective back to the samples.
 * **backend**: what computes gradients and curvature products of all nodes
-  (``dicekern.curvature``); a **query plan** fixes the window, options, backend and chunking of one
-  query (``dicekern.engine.plan``).
+  (``dicekern.curvature``); a run's ``traj.objective`` is its torch.func reference backend, the
+  engine's steps and test sets hold the backend a query runs on. A **query plan** fixes the window,
+  options, backend, partition and chunking of one query (``dicekern.engine.plan``).
+* **partition**: the nodes one process holds and how its mixes exchange rows (``dicekern.core.partition``).
 
 Layout: ``core`` (0) <- ``curvature`` (1) <- ``record`` (2) <- ``engine`` (3) <- ``truth`` (4) <-
 ``apps``, ``distributed`` (5); imports only point down. README.md, "Layout", has the picture.

@@ -20,7 +20,7 @@ from dicekern.core.checks import check_flag, check_int
 from dicekern.core.partition import Partition
 from dicekern.engine.plan import check_partition_backend, plan_query
 from dicekern.engine.options import DiceOptions
-from dicekern.curvature.torch_func import LossFn
+from dicekern.curvature.protocol import LossFn
 from dicekern.engine.ledger import OnlineDICE, test_digest
 from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Mismatch, Recorder, Trajectory, replay_mismatch

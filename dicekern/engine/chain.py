@@ -164,7 +164,7 @@ class Chain:
         terms = []
         for start in range(0, self.batch_size, chunk):
             samples = slice(start, start + chunk)
-            grads = first.objective.per_sample_grads(first.params, first.inputs[:, samples], first.targets[:, samples])
+            grads = first.backend.per_sample_grads(first.params, first.inputs[:, samples], first.targets[:, samples])
             deltas = first.displacement(grads / self.batch_size)[:, :, 0]  # (N, chunk, D)
             products = self.tests.direct_curvature(points, deltas, kind)
             terms.append((deltas * products).sum(-1))
@@ -189,7 +189,7 @@ class Chain:
         if owned:
             j = self.nodes.index(source)
             at_source = first.rows(slice(j, j + 1))  # round t's step of the source alone
-            removed = first.objective.node_grads(at_source.params, at_source.inputs, at_source.targets, (sample_mask / self.batch_size)[None])
+            removed = first.backend.node_grads(at_source.params, at_source.inputs, at_source.targets, (sample_mask / self.batch_size)[None])
             delta[j] = at_source.displacement(removed[:, None])[0]  # delta^{(0)}: Delta_j(z) at row j
             reached[0] = torch.tensor([j], device=device)
             points[0] = self._direct_points(at_source)

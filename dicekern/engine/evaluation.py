@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dicekern.curvature.torch_func import Curvature, TorchFuncBackend, mean_weights
+from dicekern.curvature.protocol import Curvature, CurvatureBackend
+from dicekern.curvature.torch_func import mean_weights
 from dicekern.engine.last_layer import PerNodeTest
 
 
@@ -21,19 +22,19 @@ class SharedTestSet:
 
     cacheable = True  # a round's mean-loss gradients are the same in every window that reads them
 
-    def __init__(self, objective: TorchFuncBackend, test: tuple[torch.Tensor, torch.Tensor]):
-        self.objective, self.test = objective, test
+    def __init__(self, backend: CurvatureBackend, test: tuple[torch.Tensor, torch.Tensor]):
+        self.backend, self.test = backend, test
         self.points = len(test[0])  # M
 
     def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
         x, y = self.test
         if per_test:
-            return self.objective.test_point_grads(points, x.expand(len(points), *x.shape), y)
-        return self.objective.test_grads(points, self.test)[:, None]
+            return self.backend.test_point_grads(points, x.expand(len(points), *x.shape), y)
+        return self.backend.test_grads(points, self.test)[:, None]
 
     def direct_curvature(self, points: torch.Tensor, vectors: torch.Tensor, kind: Curvature) -> torch.Tensor:
         x, y = self.test
-        return self.objective.curvature_products(points, x.expand(len(points), *x.shape), y.expand(len(points), *y.shape), vectors, kind)
+        return self.backend.curvature_products(points, x.expand(len(points), *x.shape), y.expand(len(points), *y.shape), vectors, kind)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.test
@@ -44,20 +45,20 @@ class PerNodeTestSet:
 
     cacheable = False
 
-    def __init__(self, objective: TorchFuncBackend, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
-        self.objective, self.targets = objective, test.targets
+    def __init__(self, backend: CurvatureBackend, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
+        self.backend, self.targets = backend, test.targets
         self.features = test.rows(steps, like)  # (hops+1, N, M, F)
         self.points = len(test.targets)  # M
 
     def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
         x, y = self.features[hops, nodes], self.targets
         if per_test:
-            return self.objective.test_point_grads(points, x, y)
-        return self.objective.node_grads(points, x, y.expand(len(points), *y.shape), mean_weights(x.shape[:2], points))[:, None]
+            return self.backend.test_point_grads(points, x, y)
+        return self.backend.node_grads(points, x, y.expand(len(points), *y.shape), mean_weights(x.shape[:2], points))[:, None]
 
     def direct_curvature(self, points: torch.Tensor, vectors: torch.Tensor, kind: Curvature) -> torch.Tensor:
         y = self.targets
-        return self.objective.curvature_products(points, self.features[0], y.expand(len(points), *y.shape), vectors, kind)
+        return self.backend.curvature_products(points, self.features[0], y.expand(len(points), *y.shape), vectors, kind)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features, self.targets

@@ -34,7 +34,7 @@ class FusedMLPChain(Chain):
         if not per_test or per_hop:
             return super().adjoint(per_hop, per_test)
         return adjoint_chain_per_test(
-            self.steps[0].objective.plan, self.rounds, self._test_grad_points(), self.tests.kernel_operands(), self.q, **self._kernel_flags()
+            self.steps[0].backend.plan, self.rounds, self._test_grad_points(), self.tests.kernel_operands(), self.q, **self._kernel_flags()
         )
 
     def influence_matrix(self) -> torch.Tensor:
@@ -42,7 +42,7 @@ class FusedMLPChain(Chain):
         scaled_test_grads = self._mean_test_grads()  # (hops+1, N, D)
         displacements = first.displacement(first.grads[:, None])[:, 0, 0]  # (N, D): -lr grad, every whole batch
         points = torch.stack([rnd.params for rnd in self.rounds])
-        return forward_chain(first.objective.plan, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags())
+        return forward_chain(first.backend.plan, self.rounds, points, displacements, scaled_test_grads, **self._kernel_flags())
 
 
 def one_launch_agrees(model: nn.Module, loss_fn: ClosedFormLoss, device: torch.device, dtype: torch.dtype) -> bool:

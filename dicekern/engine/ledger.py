@@ -23,7 +23,7 @@ from torch import nn
 from dicekern.core.checks import as_tensor, check_flag, check_int, check_test
 from dicekern.engine.plan import check_inputs, plan_query
 from dicekern.engine.options import DiceOptions
-from dicekern.curvature.torch_func import LossFn
+from dicekern.curvature.protocol import LossFn
 from dicekern.core.optim import spec_from_dict
 from dicekern.core.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.record.storage import MANIFEST, read_run, write_run

@@ -13,7 +13,8 @@ from functools import cached_property
 
 import torch
 
-from dicekern.curvature.torch_func import Curvature, TorchFuncBackend, mean_weights
+from dicekern.curvature.protocol import CurvatureBackend
+from dicekern.curvature.torch_func import mean_weights
 from dicekern.core.optim import OptimizerSpec, State
 
 
@@ -21,17 +22,17 @@ class LocalStep:
     """Round tau's local step at every node, linearised at the recorded point (theta, state, batch, lr).
 
     Args:
-        objective: the curvature engine (gradients, curvature products, per-sample dots).
+        backend: the curvature backend (gradients, curvature products, per-sample dots).
         optimizer: the spec of the run.
         params, inputs, targets, lr, state: the round's (N, D), (N, B, ...), (N, B, ...), (N,), state.
         curvature: "exact", "ggn" or "none" (g's dependence on theta left out).
     """
 
     def __init__(
-        self, objective: TorchFuncBackend, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
-        targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: Curvature,
+        self, backend: CurvatureBackend, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
+        targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: str,
     ):
-        self.objective, self.optimizer, self.curvature = objective, optimizer, curvature
+        self.backend, self.optimizer, self.curvature = backend, optimizer, curvature
         self.params, self.inputs, self.targets, self.lr, self.state = params, inputs, targets, lr, state
 
     @property
@@ -46,7 +47,7 @@ class LocalStep:
     @cached_property
     def grads(self) -> torch.Tensor:
         """(N, D) every node's batch-mean gradient at its recorded params."""
-        return self.objective.node_grads(self.params, self.inputs, self.targets, mean_weights(self.inputs.shape[:2], self.params))
+        return self.backend.node_grads(self.params, self.inputs, self.targets, mean_weights(self.inputs.shape[:2], self.params))
 
     def half_step(self) -> torch.Tensor:
         """(N, D) theta^{tau+1/2} (computed on each call: the chain needs it once)."""
@@ -64,7 +65,7 @@ class LocalStep:
     def rows(self, index: slice) -> LocalStep:
         """This step restricted to the nodes ``index`` (a slice of rows)."""
         state = {k: v[index] for k, v in self.state.items()}
-        return LocalStep(self.objective, self.optimizer, self.params[index], self.inputs[index], self.targets[index],
+        return LocalStep(self.backend, self.optimizer, self.params[index], self.inputs[index], self.targets[index],
                          self.lr[index], state, self.curvature)
 
     def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -88,11 +89,11 @@ class LocalStep:
             return torch.zeros_like(vectors)
         active = vectors.flatten(1).ne(0).any(dim=1)
         if active.all():
-            return self.objective.curvature_products(self.params, self.inputs, self.targets, vectors, self.curvature)
+            return self.backend.curvature_products(self.params, self.inputs, self.targets, vectors, self.curvature)
         products = torch.zeros_like(vectors)
         nodes = active.nonzero().flatten()
         if len(nodes):
-            products[nodes] = self.objective.curvature_products(
+            products[nodes] = self.backend.curvature_products(
                 self.params[nodes], self.inputs[nodes], self.targets[nodes], vectors[nodes], self.curvature
             )
         return products
@@ -114,4 +115,4 @@ class LocalStep:
         """
         c_theta, c_blocks = self.split(vectors)
         c_grad = self.linearization.cotangent(c_theta, c_blocks)[2]
-        return self.objective.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size
+        return self.backend.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size

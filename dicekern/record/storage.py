@@ -26,7 +26,8 @@ from torch import nn
 
 from dicekern.core.checks import check_int
 from dicekern.record.description import RunDescription, check_describes, described
-from dicekern.curvature.torch_func import LossFn, TorchFuncBackend
+from dicekern.curvature.protocol import LossFn
+from dicekern.curvature.torch_func import TorchFuncBackend
 from dicekern.core.optim import OptimizerSpec, spec_from_dict
 from dicekern.core.snapshots import open_snapshot, parse_json_object, publish, read_file, write_file
 from dicekern.record.rounds import BatchLayout, LazyRounds, Round, check_round

@@ -18,7 +18,8 @@ from dicekern.core.checks import check_choice, check_int
 from dicekern.core.partition import Partition
 from dicekern.record.description import RunDescription, check_describes, described
 from dicekern.curvature.round import local_update
-from dicekern.curvature.torch_func import LossFn, TorchFuncBackend
+from dicekern.curvature.protocol import LossFn
+from dicekern.curvature.torch_func import TorchFuncBackend
 from dicekern.core.optim import SGD, OptimizerSpec, spec_of
 from dicekern.record.rounds import BatchLayout, LazyRounds, Round, check_round
 

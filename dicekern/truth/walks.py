@@ -11,7 +11,8 @@ from torch.func import functional_call
 
 from dicekern.core.checks import check_node, check_node_weights, check_samples, check_test
 from dicekern.engine.options import DiceOptions
-from dicekern.curvature.torch_func import Curvature, TorchFuncBackend
+from dicekern.curvature.protocol import Curvature
+from dicekern.curvature.torch_func import TorchFuncBackend
 from dicekern.record.trajectory import Trajectory
 
 

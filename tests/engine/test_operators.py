@@ -77,7 +77,7 @@ def reference_jacobian(step: LocalStep) -> torch.Tensor:
 
     def update(x: torch.Tensor) -> torch.Tensor:
         theta = x[:, 0]
-        grads = step.objective.node_grads(theta, step.inputs, step.targets, weights)
+        grads = step.backend.node_grads(theta, step.inputs, step.targets, weights)
         new_theta, new_state = step.optimizer.update(theta, {**counters, **dict(zip(names, x[:, 1:].unbind(1)))}, grads, step.lr)
         return torch.stack([new_theta] + [new_state[name] for name in names], dim=1)
 
@@ -136,14 +136,14 @@ def test_curvature_products_skip_zero_rows_and_none() -> None:
     vectors = chain_vectors(step, generator)[:, :, 0]
     vectors[[1, 3]] = 0
     calls = []
-    objective = step.objective
+    objective = step.backend
 
     class Counting:
         def curvature_products(self, params, inputs, targets, vectors, kind):
             calls.append(len(params))
             return objective.curvature_products(params, inputs, targets, vectors, kind)
 
-    step.objective = Counting()
+    step.backend = Counting()
     products = step.curvature_products(vectors)
     assert calls == [N - 2] and torch.equal(products[[1, 3]], torch.zeros_like(products[[1, 3]]))
     every_row = objective.curvature_products(step.params, step.inputs, step.targets, vectors, "exact")

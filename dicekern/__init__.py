@@ -46,6 +46,7 @@ from dicekern.truth.ground_truth import dice_gt, dice_gt_samples
 from dicekern.engine.queries import cascade, dice_e, influence_matrix
 from dicekern.engine.ledger import OnlineDICE
 from dicekern.engine.last_layer import PerNodeTest, last_layer
+from dicekern.record.modules import mix_, stack_buffers, stack_params
 from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Recorder, Trajectory, VerifyReport
 
@@ -70,10 +71,13 @@ __all__ = [
     "influence_matrix",
     "last_layer",
     "losses",
+    "mix_",
     "optim",
     "plan_query",
     "plots",
     "rebuildable",
+    "stack_buffers",
+    "stack_params",
     "topology",
     "walks",
 ]

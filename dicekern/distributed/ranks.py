@@ -22,6 +22,7 @@ from dicekern.engine.plan import check_partition_backend, plan_query
 from dicekern.engine.options import DiceOptions
 from dicekern.curvature.protocol import LossFn
 from dicekern.engine.ledger import OnlineDICE, test_digest
+from dicekern.record.modules import from_live_models
 from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Mismatch, Recorder, Trajectory, replay_mismatch
 
@@ -137,9 +138,11 @@ class DistributedRecorder(Recorder):
         self.group, self.timeout, self.rank, self.world_size, self.blocks = group, timeout, rank, world_size, blocks
         self.nodes, self.total_nodes = blocks[rank], num_nodes
 
-    def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None) -> None:
-        """As Recorder.record with this rank's rows (len(self.nodes), ...) and the full (N, N) W."""
+    def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None, optimizers=None) -> None:
+        """As Recorder.record with this rank's rows (len(self.nodes), ...) and the full (N, N) W:
+        params are this rank's models (or their stacked params), optimizers theirs."""
         mine = f"rank {self.rank} owns nodes {self.nodes.start}..{self.nodes.stop - 1}"
+        params, lr, state = from_live_models(params, inputs is not None, lr, state, optimizers, self.optimizer)
         rows = {name: p.shape[0] for name, p in params.items() if isinstance(p, torch.Tensor) and p.dim() > 0}
         if any(r != len(self.nodes) for r in rows.values()):
             raise ValueError(f"{mine}: params must hold {len(self.nodes)} rows, got {rows}")
@@ -224,10 +227,10 @@ class DistributedOnlineDICE(OnlineDICE):
         check_partition_backend(options, recorder.partition)
         super().__init__(model, loss_fn, test, hops, recorder=recorder, options=options)
 
-    def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None):
+    def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, optimizers=None, sample_ids=None):
         rec = self.recorder
         rec.agree("DistributedOnlineDICE.record", {
             "step": step, "has_batch": inputs is not None, "hops": self.hops, "test": self._test_digest, "num_nodes": rec.total_nodes,
             "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **self.options.to_dict(),
         })
-        return super().record(step, params, inputs, targets, lr, W, state=state, sample_ids=sample_ids)
+        return super().record(step, params, inputs, targets, lr, W, state=state, optimizers=optimizers, sample_ids=sample_ids)

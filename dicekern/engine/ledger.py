@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +187,8 @@ class OnlineDICE:
     sample_totals = property(lambda self: self.state.sample_totals, doc="Sample id -> total over the scored rounds.")
 
     def record(
-        self, step: int, params: Mapping[str, torch.Tensor], inputs=None, targets=None, lr=None, W=None, *, state=None, sample_ids=None
+        self, step: int, params: Mapping[str, torch.Tensor] | Sequence[nn.Module], inputs=None, targets=None, lr=None, W=None, *,
+        state=None, optimizers=None, sample_ids=None,
     ) -> torch.Tensor | None:
         """Record round ``step`` (arguments of Recorder.record); returns the (N, B) scores of round
         step - hops if that round became complete, else None.
@@ -210,7 +211,7 @@ class OnlineDICE:
                 raise ValueError(f"sample_ids must be integer ids of shape {shape}")
         savepoint = self.recorder.savepoint()
         try:
-            self.recorder.record(step, params, inputs, targets, lr, W, state=state)
+            self.recorder.record(step, params, inputs, targets, lr, W, state=state, optimizers=optimizers)
             if ids is not None:
                 self.state.sample_ids[step] = ids.cpu()
             traj = self.recorder.trajectory()

@@ -7,7 +7,7 @@ Trajectory is the recorded rounds of one run, in memory or read lazily from disk
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from dicekern.curvature.round import local_update
 from dicekern.curvature.protocol import LossFn
 from dicekern.curvature.torch_func import TorchFuncBackend
 from dicekern.core.optim import SGD, OptimizerSpec, spec_of
+from dicekern.record.modules import from_live_models
 from dicekern.record.rounds import BatchLayout, LazyRounds, Round, check_round
 
 
@@ -355,19 +356,21 @@ class Recorder:
     def record(
         self,
         step: int,
-        params: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | Sequence[nn.Module],
         inputs: object = None,
         targets: object = None,
         lr: object = None,
         W: object = None,
         *,
         state: Mapping[str, torch.Tensor] | None = None,
+        optimizers: Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         """Record round ``step``: every node's params at its start, and the batch, lr, W and state it used.
 
         Args:
             step: the round index t.
-            params: name -> (N, *shape), names as in ``model.named_parameters()``.
+            params: the per-node models (node k's is params[k]), read now; or their stacked
+                params, name -> (N, *shape), names as in ``model.named_parameters()``.
             inputs: (N, B, ...) mini-batch of every node in round t.
             targets: (N, B, ...) targets of that batch.
             lr: learning rate of round t: a number, or an (N,) tensor (one per node).
@@ -375,6 +378,8 @@ class Recorder:
             state: the optimizer state at the start of round t, as ``dk.optim.stack_state``
                 gives it (needed with a batch for an optimizer with state; optional otherwise).
                 The last round a query needs may carry params only.
+            optimizers: the per-node torch optimizers (with the models as params): lr and state
+                default to what they hold now. Their spec must be the recorder's.
 
         Raises:
             ValueError: bad input, or (see ``replay_check``) a round that does not follow from
@@ -383,8 +388,7 @@ class Recorder:
         step = check_int("step", step)
         if step in self._rounds:
             raise ValueError(f"round {step} is already recorded")
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params must be a mapping name -> Tensor (N, *shape), got {type(params).__name__}")
+        params, lr, state = from_live_models(params, inputs is not None, lr, state, optimizers, self.optimizer)
         flat = self.objective.layout.flatten(params)
         if self._rounds and flat.shape[0] != self._node_count():
             raise ValueError(f"params hold N={flat.shape[0]} nodes, earlier rounds hold N={self._node_count()}")

@@ -93,9 +93,12 @@ def from_live_models(
     lr (only for a round with a batch) and state default to what they hold; their spec must be the
     recorder's. Returns (params, lr, state) for the stacked form.
     """
-    live = isinstance(params, Sequence) and not isinstance(params, str)
+    live = isinstance(params, Sequence) and not isinstance(params, str) and all(isinstance(m, nn.Module) for m in params)
     if not live and not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping name -> Tensor (N, *shape) or the per-node models, got {type(params).__name__}")
+        what = type(params).__name__
+        if isinstance(params, Sequence) and not isinstance(params, str):
+            what += " of " + ", ".join(sorted({type(m).__name__ for m in params}))
+        raise TypeError(f"params must be a mapping name -> Tensor (N, *shape) or the per-node models, got {what}")
     models = check_models(params) if live else None
     if optimizers is None:
         return (stack_params(models) if live else params), lr, state

@@ -110,7 +110,7 @@ def leave_node_out_changes(run: dk.examples.DigitsRun, test) -> torch.Tensor:
             r = traj[t]
             rates = r.lr.clone()
             rates[j] = 0.0  # node j never steps on its data; it still mixes
-            _, theta, state = gossip_round(objective, spec, theta, state, r.inputs, r.targets, rates, r.W)
+            _, theta, state, _ = gossip_round(objective, spec, theta, state, r.inputs, r.targets, rates, r.W)
         changes.append(with_all - final(theta))
     return torch.stack(changes)
 

@@ -26,7 +26,6 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import torch
-from torch import nn
 
 import dicekern as dk
 from dicekern.bindings.gossip_mix import CSRMixing, gossip_mix
@@ -34,6 +33,7 @@ from dicekern.curvature.triton import TritonBackend
 from dicekern.curvature.round import gossip_round
 from dicekern.curvature.closed_form import ClosedFormBackend
 from dicekern.curvature.torch_func import TorchFuncBackend
+from dicekern.zoo import mlp
 from timing import wall_seconds
 
 
@@ -55,10 +55,6 @@ def check(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float) 
     return error
 
 
-def mlp(features: int, hidden: int, classes: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
-
-
 def mlp_run(n: int, hops: int, features: int, hidden: int, classes: int, batch: int, tests: int, device, dtype, seed: int = 0):
     """A recorded gossip run of the MLP under softmax cross-entropy, exponential graph, plain SGD."""
     g = torch.Generator().manual_seed(seed)
@@ -71,7 +67,7 @@ def mlp_run(n: int, hops: int, features: int, hidden: int, classes: int, batch: 
         x = torch.randn(n, batch, features, generator=g, dtype=dtype)
         y = torch.randint(classes, (n, batch), generator=g)
         rec.record(t, obj.layout.unflatten(theta.to(device)), x.to(device), y.to(device), lr=0.1, W=W.to(device))
-        _, theta, _ = gossip_round(obj, rec.optimizer, theta, {}, x, y, lr, W)
+        _, theta, _, _ = gossip_round(obj, rec.optimizer, theta, {}, x, y, lr, W)
     rec.record(hops + 1, obj.layout.unflatten(theta.to(device)))
     test = (torch.randn(tests, features, generator=g, dtype=dtype).to(device), torch.randint(classes, (tests,), generator=g).to(device))
     return rec.trajectory(), test

@@ -29,8 +29,9 @@ Glossary (one name per concept, used in every module):
   options, backend, partition and chunking of one query (``dicekern.engine.plan``).
 * **partition**: the nodes one process holds and how its mixes exchange rows (``dicekern.core.partition``).
 
-Layout: ``core`` (0) <- ``curvature`` (1) <- ``record`` (2) <- ``engine`` (3) <- ``truth`` (4) <-
-``apps``, ``distributed`` (5); imports only point down. README.md, "Layout", has the picture.
+Layout: ``core`` and ``kernels`` (0) <- ``bindings`` (1) <- ``curvature`` (2) <- ``record`` (3) <-
+``engine``, ``zoo`` (4) <- ``truth`` (5) <- ``distributed`` (6) <- ``apps`` (7); imports only point
+down. README.md, "Layout", has the picture; tests/contracts/test_layout.py holds it.
 """
 
 
@@ -49,6 +50,7 @@ from dicekern.engine.last_layer import PerNodeTest, last_layer
 from dicekern.record.modules import mix_, stack_buffers, stack_params
 from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Recorder, Trajectory, VerifyReport
+from dicekern import zoo
 
 __all__ = [
     "DiceOptions",
@@ -80,6 +82,7 @@ __all__ = [
     "stack_params",
     "topology",
     "walks",
+    "zoo",
 ]
 
 compat.install()

@@ -163,7 +163,7 @@ def random_run(
         W = random_mixing(n, g).to(dtype)
         rates = lr * (1 + 1.5 * torch.rand(n, generator=g, dtype=dtype))
         rec.record(t, obj.layout.unflatten(theta), x, y, lr=rates, W=W, state=state)
-        _, theta, state = gossip_round(obj, spec, theta, state, x, y, rates, W, mix_state=mix_state)
+        _, theta, state, _ = gossip_round(obj, spec, theta, state, x, y, rates, W, mix_state=mix_state)
     rec.record(rounds, obj.layout.unflatten(theta), state=state)
     test = (torch.randn(6, 3, generator=g, dtype=dtype), torch.randint(3, (6,), generator=g))
     q = torch.rand(n, generator=g, dtype=dtype) + 0.2
@@ -186,12 +186,15 @@ def stacked_params(models: list[nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def torch_optim_steps(models, optimizers, x, y, lr, weights=None) -> None:
-    """Each node steps its own optimizer on sum_b weights[k, b] loss_b (default the batch mean)."""
+    """Each node steps its own optimizer on sum_b weights[k, b] loss_b (default the batch mean).
+    A sample of weight 0 is left out of the forward, so a BatchNorm model's batch statistics are
+    those of the batch without it (the removal DICE-GT replays)."""
     for k, (model, opt) in enumerate(zip(models, optimizers)):
         opt.param_groups[0]["lr"] = float(lr[k])
         opt.zero_grad()
-        losses = cross_entropy(model(x[k]), y[k])
-        (losses.mean() if weights is None else (weights[k] * losses).sum()).backward()
+        kept = slice(None) if weights is None else weights[k].ne(0)
+        losses = cross_entropy(model(x[k][kept]), y[k][kept])
+        (losses.mean() if weights is None else (weights[k][kept] * losses).sum()).backward()
         opt.step()
 
 
@@ -295,3 +298,135 @@ def described_saved(tmp_path) -> tuple[RandomRun, Path, Path]:
     run.trajectory.save(tmp_path / "run")
     save_file({"inputs": run.test[0], "targets": run.test[1]}, tmp_path / "test.safetensors")
     return run, tmp_path / "run", tmp_path / "test.safetensors"
+
+
+# ---- per-node torch modules and optimizers recorded live, and the two replay oracles of DICE ----
+
+import copy  # noqa: E402
+
+
+@dataclass
+class ModuleRun:
+    """A run trained the way users train, recorded with ``record(t, models, x, y, W=W, optimizers=opts)``.
+
+    Attributes:
+        nodes: nodes[t] is a deep copy of (models, optimizers) at the start of round t.
+    """
+
+    trajectory: dk.Trajectory
+    test: tuple[torch.Tensor, torch.Tensor]
+    q: torch.Tensor
+    nodes: list[tuple[list[nn.Module], list[torch.optim.Optimizer]]]
+
+    def nodes_at(self, step: int) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        """Fresh copies of every node's model and optimizer at the start of round step."""
+        return copy.deepcopy(self.nodes[step])
+
+
+def module_run(make_model, make_optimizer, data, n: int, rounds: int, *, seed: int, batch: int = 5, lr: float = 0.1,
+               dtype: torch.dtype = torch.float64, tests: int = 6, loss_fn=cross_entropy) -> ModuleRun:
+    """make_model() per node (each its own initialisation), stepped by make_optimizer(params) on
+    data(n, batch) with per-node learning rates in [lr, 2 lr) and a fresh directed W every round,
+    then gossiped by dk.mix_; test = data(tests). The nodes train on cross_entropy; the recorder
+    (which replays every round) is given loss_fn, cross-entropy too (dk.losses' to reach the closed form)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    models = [make_model().to(dtype) for _ in range(n)]
+    optimizers = [make_optimizer(m.parameters()) for m in models]
+    rec = dk.Recorder(models[0], loss_fn, optimizer=optimizers, replay_check="every")
+    nodes = []
+    for t in range(rounds):
+        x, y = data(n, batch, generator=g, dtype=dtype)
+        W = random_mixing(n, g).to(dtype)
+        rates = lr * (1 + torch.rand(n, generator=g, dtype=dtype))
+        for opt, rate in zip(optimizers, rates):
+            opt.param_groups[0]["lr"] = float(rate)
+        nodes.append(copy.deepcopy((models, optimizers)))
+        rec.record(t, models, x, y, W=W, optimizers=optimizers)
+        torch_optim_steps(models, optimizers, x, y, rates)
+        dk.mix_(models, W)
+    rec.record(rounds, models, optimizers=optimizers)
+    test = data(tests, generator=g, dtype=dtype)
+    q = torch.rand(n, generator=g, dtype=dtype) + 0.2
+    return ModuleRun(rec.trajectory(), test, q / q.sum(), nodes)
+
+
+def replayed_losses(traj: dk.Trajectory, step: int, test, q: torch.Tensor, hops: int, weights: torch.Tensor, models, optimizers) -> torch.Tensor:
+    """(hops+1, N) q_k L(theta_k; z') at theta^{t+1/2}, theta^{t+1}, ..., theta^{t+hops}, replayed by
+    the nodes' own models and torch optimizers (those of round step, stepped in place) with round
+    step's batch weighted by weights (N, B) and every later round as recorded."""
+    def test_loss() -> torch.Tensor:  # in eval mode: BatchNorm by each node's running statistics
+        losses = []
+        for m in models:
+            m.eval()
+            losses.append(cross_entropy(m(test[0]), test[1]).mean().detach())
+            m.train()
+        return torch.stack(losses)
+
+    losses = []
+    for s in range(max(hops, 1)):
+        rnd = traj[step + s]
+        torch_optim_steps(models, optimizers, rnd.inputs, rnd.targets, rnd.lr, weights if s == 0 else None)
+        if s == 0:
+            losses.append(test_loss())
+        torch_optim_gossip(models, optimizers, rnd.W, traj.mix_state)
+        losses.append(test_loss())
+    return q * torch.stack(losses[: hops + 1])
+
+
+def assert_terms_are_derivatives(traj: dk.Trajectory, step: int, test, q: torch.Tensor, hops: int, replay, per_hop: torch.Tensor,
+                                 source: int, sample: int, step_size: float = 1e-5) -> torch.Tensor:
+    """Every term e[s, k] of cascade (exact curvature) for (source, sample), and hop s of per_hop
+    (dice_e(per_hop=True), (hops+1, N, B)) there, equals (1/B) d replay(w)[s, k] / d w_sample:
+    a central difference of replay (weights (N, B) -> (hops+1, N)) to 1e-6 of each hop's scale.
+    Returns the cascade (hops+1, N)."""
+    n, batch = per_hop.shape[1:]
+    # a central difference is exact to O(step^2) truncation plus rounding / step: at step 1e-5,
+    # 1e-6 of each hop's scale bounds the method's error, not dicekern's (DICE.md's oracle); a
+    # replay with more curvature in the weight (Adam over BatchNorm) takes a smaller step
+    finite_difference_rtol = 1e-6
+    weights = torch.full((n, batch), 1 / batch, dtype=per_hop.dtype)
+    weights[source, sample] += step_size
+    plus = replay(weights)
+    weights[source, sample] -= 2 * step_size
+    minus = replay(weights)
+    finite = (plus - minus) / (2 * step_size) / batch  # (hops+1, N)
+    flow = dk.cascade(traj, step, source, test, hops, samples=[sample], q=q)
+    for s in range(hops + 1):
+        scale = finite[s].abs().max()
+        assert scale > 0
+        assert (flow[s] - finite[s]).abs().max() <= finite_difference_rtol * scale, (s, flow[s], finite[s])
+        assert abs(per_hop[s, source, sample] - finite[s].sum()) <= finite_difference_rtol * scale
+    return flow
+
+
+def assert_dice_gt_is_the_replay(traj: dk.Trajectory, step: int, test, q: torch.Tensor, hops: int, replay, source: int,
+                                 removed: list[int], rtol: float) -> None:
+    """dice_gt of removed and dice_gt_samples of every sample of source equal the factual replay
+    minus the replay without them (replay: weights (N, B) -> (hops+1, N)), to rtol of their scale."""
+    n, batch = traj[step].inputs.shape[:2]
+    full = torch.full((n, batch), 1 / batch, dtype=traj[step].params.dtype)
+    factual = replay(full)
+
+    def removal(samples: list[int]) -> torch.Tensor:
+        without = full.clone()
+        without[source, samples] = 0
+        expected = factual - replay(without)
+        expected[0, torch.arange(n) != source] = 0  # hop 0 is the source's own half step
+        return expected
+
+    assert_close(dk.dice_gt(traj, step, source, test, hops, samples=removed, q=q), removal(removed), rtol)
+    per_sample = dk.dice_gt_samples(traj, step, test, hops, nodes=[source], q=q, per_hop=True)
+    for b in range(batch):
+        assert_close(per_sample[:, 0, b], removal([b]).sum(-1), rtol)
+
+
+def weighted_replay(traj: dk.Trajectory, step: int, test, q: torch.Tensor, hops: int):
+    """weights (N, B) -> (hops+1, N) q_k L(theta_k; z') of dicekern's own replay of round step with
+    those loss weights (BatchNorm statistics weighted by B w_b). dk.dice_gt is this replay at
+    weights 0 and 1/B, and equals the nodes' own modules there; this is the one replay that also
+    takes the weights in between a BatchNorm model's finite difference needs."""
+    from dicekern.truth.ground_truth import _replay_test_losses
+
+    rounds = traj.window(step, hops)
+    return lambda weights: q * _replay_test_losses(traj, rounds, test, (weights * weights.shape[-1])[None])[0]

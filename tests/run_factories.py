@@ -6,17 +6,19 @@ import torch
 from torch import nn
 
 import dicekern as dk
+from dicekern import zoo
 
 
 @dk.rebuildable
 def tanh_mlp(inputs: int, hidden: int, classes: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+    """The zoo's MLP, named from a module of the user's own."""
+    return zoo.mlp(inputs, hidden, classes)
 
 
 @dk.rebuildable
 def relu_mlp(inputs: int, hidden: int, classes: int) -> nn.Module:
     """tanh_mlp's parameters under another activation: the same names and shapes, other outputs."""
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    return zoo.mlp(inputs, hidden, classes, activation="relu")
 
 
 @dk.rebuildable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -12,10 +13,12 @@ from torch import nn
 from dicekern.core import extras, topology
 from dicekern.core.losses import softmax_cross_entropy
 from dicekern.core.checks import check_choice, check_int
-from dicekern.record.description import rebuildable
 from dicekern.curvature.round import gossip_round
-from dicekern.core.optim import SGD, Adam, OptimizerSpec
+from dicekern.core.optim import SGD, Adam, AdamW, OptimizerSpec
+from dicekern.record.modules import mix_
 from dicekern.record.trajectory import Recorder, Trajectory
+from dicekern import zoo
+from dicekern.zoo import mlp  # the digits' model; "dicekern.apps.examples:mlp" still names it
 
 TEST_SIZE = 200  # held-out digits of the bundled run's test objective
 
@@ -45,6 +48,40 @@ OPTIMIZER_PRESETS: dict[str, tuple[OptimizerSpec, float]] = {
 }
 
 
+# The zoo's models on the digits (8x8 grey images, 10 classes), small enough for seconds to a minute
+# of 2 CPU cores: zoo.build(name, **DIGITS_MODELS[name]). The images models read a digit as a
+# (1, 8, 8) image, cnn1d as a (1, 64) sequence of its pixels, the MLP as its 64 features.
+# "mlp" is the bundled run's own model, trained by the stacked closed-form round (digits_run);
+# the others are per-node torch modules stepped by per-node torch.optim optimizers.
+DIGITS_MODELS: dict[str, dict] = {
+    "resnet-bn": dict(num_classes=10, in_channels=1, width=4, blocks=[1, 1], groups=2),
+    "resnet-gn": dict(num_classes=10, in_channels=1, width=4, blocks=[1, 1], groups=2),
+    "vit": dict(num_classes=10, in_channels=1, image_size=8, patch=4, dim=16, depth=1, heads=2, mlp_ratio=2),
+    "cnn1d": dict(num_classes=10, in_channels=1, length=64, width=8, kernel=5),
+    "mlp": dict(inputs=64, classes=10),
+}
+
+
+def digit_shape(model: str) -> tuple[int, ...]:
+    """The shape one digit takes as model's input: (1, 8, 8), (1, 64) or (64,)."""
+    check_choice("model", model, list(DIGITS_MODELS))
+    inputs, _ = zoo.random_data(model, 1, **DIGITS_MODELS[model])
+    if inputs[0].numel() != 64:
+        raise ValueError(f"DIGITS_MODELS[{model!r}] does not take 8x8 digits: its inputs are {tuple(inputs.shape[1:])}")
+    return tuple(inputs.shape[1:])
+
+
+def torch_optimizer(spec: OptimizerSpec, params, lr: float) -> torch.optim.Optimizer:
+    """The torch.optim optimizer whose update spec replays: SGD, Adam or AdamW with spec's settings."""
+    if isinstance(spec, SGD):
+        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, dampening=spec.dampening, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
+    if isinstance(spec, (Adam, AdamW)):
+        kind = torch.optim.AdamW if isinstance(spec, AdamW) else torch.optim.Adam
+        return kind(params, lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    raise ValueError(f"no torch.optim optimizer replays {spec}")
+
+
 def rounds_needed(step: int, hops: int, rounds: int | None = None) -> int:
     """Training rounds for a query from round step with hops hops: step + max(hops, 1) (hops 0 still
     needs round step's batch); rounds, when given, must be at least that."""
@@ -54,19 +91,13 @@ def rounds_needed(step: int, hops: int, rounds: int | None = None) -> int:
     return needed if rounds is None else rounds
 
 
-@rebuildable
-def mlp(inputs: int = 64, hidden: int = 32, classes: int = 10) -> nn.Module:
-    """inputs-hidden-classes tanh MLP."""
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes))
-
-
 @dataclass(frozen=True)
 class DigitsRun:
     """A recorded gossip run and its test objective.
 
     Attributes:
         trajectory: every round 0..rounds (the last with params only).
-        test: (inputs (M, 64), targets (M,)) held-out digits.
+        test: (inputs (M, *digit_shape(model)), targets (M,)) held-out digits: (M, 64) for the MLP.
         model, loss_fn: the architecture and per-sample loss the run used.
         sample_ids: (rounds, N, B) the digit (index into the dataset) of every batch entry.
         mislabeled: (n,) True for the digits whose label the run corrupted.
@@ -115,10 +146,16 @@ def digits_run(
     exclude: Collection[int] = (),
     optimizer: OptimizerSpec | str = "sgd",
     progress: bool = False,
+    model: str = "mlp",
 ) -> DigitsRun:
     """Train a gossip run (adapt then combine) on non-IID digits and record every round.
 
     Args:
+        model: a name of ``dk.zoo.MODELS``, built with ``DIGITS_MODELS[model]``. "mlp" (default)
+            is the tanh MLP of ``hidden`` units trained by the stacked closed-form round; the
+            others are per-node torch modules stepped by per-node torch.optim optimizers and
+            gossiped by ``dk.mix_``, recorded with a ``dk.RunDescription`` naming the zoo factory
+            (so a saved run rebuilds its model), from one initialisation as the MLP's.
         corrupt: node -> "flip" (every label replaced by a wrong one), "noise" (features drowned
             in Gaussian noise of standard deviation 1) or "free_rider" (its batches are copies of
             two of its samples): nodes whose data should hurt or not help the others.
@@ -127,6 +164,7 @@ def digits_run(
         optimizer: every node's local optimizer, its state kept per node: a ``dk.optim`` spec or
             a name of ``OPTIMIZER_PRESETS`` ("sgd", "momentum", "adam"; default plain SGD).
         lr: the learning rate of every node and round; None takes the preset's (SGD 0.1).
+        hidden: the MLP's hidden units (model "mlp" only).
 
     Example:
         >>> import dicekern as dk
@@ -134,6 +172,7 @@ def digits_run(
         >>> run.trajectory.steps, run.trajectory.num_nodes
         ((0, 1, 2), 4)
     """
+    check_choice("model", model, list(DIGITS_MODELS))
     num_nodes = check_int("num_nodes", num_nodes, minimum=2)
     rounds = check_int("rounds", rounds, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -181,6 +220,9 @@ def digits_run(
         chosen = labelling.choice(every, round(fraction * len(every)), replace=False)
         flip(torch.as_tensor(chosen), labelling)
 
+    if model != "mlp":
+        return _module_run(model, x_all, y_all, node_indices, test_indices, mislabeled, rounds=rounds, batch_size=batch_size,
+                           lr=lr, graph=graph, seed=seed, dtype=dtype, optimizer=optimizer, progress=progress)
     torch.manual_seed(seed)
     model = mlp(hidden=hidden).to(dtype)
     recorder = Recorder(model, softmax_cross_entropy, optimizer=optimizer)
@@ -197,7 +239,39 @@ def digits_run(
         inputs, targets = x_all[batch], y_all[batch]
         mixing = TOPOLOGIES[graph](num_nodes, t).to(dtype)
         recorder.record(t, objective.layout.unflatten(theta), inputs, targets, lr=rates, W=mixing, state=state)
-        _, theta, state = gossip_round(objective, spec, theta, state, inputs, targets, rates, mixing)
+        _, theta, state, _ = gossip_round(objective, spec, theta, state, inputs, targets, rates, mixing)
     recorder.record(rounds, objective.layout.unflatten(theta), state=state)
     test = (x_all[test_indices], y_all[test_indices])
     return DigitsRun(recorder.trajectory(), test, model, softmax_cross_entropy, torch.stack(batches), mislabeled)
+
+
+def _module_run(name: str, x_all: torch.Tensor, y_all: torch.Tensor, node_indices: list[np.ndarray], test_indices: np.ndarray,
+                mislabeled: torch.Tensor, *, rounds: int, batch_size: int, lr: float, graph: str, seed: int, dtype: torch.dtype,
+                optimizer: OptimizerSpec, progress: bool) -> DigitsRun:
+    """digits_run's loop for zoo model name: per-node modules (one initialisation) and torch.optim
+    optimizers, each node's step on its batch, then dk.mix_; the same batches and graphs as the MLP's."""
+    num_nodes = len(node_indices)
+    x_all = x_all.reshape(len(x_all), *digit_shape(name))
+    kwargs = DIGITS_MODELS[name]
+    torch.manual_seed(seed)
+    first = zoo.build(name, dtype, **kwargs)
+    models = [first] + [copy.deepcopy(first) for _ in range(num_nodes - 1)]
+    optimizers = [torch_optimizer(optimizer, m.parameters(), lr) for m in models]
+    description = zoo.description(name, metadata={"data": "sklearn digits", "topology": graph, "seed": seed}, **kwargs)
+    recorder = Recorder(first, softmax_cross_entropy, optimizer=optimizers, description=description)
+    rng = np.random.default_rng(seed + 1)
+    batches = []
+    for t in extras.progress(range(rounds), enabled=progress, description=f"gossip training ({name})"):
+        batch = torch.tensor(np.stack([rng.choice(ix, batch_size, replace=False) for ix in node_indices]))
+        batches.append(batch)
+        inputs, targets = x_all[batch], y_all[batch]
+        mixing = TOPOLOGIES[graph](num_nodes, t).to(dtype)
+        recorder.record(t, models, inputs, targets, W=mixing, optimizers=optimizers)  # the models at the start of round t
+        for k, (node, opt) in enumerate(zip(models, optimizers)):  # adapt: each node's own optimizer on its batch
+            opt.zero_grad()
+            softmax_cross_entropy(node(inputs[k]), targets[k]).mean().backward()
+            opt.step()
+        mix_(models, mixing)  # combine: the params; buffers and optimizer state stay at their node
+    recorder.record(rounds, models, optimizers=optimizers)
+    test = (x_all[test_indices], y_all[test_indices])
+    return DigitsRun(recorder.trajectory(), test, zoo.build(name, dtype, **kwargs), softmax_cross_entropy, torch.stack(batches), mislabeled)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = torch.tensor(rng.choice(node_indices[rank], args.batch_size, replace=False))
             x, y = x_all[batch][None], y_all[batch][None]  # this node's (1, B, ...)
             ledger.record(t, objective.layout.unflatten(theta), x, y, args.lr, W)
-            half, _ = local_update(objective, SGD(), theta, {}, x, y, lr)
+            half = local_update(objective, SGD(), theta, {}, x, y, lr).half
             theta = gossip(0, half[:, None], transpose=False)[:, 0]
         ledger.record(args.rounds, objective.layout.unflatten(theta))
         totals = [None] * n

@@ -138,17 +138,17 @@ class DistributedRecorder(Recorder):
         self.group, self.timeout, self.rank, self.world_size, self.blocks = group, timeout, rank, world_size, blocks
         self.nodes, self.total_nodes = blocks[rank], num_nodes
 
-    def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None, optimizers=None) -> None:
+    def record(self, step, params, inputs=None, targets=None, lr=None, W=None, *, state=None, buffers=None, optimizers=None) -> None:
         """As Recorder.record with this rank's rows (len(self.nodes), ...) and the full (N, N) W:
         params are this rank's models (or their stacked params), optimizers theirs."""
         mine = f"rank {self.rank} owns nodes {self.nodes.start}..{self.nodes.stop - 1}"
-        params, lr, state = from_live_models(params, inputs is not None, lr, state, optimizers, self.optimizer)
+        params, lr, state, buffers = from_live_models(params, inputs is not None, lr, state, buffers, optimizers, self.optimizer)
         rows = {name: p.shape[0] for name, p in params.items() if isinstance(p, torch.Tensor) and p.dim() > 0}
         if any(r != len(self.nodes) for r in rows.values()):
             raise ValueError(f"{mine}: params must hold {len(self.nodes)} rows, got {rows}")
         if getattr(lr, "ndim", 0) == 1 and len(lr) == self.total_nodes != len(self.nodes):
             raise ValueError(f"{mine}: lr holds a value for every node; pass this rank's rows lr[{self.nodes.start}:{self.nodes.stop}]")
-        super().record(step, params, inputs, targets, lr, W, state=state)
+        super().record(step, params, inputs, targets, lr, W, state=state, buffers=buffers)
 
     def agree(self, what: str, arguments: dict) -> None:
         """:func:`agree` in this recorder's group and timeout."""
@@ -227,10 +227,11 @@ class DistributedOnlineDICE(OnlineDICE):
         check_partition_backend(options, recorder.partition)
         super().__init__(model, loss_fn, test, hops, recorder=recorder, options=options)
 
-    def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, optimizers=None, sample_ids=None):
+    def record(self, step: int, params, inputs=None, targets=None, lr=None, W=None, *, state=None, buffers=None, optimizers=None,
+               sample_ids=None):
         rec = self.recorder
         rec.agree("DistributedOnlineDICE.record", {
             "step": step, "has_batch": inputs is not None, "hops": self.hops, "test": self._test_digest, "num_nodes": rec.total_nodes,
             "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **self.options.to_dict(),
         })
-        return super().record(step, params, inputs, targets, lr, W, state=state, optimizers=optimizers, sample_ids=sample_ids)
+        return super().record(step, params, inputs, targets, lr, W, state=state, buffers=buffers, optimizers=optimizers, sample_ids=sample_ids)

@@ -37,6 +37,7 @@ class Chain:
         q: (rows,) node weights of the rows this chain holds.
         options: the linearisation (curvature_at, direct).
         mix_state: whether the optimizer state is gossiped with theta.
+        mix_buffers: whether a BatchNorm model's running statistics are gossiped with theta.
         nodes: the global node indices of the rows (a block, across processes).
         test_grad_cache: step -> (rows, D) q-scaled mean test gradients at theta^{step}, read and
             filled by this chain (for windows that share rounds; one q and test set per cache).
@@ -44,11 +45,12 @@ class Chain:
 
     def __init__(
         self, rounds: Sequence[Round], steps: Sequence[LocalStep], mixer: Mixer, tests: SharedTestSet | PerNodeTestSet,
-        q: torch.Tensor, options: DiceOptions, *, step: int, mix_state: bool, nodes: range,
+        q: torch.Tensor, options: DiceOptions, *, step: int, mix_state: bool, nodes: range, mix_buffers: bool = False,
         test_grad_cache: dict[int, torch.Tensor] | None = None,
     ):
         self.rounds, self.steps, self.mixer, self.tests, self.q = tuple(rounds), tuple(steps), mixer, tests, q
         self.options, self.mix_state, self.nodes, self.step = options, mix_state, nodes, step
+        self.mix_buffers = mix_buffers
         self.hops = len(self.rounds) - 1
         self._test_grad_cache = test_grad_cache
 
@@ -69,7 +71,8 @@ class Chain:
         Round t carries Delta to its receivers by the mix alone; round t+i (i >= 1) is Mix_i @ J_i
         (the sender's curvature) or J_i @ Mix_i (the receiver's). The adjoint chain applies their ``.T``.
         """
-        mix = [Mix(self.mixer, i, mix_state=self.mix_state) for i in range(len(self.steps))]
+        params_dim = None if self.steps[0].buffers is None else self.rounds[0].params.shape[-1]
+        mix = [Mix(self.mixer, i, mix_state=self.mix_state, mix_buffers=self.mix_buffers, params_dim=params_dim) for i in range(len(self.steps))]
         jacobians = [StepJacobian(step) for step in self.steps[1:]]
         sender = self.options.curvature_at == "sender"
         return (mix[0], *(m @ J if sender else J @ m for m, J in zip(mix[1:], jacobians)))
@@ -88,11 +91,11 @@ class Chain:
         """(rows, D) where the hop-0 test gradient is taken: theta^{t+1/2} ("half_step") or theta^t
         ("paper"), at every node or at those of ``first`` (round t's step restricted to some rows)."""
         first = first or self.steps[0]
-        return first.half_step() if self.options.direct == "half_step" else first.params
+        return first.half_step() if self.options.direct == "half_step" else first.point()
 
     def _test_grad_points(self) -> torch.Tensor:
         """(hops+1, N, D): where the test gradients are taken; [0] the direct points, [s] theta^{t+s}."""
-        return torch.stack([self._direct_points()] + [rnd.params for rnd in self.rounds[1:]])
+        return torch.stack([self._direct_points()] + [rnd.point() for rnd in self.rounds[1:]])
 
     def _scaled_test_grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool = False) -> torch.Tensor:
         """(R, O, D) q_k grad L(theta; z') at points (R, D) of (hop, node) pairs (R,) each."""
@@ -110,7 +113,7 @@ class Chain:
         needed = [s for s in hops if cache is None or s == 0 or self.step + s not in cache]
         result = {s: cache[self.step + s][:, None] for s in hops if s not in needed}
         if needed:
-            points = [self._direct_points() if s == 0 else self.rounds[s].params for s in needed]
+            points = [self._direct_points() if s == 0 else self.rounds[s].point() for s in needed]
             flat = points[0] if len(points) == 1 else torch.cat(points)
             hop_of = torch.tensor(needed, device=flat.device).repeat_interleave(n)
             nodes = torch.arange(n, device=flat.device).repeat(len(needed))
@@ -128,7 +131,7 @@ class Chain:
     def _test_grad_source(self, per_test: bool) -> Callable[[int], torch.Tensor]:
         """hop s -> q g^{(s)} (N, O, D): all hops in one batched call while they are small (fewer,
         larger calls are faster), one hop at a time otherwise (the adjoint then holds one hop's)."""
-        n, dim = self.rounds[0].params.shape
+        n, dim = self.rounds[0].point().shape
         objectives = self.tests.points if per_test else 1
         if (self.hops + 1) * n * objectives * dim <= BATCHED_TEST_GRADS_MAX_ELEMENTS:
             return self._scaled_test_grads_at(list(range(self.hops + 1)), per_test).__getitem__
@@ -180,7 +183,7 @@ class Chain:
         ``source`` compute its displacement; the first mix carries it to its receivers.
         """
         first = self.steps[0]
-        n, dim = first.params.shape
+        n, dim = first.params.shape[0], first.dim
         device = first.params.device
         delta = first.params.new_zeros(n, 1, self.num_blocks, dim)
         reached = [torch.zeros(0, dtype=torch.long, device=device)]
@@ -189,15 +192,14 @@ class Chain:
         if owned:
             j = self.nodes.index(source)
             at_source = first.rows(slice(j, j + 1))  # round t's step of the source alone
-            removed = first.backend.node_grads(at_source.params, at_source.inputs, at_source.targets, (sample_mask / self.batch_size)[None])
-            delta[j] = at_source.displacement(removed[:, None])[0]  # delta^{(0)}: Delta_j(z) at row j
+            delta[j] = at_source.removal((sample_mask / self.batch_size)[None])[0]  # delta^{(0)}: Delta_j(z) at row j
             reached[0] = torch.tensor([j], device=device)
             points[0] = self._direct_points(at_source)
         deltas = [delta[reached[0], 0, 0]]
         for s in range(1, self.hops + 1):
             delta = self.hop_operators[s - 1] @ delta
             reached.append(delta.flatten(1).ne(0).any(dim=1).nonzero().flatten())
-            points.append(self.rounds[s].params[reached[-1]])
+            points.append(self.rounds[s].point()[reached[-1]])
             deltas.append(delta[reached[-1], 0, 0])
         hop_of = torch.cat([torch.full_like(k, s) for s, k in enumerate(reached)])
         nodes, points, deltas = torch.cat(reached), torch.cat(points), torch.cat(deltas)
@@ -257,7 +259,7 @@ class Chain:
         n = first.params.shape[0]
         scaled_test_grads = self._mean_test_grads()  # (hops+1, N, D)
         points = self._test_grad_points()  # (hops+1, N, D)
-        displacements = first.displacement(first.grads[:, None])[:, 0]  # (N, S, D): every node's whole batch
+        displacements = first.removal()[:, 0]  # (N, S, D): every node's whole batch
         scores = first.params.new_zeros(self.hops + 1, n, n)
         chunk = max(1, INFLUENCE_CHUNK_BYTES // (displacements.numel() * displacements.element_size()))
         for start in range(0, n, chunk):

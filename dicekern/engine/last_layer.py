@@ -80,6 +80,9 @@ def last_layer(traj: Trajectory, test: tuple[torch.Tensor, torch.Tensor]) -> tup
     model = traj.objective.model
     if not isinstance(model, nn.Sequential) or len(model) < 2 or not isinstance(model[-1], nn.Linear):
         raise ValueError("last_layer needs an nn.Sequential whose last module is nn.Linear")
+    if traj.objective.buffer_layout:
+        raise ValueError("last_layer reads the extractor's features at every round; with BatchNorm they depend on the batch and the "
+                         "running statistics, which last-layer mode does not replay: use full-model queries or GroupNorm")
     # the name in the module tree: named_children() would skip a module that appears twice
     head_name = list(model._modules)[-1]
     extractor, head = model[:-1], model[-1]  # slicing keeps the names, so the extractor's parameters keep theirs

@@ -32,8 +32,8 @@ from dicekern.record.trajectory import Recorder, Trajectory
 LEDGER = "ledger.json"
 TEST_GRADS = "test_grads.safetensors"
 PENDING = "pending"
-LEDGER_VERSION = 3  # 3 added round_totals; a version 2 ledger resumes with them empty
-READABLE_LEDGER_VERSIONS = (2, 3)
+LEDGER_VERSION = 4  # 4 added mix_buffers (older ledgers: False), 3 round_totals (a version 2 ledger resumes with them empty)
+READABLE_LEDGER_VERSIONS = (2, 3, 4)
 
 
 @dataclass
@@ -113,12 +113,12 @@ class OnlineDICE:
     """Records a run like :class:`Recorder` and keeps DICE-E totals of every node and sample.
 
     Args:
-        model, loss_fn, optimizer, mix_state, replay_check: as for Recorder (None: its default).
+        model, loss_fn, optimizer, mix_state, mix_buffers, replay_check: as for Recorder (None: its default).
         test: (inputs (M, ...), targets (M, ...)), the objective every round is scored against.
         hops: DICE-E^(hops) of each round; round t is scored when round t + hops is recorded.
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
         recorder: an empty Recorder with window hops + 1 to record into, built from the same
-            model and loss; optimizer, mix_state and replay_check are then the recorder's and
+            model and loss; optimizer, mix_state, mix_buffers and replay_check are then the recorder's and
             may not be given. Default: a Recorder built from the arguments above. Its
             ``partition`` says which nodes this process scores (across processes use
             ``dicekern.distributed.DistributedOnlineDICE``, which brings its own recorder).
@@ -156,6 +156,7 @@ class OnlineDICE:
         *,
         optimizer: object = None,
         mix_state: bool | None = None,
+        mix_buffers: bool | None = None,
         replay_check: str | None = None,
         node_matrix: bool = False,
         recorder: Recorder | None = None,
@@ -168,8 +169,8 @@ class OnlineDICE:
         self.test = test
         self._test_digest = test_digest(test)
         self.node_matrix = check_flag("node_matrix", node_matrix)
-        given = {name: value for name, value in (("optimizer", optimizer), ("mix_state", mix_state), ("replay_check", replay_check))
-                 if value is not None}
+        given = {name: value for name, value in (("optimizer", optimizer), ("mix_state", mix_state), ("mix_buffers", mix_buffers),
+                                                 ("replay_check", replay_check)) if value is not None}
         if recorder is None:
             recorder = Recorder(model, loss_fn, window=self.hops + 1, **given)
         elif given:
@@ -188,7 +189,7 @@ class OnlineDICE:
 
     def record(
         self, step: int, params: Mapping[str, torch.Tensor] | Sequence[nn.Module], inputs=None, targets=None, lr=None, W=None, *,
-        state=None, optimizers=None, sample_ids=None,
+        state=None, buffers=None, optimizers=None, sample_ids=None,
     ) -> torch.Tensor | None:
         """Record round ``step`` (arguments of Recorder.record); returns the (N, B) scores of round
         step - hops if that round became complete, else None.
@@ -211,7 +212,7 @@ class OnlineDICE:
                 raise ValueError(f"sample_ids must be integer ids of shape {shape}")
         savepoint = self.recorder.savepoint()
         try:
-            self.recorder.record(step, params, inputs, targets, lr, W, state=state, optimizers=optimizers)
+            self.recorder.record(step, params, inputs, targets, lr, W, state=state, buffers=buffers, optimizers=optimizers)
             if ids is not None:
                 self.state.sample_ids[step] = ids.cpu()
             traj = self.recorder.trajectory()
@@ -272,6 +273,7 @@ class OnlineDICE:
             "node_matrix": self.node_matrix,
             "optimizer": self.recorder.optimizer.to_dict(),
             "mix_state": self.recorder.mix_state,
+            "mix_buffers": self.recorder.mix_buffers,
             "replay_check": self.recorder.replay_check,
             "options": {name: value for name, value in self.options.to_dict().items() if name != "q"},  # q is saved on its own
             "q": None if q is None else q.double().tolist(),
@@ -305,7 +307,8 @@ class OnlineDICE:
         saved_q = None if state["q"] is None else torch.tensor(state["q"], dtype=torch.float64)
         if q is not None and (saved_q is None or not torch.equal(as_tensor("q", q).detach().cpu().double(), saved_q)):
             raise ValueError(f"{where}: q differs from the saved node weights {state['q']}; resume with the same q (or none)")
-        recording = {"optimizer": spec_from_dict(state["optimizer"]), "mix_state": state["mix_state"], "replay_check": state["replay_check"]}
+        recording = {"optimizer": spec_from_dict(state["optimizer"]), "mix_state": state["mix_state"], "mix_buffers": state["mix_buffers"],
+                     "replay_check": state["replay_check"]}
         given_recorder = kwargs.get("recorder") is not None  # checked by the constructor, then against the saved recording
         ledger = cls(model, loss_fn, test, state["hops"], node_matrix=state["node_matrix"], q=saved_q,
                      **({} if given_recorder else recording), **state["options"], **kwargs)
@@ -356,8 +359,10 @@ def _parse_ledger(data: bytes, where: str) -> dict:
         raise ValueError(f"{where} is not an OnlineDICE ledger of version {' or '.join(map(str, READABLE_LEDGER_VERSIONS))}")
     if state["version"] == 2:
         state["round_totals"] = {}
+    if state["version"] <= 3:
+        state["mix_buffers"] = False
     kinds = {
-        "hops": int, "node_matrix": bool, "optimizer": dict, "mix_state": bool, "replay_check": str, "options": dict,
+        "hops": int, "node_matrix": bool, "optimizer": dict, "mix_state": bool, "mix_buffers": bool, "replay_check": str, "options": dict,
         "q": (list, type(None)), "test": str, "scored_steps": list, "node_totals": (list, type(None)), "round_totals": dict,
         "matrix_totals": (list, type(None)), "sample_totals": dict, "sample_ids": dict, "pending": list, "checksums": dict,
     }

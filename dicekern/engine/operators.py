@@ -122,40 +122,43 @@ class StepJacobian(LinearOperator):
         self.step = step
 
     def _matvec(self, vectors: torch.Tensor) -> torch.Tensor:
-        step = self.step
-        d_theta, d_blocks = step.split(vectors)
-        theta, blocks = step.linearization.tangent(d_theta, d_blocks, step.curvature_products(d_theta))
-        return step.join(theta, blocks)
+        return self.step.tangent(vectors)
 
     def _adjoint_matvec(self, vectors: torch.Tensor) -> torch.Tensor:
-        step = self.step
-        c_theta, c_blocks = step.split(vectors)
-        theta, blocks, c_grad = step.linearization.cotangent(c_theta, c_blocks)
-        return step.join(step.curvature_products(c_grad).add_(theta), blocks)  # the product is a fresh tensor
+        return self.step.cotangent(vectors)
 
     def __repr__(self) -> str:
         return f"StepJacobian({self.step.optimizer}, curvature={self.step.curvature!r})"
 
 
 class Mix(LinearOperator):
-    """One round's W (rows = receivers) on the node axis: of the theta block, or of every block
-    when the run gossips the optimizer state (``mix_state``).
+    """One round's W (rows = receivers) on the node axis: of theta, of the optimizer blocks when
+    the run gossips the optimizer state (``mix_state``), and of a BatchNorm model's running
+    statistics (the columns from ``params_dim`` on in block 0) when it gossips them (``mix_buffers``).
 
     Args:
         mixer: ``mixer(index, vectors (N, C', D), transpose)``: W^{t+index} or its transpose.
         index: the round's index in the chain's window.
-        mix_state: whether every block is mixed (else the optimizer blocks stay at their node).
+        mix_state: whether the optimizer blocks are mixed (else they stay at their node).
+        mix_buffers: whether the running statistics are mixed (else they stay at their node).
+        params_dim: D, where block 0's running statistics begin (None: the block is theta alone).
     """
 
-    def __init__(self, mixer: Mixer, index: int, *, mix_state: bool):
+    def __init__(self, mixer: Mixer, index: int, *, mix_state: bool, mix_buffers: bool = False, params_dim: int | None = None):
         self.mixer, self.index, self.mix_state = mixer, index, mix_state
+        self.mix_buffers, self.params_dim = mix_buffers, params_dim
 
     def _apply(self, vectors: torch.Tensor, transpose: bool) -> torch.Tensor:
         n, c, s, d = vectors.shape
-        if self.mix_state or s == 1:
+        whole = self.params_dim is None or self.mix_buffers  # block 0 mixes whole
+        if whole and (self.mix_state or s == 1):
             return self.mixer(self.index, vectors.reshape(n, c * s, d), transpose).view(n, c, s, d)
         mixed = vectors.clone()
-        mixed[:, :, 0] = self.mixer(self.index, vectors[:, :, 0], transpose)
+        theta = slice(None) if whole else slice(0, self.params_dim)
+        mixed[:, :, 0, theta] = self.mixer(self.index, vectors[:, :, 0, theta].contiguous(), transpose)
+        if self.mix_state and s > 1:
+            blocks = vectors[:, :, 1:, : self.params_dim or d]  # past D the optimizer blocks are zero
+            mixed[:, :, 1:, : self.params_dim or d] = self.mixer(self.index, blocks.reshape(n, c * (s - 1), -1), transpose).view(blocks.shape)
         return mixed
 
     def _matvec(self, vectors: torch.Tensor) -> torch.Tensor:

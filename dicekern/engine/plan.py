@@ -101,7 +101,8 @@ class QueryPlan:
         else:
             mixer = TorchMixer(mixings)
         optimizer = self.traj.optimizer
-        steps = [LocalStep(backend, optimizer, r.params, r.inputs, r.targets, r.lr, r.state, self.options.curvature) for r in stepping]
+        steps = [LocalStep(backend, optimizer, r.params, r.inputs, r.targets, r.lr, r.state, self.options.curvature, r.buffers)
+                 for r in stepping]
         if isinstance(self.test, PerNodeTest):
             tests = PerNodeTestSet(backend, self.test, [self.step + s for s in range(self.hops + 1)], self.window[0].params)
         else:
@@ -111,7 +112,7 @@ class QueryPlan:
             from dicekern.engine.fused import FusedMLPChain  # imports triton
 
             chain_class = FusedMLPChain
-        return chain_class(self.window, steps, mixer, tests, self.q, self.options, mix_state=self.traj.mix_state,
+        return chain_class(self.window, steps, mixer, tests, self.q, self.options, mix_state=self.traj.mix_state, mix_buffers=self.traj.mix_buffers,
                            nodes=self.partition.nodes, test_grad_cache=test_grad_cache, step=self.step)
 
 
@@ -161,6 +162,9 @@ def check_inputs(traj: Trajectory, test: object, options: DiceOptions, partition
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a dicekern Partition, got {type(partition).__name__}")
     check_options_for(traj.optimizer, options)
+    if traj.objective.buffer_layout and (options.curvature != "exact" or options.order != 1):
+        raise ValueError(f"the model has BatchNorm layers {list(traj.objective.buffer_layout.modules)}: DICE-E explains their "
+                         f"running statistics with curvature='exact' and order=1; got curvature={options.curvature!r}, order={options.order}")
     if not traj.steps:
         raise ValueError("the trajectory is empty: record at least one round")
     like = traj[traj.steps[0]].params

@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from dicekern.curvature.protocol import CurvatureBackend
+from dicekern.curvature.round import Buffers, test_point
 from dicekern.curvature.torch_func import mean_weights
 from dicekern.core.optim import OptimizerSpec, State
 
@@ -21,19 +22,25 @@ from dicekern.core.optim import OptimizerSpec, State
 class LocalStep:
     """Round tau's local step at every node, linearised at the recorded point (theta, state, batch, lr).
 
+    A BatchNorm model's node state also holds its running statistics beta (D_b,): chain vectors
+    are then (N, C, S, D + D_b), block 0 (theta, beta) and the optimizer blocks zero past D. The
+    step updates beta <- (1 - m) beta + m statistics(theta, w) (DICE.md, "Models with buffers").
+
     Args:
         backend: the curvature backend (gradients, curvature products, per-sample dots).
         optimizer: the spec of the run.
         params, inputs, targets, lr, state: the round's (N, D), (N, B, ...), (N, B, ...), (N,), state.
         curvature: "exact", "ggn" or "none" (g's dependence on theta left out).
+        buffers: a BatchNorm model's buffers at the start of the round, else None.
     """
 
     def __init__(
         self, backend: CurvatureBackend, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
-        targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: str,
+        targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: str, buffers: Buffers | None = None,
     ):
         self.backend, self.optimizer, self.curvature = backend, optimizer, curvature
         self.params, self.inputs, self.targets, self.lr, self.state = params, inputs, targets, lr, state
+        self.buffers = buffers
 
     @property
     def batch_size(self) -> int:
@@ -44,14 +51,40 @@ class LocalStep:
         """S: theta plus the optimizer's float state blocks."""
         return 1 + len(self.optimizer.state_blocks)
 
+    @property
+    def dim(self) -> int:
+        """D, or D + D_b for a BatchNorm model: the length of a chain vector's block."""
+        return self.params.shape[-1] + (0 if self.buffers is None else self.buffers.running.shape[-1])
+
     @cached_property
+    def _grads_and_statistics(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weights = mean_weights(self.inputs.shape[:2], self.params)
+        if self.buffers is None:
+            return self.backend.node_grads(self.params, self.inputs, self.targets, weights), None
+        return self.backend.node_grads_and_statistics(self.params, self.inputs, self.targets, weights)
+
+    @property
     def grads(self) -> torch.Tensor:
         """(N, D) every node's batch-mean gradient at its recorded params."""
-        return self.backend.node_grads(self.params, self.inputs, self.targets, mean_weights(self.inputs.shape[:2], self.params))
+        return self._grads_and_statistics[0]
+
+    @cached_property
+    def _rates(self) -> torch.Tensor:
+        """(N, 1, D_b) each running statistic's update rate m in this step, shaped for the columns."""
+        return self.backend.buffer_layout.rates(self.buffers.counters).to(self.params.dtype)[:, None]
+
+    def point(self) -> torch.Tensor:
+        """(N, D (+ D_b)) where the recorded state's test loss is taken (``test_point``)."""
+        return test_point(self.params, self.buffers)
 
     def half_step(self) -> torch.Tensor:
-        """(N, D) theta^{tau+1/2} (computed on each call: the chain needs it once)."""
-        return self.optimizer.update(self.params, self.state, self.grads, self.lr)[0]
+        """(N, D) theta^{tau+1/2}, or (N, D + D_b) with the running statistics its forward produced
+        (computed on each call: the chain needs it once)."""
+        half = self.optimizer.update(self.params, self.state, self.grads, self.lr)[0]
+        if self.buffers is None:
+            return half
+        running = self.buffers.running
+        return torch.cat([half, running + self._rates[:, 0] * (self._grads_and_statistics[1] - running)], -1)
 
     @cached_property
     def linearization(self):
@@ -65,18 +98,64 @@ class LocalStep:
     def rows(self, index: slice) -> LocalStep:
         """This step restricted to the nodes ``index`` (a slice of rows)."""
         state = {k: v[index] for k, v in self.state.items()}
+        buffers = None if self.buffers is None else Buffers(*(b[index] for b in self.buffers))
         return LocalStep(self.backend, self.optimizer, self.params[index], self.inputs[index], self.targets[index],
-                         self.lr[index], state, self.curvature)
+                         self.lr[index], state, self.curvature, buffers)
 
-    def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """(N, C, S, D) -> theta (N, C, D) and the optimizer's blocks by name, each (N, C, D)."""
-        return vectors[:, :, 0], dict(zip(self.optimizer.state_blocks, vectors[:, :, 1:].unbind(2)))
+    def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """(N, C, S, D (+ D_b)) -> theta (N, C, D), the optimizer's blocks by name, each (N, C, D),
+        and the running statistics (N, C, D_b) (None without BatchNorm)."""
+        d = self.params.shape[-1]
+        beta = None if self.buffers is None else vectors[:, :, 0, d:]
+        return vectors[:, :, 0, :d], dict(zip(self.optimizer.state_blocks, vectors[:, :, 1:, :d].unbind(2))), beta
 
-    def join(self, theta: torch.Tensor, blocks: State) -> torch.Tensor:
-        """The inverse of ``split``: (N, C, S, D)."""
-        if not blocks:
-            return theta.unsqueeze(2)
-        return torch.stack([theta] + [blocks[name] for name in self.optimizer.state_blocks], dim=2)
+    def join(self, theta: torch.Tensor, blocks: State, beta: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse of ``split``: (N, C, S, D (+ D_b))."""
+        blocks = [blocks[name] for name in self.optimizer.state_blocks]
+        if beta is not None:
+            theta = torch.cat([theta, beta], -1)
+            blocks = [torch.cat([block, torch.zeros_like(beta)], -1) for block in blocks]
+        return torch.stack([theta, *blocks], dim=2)
+
+    def tangent(self, vectors: torch.Tensor) -> torch.Tensor:
+        """J V at every node, (N, C, S, D (+ D_b)): the optimizer's tangent with dg = H dtheta, and
+        for BatchNorm dbeta' = (1 - m) dbeta + m (d statistics / d theta) dtheta."""
+        d_theta, d_blocks, d_beta = self.split(vectors)
+        if d_beta is None:
+            return self.join(*self.linearization.tangent(d_theta, d_blocks, self.curvature_products(d_theta)))
+        products, d_statistics = self._on_active_rows(lambda rows, v: self.backend.step_jvp(
+            self.params[rows], self.inputs[rows], self.targets[rows], v), d_theta, outputs=2)
+        theta, blocks = self.linearization.tangent(d_theta, d_blocks, products)
+        return self.join(theta, blocks, d_beta - self._rates * (d_beta - d_statistics))
+
+    def cotangent(self, vectors: torch.Tensor) -> torch.Tensor:
+        """J^T V at every node: the optimizer's cotangent, H c_g (H is symmetric) and for BatchNorm
+        (d statistics / d theta)^T m c_beta on theta, (1 - m) c_beta on beta."""
+        c_theta, c_blocks, c_beta = self.split(vectors)
+        theta, blocks, c_grad = self.linearization.cotangent(c_theta, c_blocks)
+        if c_beta is None:
+            return self.join(self.curvature_products(c_grad).add_(theta), blocks)  # the product is a fresh tensor
+        scaled = self._rates * c_beta
+        both = torch.cat([c_grad, scaled], -1)
+        d = self.params.shape[-1]
+        pulled = self._on_active_rows(lambda rows, v: (self.backend.step_vjp(
+            self.params[rows], self.inputs[rows], self.targets[rows], v[..., :d], v[..., d:]),), both, outputs=1, width=d)[0]
+        return self.join(pulled.add_(theta), blocks, c_beta - scaled)
+
+    def _on_active_rows(self, products, vectors: torch.Tensor, *, outputs: int, width: int | None = None) -> tuple[torch.Tensor, ...]:
+        """products(rows, vectors[rows]) on the nodes with a non-zero column only, zero elsewhere: a
+        perturbation that has not reached node k yet is exactly zero there."""
+        active = vectors.flatten(1).ne(0).any(dim=1)
+        rows = active.nonzero().flatten()
+        computed = products(rows, vectors[rows]) if len(rows) else None
+        results = []
+        for i in range(outputs):
+            shape = computed[i].shape[1:] if computed is not None else (*vectors.shape[1:-1], width or vectors.shape[-1])
+            result = vectors.new_zeros(len(vectors), *shape)
+            if computed is not None:
+                result[rows] = computed[i]
+            results.append(result)
+        return tuple(results)
 
     def curvature_products(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C, D) H_k V[k, c], H_k the curvature of node k's batch-mean loss; zero for curvature
@@ -87,16 +166,8 @@ class LocalStep:
         """
         if self.curvature == "none":
             return torch.zeros_like(vectors)
-        active = vectors.flatten(1).ne(0).any(dim=1)
-        if active.all():
-            return self.backend.curvature_products(self.params, self.inputs, self.targets, vectors, self.curvature)
-        products = torch.zeros_like(vectors)
-        nodes = active.nonzero().flatten()
-        if len(nodes):
-            products[nodes] = self.backend.curvature_products(
-                self.params[nodes], self.inputs[nodes], self.targets[nodes], vectors[nodes], self.curvature
-            )
-        return products
+        return self._on_active_rows(lambda rows, v: (self.backend.curvature_products(
+            self.params[rows], self.inputs[rows], self.targets[rows], v, self.curvature),), vectors, outputs=1)[0]
 
     def displacement(self, grads: torch.Tensor) -> torch.Tensor:
         """(dO/dg) G at every node: the state change of gradient changes G (N, C, D), as (N, C, S, D).
@@ -108,11 +179,31 @@ class LocalStep:
         theta, blocks = self.linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads)
         return self.join(theta, blocks)
 
+    def removal(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 1, S, D (+ D_b)): every node's state change when its loss weights move by weights
+        (N, B) from the batch mean, e.g. mask / B for removing the masked samples (None: the whole
+        batch): factual minus counterfactual, Delta of DICE.md (with BatchNorm, the batch's
+        renormalisation included)."""
+        if weights is None:
+            weights = mean_weights(self.inputs.shape[:2], self.params)
+            if self.buffers is None:
+                return self.displacement(self.grads[:, None])
+        if self.buffers is None:
+            return self.displacement(self.backend.node_grads(self.params, self.inputs, self.targets, weights)[:, None])
+        grads, statistics = self.backend.weight_jvp(self.params, self.inputs, self.targets, weights)
+        zeros = torch.zeros_like(grads[:, None])
+        theta, blocks = self.linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads[:, None])
+        return self.join(theta, blocks, self._rates * statistics[:, None])
+
     def sample_scores(self, vectors: torch.Tensor) -> torch.Tensor:
         """Delta_k(z_b)^T V[k, c] for every sample b of every node k: (N, C, S, D) -> (N, C, B).
 
         Delta^T V = (1/B) grad loss_b^T (dO/dg)^T V: one JVP of the per-sample losses per column.
+        With BatchNorm, removing z renormalises the rest of its batch: the scores are then the
+        gradient in the samples' weights of c_g^T g + (m c_beta)^T statistics, one reverse pass.
         """
-        c_theta, c_blocks = self.split(vectors)
+        c_theta, c_blocks, c_beta = self.split(vectors)
         c_grad = self.linearization.cotangent(c_theta, c_blocks)[2]
-        return self.backend.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size
+        if c_beta is None:
+            return self.backend.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size
+        return self.backend.weight_vjp(self.params, self.inputs, self.targets, c_grad, self._rates * c_beta) / self.batch_size

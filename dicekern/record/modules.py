@@ -85,13 +85,13 @@ def mix_(models: Sequence[nn.Module], W: object, *, buffers: bool = False) -> No
 
 
 def from_live_models(
-    params: object, has_batch: bool, lr: object, state: object, optimizers: object, spec: OptimizerSpec,
-) -> tuple[object, object, object]:
-    """``record()``'s params, lr and state, read from live models and their torch optimizers.
+    params: object, has_batch: bool, lr: object, state: object, buffers: object, optimizers: object, spec: OptimizerSpec,
+) -> tuple[object, object, object, object]:
+    """``record()``'s params, lr, state and buffers, read from live models and their torch optimizers.
 
-    params may be the per-node models (stacked here) or already stacked tensors. With optimizers,
-    lr (only for a round with a batch) and state default to what they hold; their spec must be the
-    recorder's. Returns (params, lr, state) for the stacked form.
+    params may be the per-node models (stacked here, buffers too when they have any) or already
+    stacked tensors. With optimizers, lr (only for a round with a batch) and state default to what
+    they hold; their spec must be the recorder's. Returns (params, lr, state, buffers) stacked.
     """
     live = isinstance(params, Sequence) and not isinstance(params, str) and all(isinstance(m, nn.Module) for m in params)
     if not live and not isinstance(params, Mapping):
@@ -100,8 +100,10 @@ def from_live_models(
             what += " of " + ", ".join(sorted({type(m).__name__ for m in params}))
         raise TypeError(f"params must be a mapping name -> Tensor (N, *shape) or the per-node models, got {what}")
     models = check_models(params) if live else None
+    if live and buffers is None and next(models[0].buffers(), None) is not None:
+        buffers = stack_buffers(models)
     if optimizers is None:
-        return (stack_params(models) if live else params), lr, state
+        return (stack_params(models) if live else params), lr, state, buffers
     if not live:
         raise ValueError("optimizers= reads each node's optimizer state by its model's parameters: pass the live models as params")
     given = spec_of(optimizers)
@@ -111,4 +113,4 @@ def from_live_models(
         lr = stack_lr(optimizers)
     if state is None:
         state = stack_state(optimizers, models)
-    return stack_params(models), lr, state
+    return stack_params(models), lr, state, buffers

@@ -15,6 +15,8 @@ import torch
 
 from dicekern.core.checks import check_batch, check_finite, check_mixing
 from dicekern.core.losses import ClosedFormLoss
+from dicekern.curvature.batchnorm import BufferLayout
+from dicekern.curvature.round import Buffers, test_point
 from dicekern.curvature.torch_func import TorchFuncBackend
 from dicekern.core.optim import OptimizerSpec, State, check_lr
 
@@ -31,6 +33,8 @@ class Round:
         W: (N, N) row-stochastic mixing matrix applied after the local update, or None.
         state: the optimizer state at the start of round t (blocks (N, D), counters (N,)); empty
             for a stateless optimizer, None when not recorded.
+        buffers: a BatchNorm model's running statistics and counters at the start of round t;
+            None for a model without BatchNorm.
     """
 
     params: torch.Tensor
@@ -39,10 +43,16 @@ class Round:
     lr: torch.Tensor | None = None
     W: torch.Tensor | None = None
     state: State | None = None
+    buffers: Buffers | None = None
 
     @property
     def has_batch(self) -> bool:
         return self.inputs is not None
+
+    def point(self) -> torch.Tensor:
+        """Where every node's test loss is taken: params (N, D), or for a BatchNorm model params and
+        running statistics (N, D + D_b)."""
+        return test_point(self.params, self.buffers)
 
 
 @dataclass(frozen=True)
@@ -96,15 +106,51 @@ def check_labels(loss_fn: object, targets: torch.Tensor, outputs: int, what: str
         raise ValueError(f"{what} targets must be floats of {outputs} outputs per sample for squared_error, got shape {tuple(targets.shape)}")
 
 
+def check_buffers(buffers: object, layout: BufferLayout, flat: torch.Tensor, *, where: str) -> Buffers | None:
+    """A BatchNorm model's buffers, name -> (N, *shape) as ``dk.stack_buffers`` gives them, as
+    Buffers in params' dtype and device; None for a model without BatchNorm (which takes none)."""
+    if not layout:
+        if buffers:
+            raise ValueError(f"{where}: the model has no BatchNorm layers, but buffers {sorted(buffers)} were given")
+        return None
+    if buffers is None:
+        raise ValueError(f"{where}: the model's BatchNorm layers {list(layout.modules)} keep running statistics: record them, "
+                         f"buffers=dk.stack_buffers(models) (or pass the live models)")
+    if not isinstance(buffers, Mapping):
+        raise TypeError(f"{where}: buffers must be a mapping name -> Tensor (N, *shape), got {type(buffers).__name__}")
+    unknown, missing = sorted(set(buffers) - set(layout.names)), [n for n in layout.names if n not in buffers]
+    if unknown or missing:
+        raise ValueError(f"{where}: buffers must be the BatchNorm buffers {list(layout.names)}; unknown: {unknown}, missing: {missing}")
+    n = flat.shape[0]
+    floats = len(layout.modules) * 2
+    for i, name in enumerate(layout.names):
+        value = buffers[name]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: buffers[{name!r}] must be a torch.Tensor, got {type(value).__name__}")
+        running = i < floats
+        shape = (n, layout.channels[i // 2]) if running else (n,)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{where}: buffers[{name!r}] has shape {tuple(value.shape)}, expected {shape}")
+        if value.device != flat.device or (running and value.dtype != flat.dtype) or (not running and (value.is_floating_point() or value.dtype == torch.bool)):
+            expected = f"{flat.dtype}" if running else "an integer dtype"
+            raise ValueError(f"{where}: buffers[{name!r}] is {value.dtype} on {value.device}, expected {expected} on {flat.device}")
+        check_finite(f"{where} buffers[{name!r}]", value)
+        if (value < 0).any() and (not running or name.endswith("running_var")):
+            raise ValueError(f"{where}: buffers[{name!r}] has negative entries")
+    return Buffers(*layout.flatten(buffers))
+
+
 def check_round(
     optimizer: OptimizerSpec, flat: torch.Tensor, inputs: object, targets: object, lr: object, W: object, state: object,
-    *, total_nodes: int, where: str,
+    *, total_nodes: int, where: str, buffers: object = None, buffer_layout: BufferLayout = BufferLayout((), (), ()),
 ) -> Round:
-    """A validated Round from params (N, D) and the round's batch, lr, W and optimizer state.
+    """A validated Round from params (N, D) and the round's batch, lr, W, optimizer state and, for a
+    BatchNorm model (buffer_layout), its buffers.
 
     Params only (inputs, targets, lr and W all None) is a round that is never stepped from.
     """
     check_finite(f"{where} params", flat)
+    checked_buffers = check_buffers(buffers, buffer_layout, flat, where=where)
     n = flat.shape[0]
     given = {"inputs": inputs is not None, "targets": targets is not None, "lr": lr is not None, "W": W is not None}
     if any(given.values()) and not all(given.values()):
@@ -112,7 +158,7 @@ def check_round(
         raise ValueError(f"{where}: give inputs, targets, lr and W together, or params only; missing {missing}")
     if not all(given.values()):
         recorded = state is not None or optimizer.stateless
-        return Round(flat, state=optimizer.check_state(state, n, flat, where=f"{where} state") if recorded else None)
+        return Round(flat, state=optimizer.check_state(state, n, flat, where=f"{where} state") if recorded else None, buffers=checked_buffers)
     x, y = check_batch(inputs, targets, flat, prefix=f"{where} ")
     if x.shape[0] != n or x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"{where}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} must be (N, B, ...) with N={n}")
@@ -120,7 +166,7 @@ def check_round(
         raise ValueError(f"{where}: inputs hold an empty batch (B = 0)")
     rates = check_lr(lr, n, flat, where=f"{where} lr")
     mixing = check_mixing(f"{where} W", W, total_nodes, flat)
-    return Round(flat, x, y, rates, mixing, optimizer.check_state(state, n, flat, where=f"{where} state"))
+    return Round(flat, x, y, rates, mixing, optimizer.check_state(state, n, flat, where=f"{where} state"), checked_buffers)
 
 
 class LazyRounds(Mapping):

@@ -40,6 +40,7 @@ class RecordedRun(Protocol):
     objective: TorchFuncBackend
     optimizer: OptimizerSpec
     mix_state: bool
+    mix_buffers: bool
     description: RunDescription | None
 
     @property
@@ -51,10 +52,11 @@ class RecordedRun(Protocol):
     def __getitem__(self, step: int) -> Round: ...
 
 FORMAT = "dicekern-trajectory"
-VERSION = 4  # 4 added the run's description; version 3 runs (none) still load
-READABLE_VERSIONS = (3, 4)
+VERSION = 5  # 5 added BatchNorm buffers and mix_buffers, 4 the run's description; versions 3 and 4 still load
+READABLE_VERSIONS = (3, 4, 5)
 MANIFEST = "manifest.json"
 STATE_PREFIX = "state."
+BUFFERS = ("buffers.running", "buffers.counters")  # a BatchNorm model's running statistics (N, D_b) and counters (N, L)
 MANIFEST_MAX_BYTES = 1 << 30
 HEADER_MAX_BYTES = 1 << 20  # a round file's safetensors header, on top of its declared tensor bytes
 DTYPES = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
@@ -84,6 +86,8 @@ def write_run(traj: RecordedRun, folder: Path, description: RunDescription | Non
             tensors.update(inputs=rnd.inputs, targets=rnd.targets, lr=rnd.lr, W=rnd.W)
             total_nodes = rnd.W.shape[0]
         tensors.update({STATE_PREFIX + name: value for name, value in (rnd.state or {}).items()})
+        if rnd.buffers is not None:
+            tensors.update(zip(BUFFERS, rnd.buffers))
         tensors = {name: value.contiguous().cpu() for name, value in tensors.items()}
         data = save_tensors(tensors)
         write_file(folder, round_file(step), data)
@@ -102,6 +106,7 @@ def write_run(traj: RecordedRun, folder: Path, description: RunDescription | Non
         "dtype": str(traj.dtype).removeprefix("torch."),
         "optimizer": traj.optimizer.to_dict(),
         "mix_state": traj.mix_state,
+        "mix_buffers": traj.mix_buffers,
         "description": None if description is None else description.to_dict(),
         "fingerprint": None if description is None else _fingerprint(traj),
         "rounds": rounds,
@@ -157,6 +162,7 @@ class Manifest:
 
     optimizer: OptimizerSpec
     mix_state: bool
+    mix_buffers: bool
     num_nodes: int
     total_nodes: int
     dtype: torch.dtype
@@ -194,6 +200,7 @@ def parse_manifest(manifest: dict, where: str, objective: TorchFuncBackend) -> M
     except (ValueError, TypeError) as error:
         raise ValueError(f"{where}: field 'optimizer': {error}") from None
     mix_state = field("mix_state", bool)
+    mix_buffers = field("mix_buffers", bool) if manifest["version"] >= 5 else False
     entries = field("rounds", dict)
     if not entries:
         raise ValueError(f"{where}: field 'rounds' lists no rounds")
@@ -203,13 +210,13 @@ def parse_manifest(manifest: dict, where: str, objective: TorchFuncBackend) -> M
         if not re.fullmatch(r"-?[0-9]+", key) or str(int(key)) != key:
             raise ValueError(f"{where}: round key {key!r} is not a canonical integer")
         step = int(key)
-        _check_entry(entry, step, f"{where}: round {key}", optimizer, num_nodes, total_nodes, objective.layout.dim, manifest["dtype"])
+        _check_entry(entry, step, f"{where}: round {key}", optimizer, num_nodes, total_nodes, objective, manifest["dtype"])
         if _has_batch(entry):
             batch_layouts.add(tuple((tuple(entry["shapes"][k][2:]), entry["dtypes"][k]) for k in ("inputs", "targets")))
         rounds[step] = entry
     if len(batch_layouts) > 1:
         raise ValueError(f"{where}: the rounds' batches differ in per-sample shape or dtype: {sorted(batch_layouts)}")
-    return Manifest(optimizer, mix_state, num_nodes, total_nodes, dtype, rounds)
+    return Manifest(optimizer, mix_state, mix_buffers, num_nodes, total_nodes, dtype, rounds)
 
 
 def _has_batch(entry: dict) -> bool:
@@ -217,7 +224,8 @@ def _has_batch(entry: dict) -> bool:
     return "inputs" in entry["shapes"]
 
 
-def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec, n: int, total: int, dim: int, dtype: str) -> None:
+def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec, n: int, total: int, objective: TorchFuncBackend,
+                 dtype: str) -> None:
     """One round's entry: its file name, checksum, and tensors of the shapes and dtypes the run implies."""
     if not isinstance(entry, dict) or set(entry) != {"file", "sha256", "shapes", "dtypes"}:
         raise ValueError(f"{where}: the entry must have exactly the fields file, sha256, shapes, dtypes")
@@ -229,10 +237,13 @@ def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec,
     if not isinstance(shapes, dict) or not isinstance(dtypes, dict) or set(shapes) != set(dtypes):
         raise ValueError(f"{where}: fields 'shapes' and 'dtypes' must name the same tensors")
     state = {STATE_PREFIX + k for k in (*optimizer.state_blocks, *optimizer.state_counters)}
-    names = set(shapes) - {"params"} - set(BATCH)
+    buffers = set(BUFFERS) if objective.buffer_layout else set()
+    names = set(shapes) - {"params"} - set(BATCH) - buffers
     has_batch = _has_batch(entry)
     if "params" not in shapes or (has_batch and not set(BATCH) <= set(shapes)) or (not has_batch and set(BATCH) & set(shapes)) or not names <= state:
         raise ValueError(f"{where}: tensors {sorted(shapes)} are not params, [inputs, targets, lr, W] and the state of {optimizer}")
+    if not buffers <= set(shapes):
+        raise ValueError(f"{where}: the model has BatchNorm layers, so every round must hold {sorted(buffers)}; tensors are {sorted(shapes)}")
     if has_batch and names != state and not optimizer.stateless:
         raise ValueError(f"{where}: a round with a batch must hold the optimizer state {sorted(state)}")
     for name, shape in shapes.items():
@@ -240,7 +251,10 @@ def _check_entry(entry: object, step: int, where: str, optimizer: OptimizerSpec,
             raise ValueError(f"{where}: field 'shapes.{name}' must be a list of sizes")
         if dtypes[name] not in DTYPES:
             raise ValueError(f"{where}: field 'dtypes.{name}' {dtypes[name]!r} is not a tensor dtype")
+    dim = objective.layout.dim
     expect = {"params": ([n, dim], dtype), "lr": ([n], dtype), "W": ([total, total], dtype)}
+    if buffers:
+        expect.update({BUFFERS[0]: ([n, objective.buffer_layout.dim], dtype), BUFFERS[1]: ([n, len(objective.buffer_layout.modules)], "int64")})
     for name in optimizer.state_blocks:
         expect[STATE_PREFIX + name] = ([n, dim], dtype)
     for name in optimizer.state_counters:
@@ -282,8 +296,10 @@ class RoundFiles(LazyRounds):
             raise ValueError(f"{where} does not match the manifest: {shapes} {dtypes}, expected {entry['shapes']} {entry['dtypes']}")
         t = {k: v.to(self._device) for k, v in tensors.items()}
         state = {k.removeprefix(STATE_PREFIX): v for k, v in t.items() if k.startswith(STATE_PREFIX)} or None
+        layout = self._objective.buffer_layout
+        buffers = layout.unflatten(*(t[name] for name in BUFFERS)) if layout else None
         rnd = check_round(self._manifest.optimizer, t["params"], t.get("inputs"), t.get("targets"), t.get("lr"), t.get("W"), state,
-                          total_nodes=self._manifest.total_nodes, where=where)
+                          total_nodes=self._manifest.total_nodes, where=where, buffers=buffers, buffer_layout=layout)
         if rnd.has_batch:
             self._layout = self._layout or BatchLayout.of(self._objective, rnd.params[0], rnd.inputs[0], rnd.targets[0])
             self._layout.check(self._objective.loss_fn, rnd.inputs, rnd.targets, lead=2, what=where)
@@ -298,6 +314,7 @@ class SavedRun:
     rounds: RoundFiles
     optimizer: OptimizerSpec
     mix_state: bool
+    mix_buffers: bool
     description: RunDescription | None
     saved_as: dict | None = None  # {"directory", "snapshot", "manifest_sha256"} of the save it was opened from
 
@@ -323,7 +340,7 @@ def read_run(
     objective = TorchFuncBackend(model, loss_fn)
     manifest = parse_manifest(fields, where, objective)
     rounds = RoundFiles(root, parts, manifest, objective, torch.device(device), cache_rounds)
-    run = SavedRun(objective, rounds, manifest.optimizer, manifest.mix_state, description)
+    run = SavedRun(objective, rounds, manifest.optimizer, manifest.mix_state, manifest.mix_buffers, description)
     if description is not None and fields.get("fingerprint") is not None:
         _check_fingerprint(fields["fingerprint"], run, where)
     return run

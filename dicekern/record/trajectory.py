@@ -7,6 +7,7 @@ Trajectory is the recorded rounds of one run, in memory or read lazily from disk
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,10 +18,10 @@ from dicekern.record import storage
 from dicekern.core.checks import check_choice, check_int
 from dicekern.core.partition import Partition
 from dicekern.record.description import RunDescription, check_describes, described
-from dicekern.curvature.round import local_update
 from dicekern.curvature.protocol import LossFn
-from dicekern.curvature.torch_func import TorchFuncBackend
-from dicekern.core.optim import SGD, OptimizerSpec, spec_of
+from dicekern.curvature.round import local_update_and_grads
+from dicekern.curvature.torch_func import TorchFuncBackend, mean_weights
+from dicekern.core.optim import SGD, OptimizerSpec, State, spec_of
 from dicekern.record.modules import from_live_models
 from dicekern.record.rounds import BatchLayout, LazyRounds, Round, check_round
 
@@ -35,6 +36,10 @@ LIKELY_CAUSES = (
 
 
 ROUNDING_UNITS = 32  # of a parameter's largest value: the rounding allowed on top of rtol x update
+NOISE_PROBE_UNITS = 256  # rounding units by which the noise probe moves every parameter and float input
+NOISE_SAFETY = 2  # the gradient's allowance: this many times its largest change under the probe, per parameter
+NOISE_PROBES = (-1.0, -0.5, 0.5, 1.0)  # the gradient moves by these multiples of its allowance through the step
+STEP_SAFETY = 2  # the step's allowance: this many times its largest change under those moves (Adam's saturates)
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,20 @@ class Mismatch:
     Attributes:
         relative: max |recorded - replayed| over the largest change the replayed update made.
         absolute: max |recorded - replayed|.
-        excess: absolute over its tolerance, rtol x the update's largest change plus
-            ROUNDING_UNITS rounding units of the largest value; above 1 is a mismatch.
+        excess: the largest ratio of |recorded - replayed| to its tolerance over the entries: rtol x
+            the update's largest change, plus ROUNDING_UNITS rounding units of the largest value, plus
+            the entry's allowance for the gradient's measured rounding (:func:`gradient_noise`)
+            through the optimizer and the gossip; above 1 is a mismatch.
         name: the parameter or state block.
+        allowance: the largest allowance for the gradient's rounding over the largest change
+            the replayed update made.
     """
 
     relative: float
     absolute: float
     excess: float
     name: str
+    allowance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,12 +93,64 @@ def default_rtol(dtype: torch.dtype) -> float:
     return max(1e-6, min(0.1, 1e4 * torch.finfo(dtype).eps))
 
 
+def gradient_noise(objective: TorchFuncBackend, rnd: Round, grads: torch.Tensor | None = None) -> torch.Tensor:
+    """(D,) how far another float evaluation of round ``rnd``'s node gradients may land from the replay's.
+
+    Every parameter and float input moves by NOISE_PROBE_UNITS rounding units of its dtype, once up
+    and once down (signs drawn with a fixed seed), and the second difference of every node's batch
+    gradient, g(up) + g(down) - 2 g, measures what rounding does to it: its smooth change cancels,
+    while the model's kinks stay. A ReLU input within rounding of 0 lands on the other side when the
+    trainer evaluates in another order (per-node autograd where the replay vmaps), and its sample's
+    share of the gradient appears or vanishes; the probe moves many such inputs across. Per
+    parameter, NOISE_SAFETY times the largest entry over the nodes. Two evaluations of every node's
+    gradient when ``grads`` (the unmoved ones) is given, three otherwise.
+    """
+    weights = mean_weights(rnd.inputs.shape[:2], rnd.params)
+    if grads is None:
+        grads = objective.node_grads(rnd.params, rnd.inputs, rnd.targets, weights)
+    generator = torch.Generator().manual_seed(0)
+    signs = lambda t: torch.randint(0, 2, t.shape, generator=generator).to(device=t.device, dtype=t.dtype) * 2 - 1
+    float_inputs = rnd.inputs.is_floating_point()
+    steps = [NOISE_PROBE_UNITS * torch.finfo(rnd.params.dtype).eps * signs(rnd.params)]
+    steps.append(NOISE_PROBE_UNITS * torch.finfo(rnd.inputs.dtype).eps * signs(rnd.inputs) if float_inputs else None)
+    second = -2 * grads
+    for side in (1, -1):
+        inputs = rnd.inputs * (1 + side * steps[1]) if float_inputs else rnd.inputs
+        second = second + objective.node_grads(rnd.params * (1 + side * steps[0]), inputs, rnd.targets, weights)
+    change = second.abs().amax(0)
+    noise = torch.empty_like(change)
+    for _, columns in objective.layout.slices():
+        noise[columns] = change[columns].max()
+    return NOISE_SAFETY * noise
+
+
+def update_noise(
+    optimizer: OptimizerSpec, rnd: Round, grads: torch.Tensor, half: torch.Tensor, state: State, noise: torch.Tensor,
+) -> tuple[torch.Tensor, State]:
+    """(N, D) allowances of the half step and of every state block for a gradient off by up to
+    ``noise`` (D,): STEP_SAFETY times the largest change of the declared step when the gradient moves
+    by NOISE_PROBES multiples of it. For SGD that is STEP_SAFETY x lr x noise (x (1 + momentum) with
+    Nesterov); Adam's first step is about lr sign(g), so where the gradient is within its noise of 0
+    the allowance is STEP_SAFETY x 2 lr, above any change its step can make, and elsewhere small."""
+    half_noise = torch.zeros_like(half)
+    state_noise = {name: torch.zeros_like(state[name]) for name in optimizer.state_blocks}
+    for probe in NOISE_PROBES:
+        moved_half, moved_state = optimizer.update(rnd.params, rnd.state, grads + probe * noise, rnd.lr)
+        half_noise = torch.maximum(half_noise, (moved_half - half).abs())
+        for name in state_noise:
+            state_noise[name] = torch.maximum(state_noise[name], (moved_state[name] - state[name]).abs())
+    return STEP_SAFETY * half_noise, {name: STEP_SAFETY * value for name, value in state_noise.items()}
+
+
 def replay_mismatch(
     objective: TorchFuncBackend, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, rtol: float, mix=None,
+    *, noise: torch.Tensor | NoiseCache | None = None,
 ) -> Mismatch:
     """The worst :class:`Mismatch` of round ``following`` (t+1) against the replay of round ``rnd`` (t).
 
     mix(W, rows) mixes the half-step rows (default W @ rows; across processes an exchange).
+    noise: (D,) the allowance for the gradient's rounding (:func:`gradient_noise`), a :class:`NoiseCache`
+    to take it from, or None to measure it on ``rnd`` (two more evaluations of every node's gradient).
     """
     if mix is None:
         if rnd.W.shape[0] != rnd.params.shape[0]:
@@ -97,28 +159,69 @@ def replay_mismatch(
                 f"half step: replay across processes with dicekern.distributed.DistributedRecorder"
             )
         mix = lambda W, rows: W @ rows
-    half, state = local_update(objective, optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr)
-    pairs = [(following.params, mix(rnd.W, half), mix(rnd.W, rnd.params), objective.layout.slices())]
+    stepped, grads = local_update_and_grads(objective, optimizer, rnd.params, rnd.state, rnd.inputs, rnd.targets, rnd.lr,
+                                            buffers=rnd.buffers)
+    half, state = stepped.half, stepped.state
+    if noise is None:
+        noise = gradient_noise(objective, rnd, grads)
+    elif isinstance(noise, NoiseCache):
+        noise = noise.get(objective, rnd, grads)
+    half_noise, state_noise = update_noise(optimizer, rnd, grads, half, state, noise)
+    spread = rnd.W.abs()  # a node's allowance after gossip: sum_j |W[k, j]| allowance_j
+    pairs = [(following.params, mix(rnd.W, half), mix(rnd.W, rnd.params), mix(spread, half_noise), objective.layout.slices())]
     if following.state is not None:
         for name in optimizer.state_blocks:
             replayed = mix(rnd.W, state[name]) if mix_state else state[name]
             before = mix(rnd.W, rnd.state[name]) if mix_state else rnd.state[name]
-            pairs.append((following.state[name], replayed, before, [(f"state[{name!r}]", slice(None))]))
+            allowed = mix(spread, state_noise[name]) if mix_state else state_noise[name]
+            pairs.append((following.state[name], replayed, before, allowed, [(f"state[{name!r}]", slice(None))]))
         for name in optimizer.state_counters:
             if not torch.equal(following.state[name], state[name]):
                 return Mismatch(float("inf"), float("inf"), float("inf"), f"state[{name!r}]")
     worst = Mismatch(0.0, 0.0, 0.0, "")
-    for recorded, replayed, before, parts in pairs:
+    for recorded, replayed, before, allowed, parts in pairs:
         for name, columns in parts:
-            rec, rep, old = recorded[:, columns], replayed[:, columns], before[:, columns]
-            error = (rec - rep).abs().max().item()
+            rec, rep, old, allow = recorded[:, columns], replayed[:, columns], before[:, columns], allowed[:, columns]
+            difference = (rec - rep).abs()
+            error = difference.max().item()
             update = (rep - old).abs().max().item()
-            tolerance = rtol * update + ROUNDING_UNITS * torch.finfo(rep.dtype).eps * rep.abs().max().item()
-            excess = error / tolerance if tolerance > 0 else (0.0 if error == 0 else float("inf"))
+            tolerance = rtol * update + ROUNDING_UNITS * torch.finfo(rep.dtype).eps * rep.abs().max().item() + allow
+            excess = torch.where(difference == 0, 0.0, difference / tolerance).max().item()  # x / 0 is inf
             relative = error / update if update > 0 else (0.0 if error == 0 else float("inf"))
+            allowance = allow.max().item()
+            allowance = allowance / update if update > 0 else (0.0 if allowance == 0 else float("inf"))
             if excess > worst.excess or not worst.name:
-                worst = Mismatch(relative, error, excess, name)
+                worst = Mismatch(relative, error, excess, name, allowance)
     return worst
+
+
+class NoiseCache:
+    """The gradient's measured rounding (:func:`gradient_noise`) per dtype, device and batch shape:
+    measured on the first round replayed, and again on a round whose replay it would refuse (the
+    noise may have grown since), keeping the larger."""
+
+    def __init__(self) -> None:
+        self._noise: dict[tuple, tuple[torch.Tensor, weakref.ref]] = {}  # key -> (noise, the round last measured on)
+
+    @staticmethod
+    def _key(rnd: Round) -> tuple:
+        return rnd.params.dtype, rnd.params.device, tuple(rnd.inputs.shape[1:])
+
+    def get(self, objective: TorchFuncBackend, rnd: Round, grads: torch.Tensor | None = None) -> torch.Tensor:
+        """The noise of rnd's dtype, device and batch shape, measured on rnd (at its ``grads``) if it is the first."""
+        key = self._key(rnd)
+        if key not in self._noise:
+            self._noise[key] = (gradient_noise(objective, rnd, grads), weakref.ref(rnd))
+        return self._noise[key][0]
+
+    def measure_again(self, objective: TorchFuncBackend, rnd: Round) -> bool:
+        """Measure on ``rnd`` and keep the larger noise; False when the noise was last measured on it."""
+        key = self._key(rnd)
+        if key in self._noise and self._noise[key][1]() is rnd:
+            return False
+        fresh = gradient_noise(objective, rnd)
+        self._noise[key] = (torch.maximum(self._noise[key][0], fresh) if key in self._noise else fresh, weakref.ref(rnd))
+        return True
 
 
 class Trajectory:
@@ -128,6 +231,7 @@ class Trajectory:
         objective: the model and loss of every node.
         optimizer: the spec of every node's local step.
         mix_state: whether the optimizer state is gossiped with the params.
+        mix_buffers: whether a BatchNorm model's running statistics are gossiped with the params.
         description: how a save rebuilds the model and loss (see :class:`dk.RunDescription`), or None.
         saved_as: for a run opened by :meth:`load`, {"directory", "snapshot", "manifest_sha256"}:
             which save it is (a later save into the same directory publishes another snapshot).
@@ -135,12 +239,12 @@ class Trajectory:
 
     def __init__(
         self, objective: TorchFuncBackend, rounds: Mapping[int, Round], optimizer: OptimizerSpec | None = None, *,
-        mix_state: bool = False, layout: BatchLayout | None = None, description: RunDescription | None = None,
-        saved_as: dict | None = None,
+        mix_state: bool = False, mix_buffers: bool = False, layout: BatchLayout | None = None,
+        description: RunDescription | None = None, saved_as: dict | None = None,
     ):
         self.objective = objective
         self.optimizer = SGD() if optimizer is None else optimizer
-        self.mix_state = bool(mix_state)
+        self.mix_state, self.mix_buffers = bool(mix_state), bool(mix_buffers)
         self.description = description
         self.saved_as = saved_as
         self._rounds = rounds  # a dict in memory, or rounds read lazily from disk
@@ -230,16 +334,21 @@ class Trajectory:
 
         The mismatch is measured against the size of each round's update (see :class:`Mismatch`),
         so an optimizer other than the declared one (momentum, weight decay, Adam), clipping or
-        another W shows up even when the update is small. rtol defaults to ``default_rtol``.
+        another W shows up even when the update is small. rtol defaults to ``default_rtol``; the
+        allowance for the gradient's rounding is measured as ``record()`` measures it (:class:`NoiseCache`).
         """
         if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < float("inf")):
             raise ValueError(f"rtol must be a positive number, got {rtol!r}")
         rtol = default_rtol(self.dtype) if rtol is None else float(rtol)
         checked, worst, worst_step = 0, Mismatch(-1.0, 0.0, -1.0, ""), -1
+        noises = NoiseCache()
         for t in self._steps:
             if t + 1 not in self._rounds or not self._rounds[t].has_batch:
                 continue
-            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, self._rounds[t], self._rounds[t + 1], rtol)
+            rnd, following = self._rounds[t], self._rounds[t + 1]
+            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, rnd, following, rtol, noise=noises)
+            if not mismatch.excess <= 1.0 and noises.measure_again(self.objective, rnd):
+                mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, rnd, following, rtol, noise=noises)
             if mismatch.excess > worst.excess:
                 worst, worst_step = mismatch, t + 1
             checked += 1
@@ -286,7 +395,8 @@ class Trajectory:
     @classmethod
     def of_saved(cls, run: storage.SavedRun) -> Trajectory:
         """The trajectory of a run opened from disk (``dicekern.record.storage``); its rounds are read lazily."""
-        return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, description=run.description, saved_as=run.saved_as)
+        return cls(run.objective, run.rounds, run.optimizer, mix_state=run.mix_state, mix_buffers=run.mix_buffers,
+                   description=run.description, saved_as=run.saved_as)
 
     def _describe_steps(self) -> str:
         steps = self.steps
@@ -302,13 +412,16 @@ class Recorder:
 
     Args:
         model: the architecture (its own parameter values are ignored). Must be deterministic and
-            hold no buffers: dropout in eval mode, no batch norm (GroupNorm or LayerNorm instead).
+            hold no buffers outside BatchNorm (nn.BatchNorm1d/2d/3d in train mode): dropout in eval mode.
         loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses; a node's batch loss
             is their mean. It must work under ``torch.func.vmap`` (e.g. ``reduction="none"``).
         optimizer: every node's local optimizer: a ``dk.optim`` spec, a torch.optim SGD, Adam or
             AdamW instance, or the per-node list of them. Default: plain SGD.
         mix_state: the run gossips the optimizer state with the params (torch.optim-per-node
             trainers do not: default False).
+        mix_buffers: the run gossips a BatchNorm model's running statistics with the params (a
+            trainer that averages ``state_dict()``; default False: they stay at their node, as
+            with trainers that average ``named_parameters()``).
         window: keep only the newest ``window`` rounds (None keeps all). A query with ``hops``
             hops needs ``hops + 1`` consecutive rounds.
         partition: which nodes params hold when they hold only a block of them (one process's
@@ -335,15 +448,16 @@ class Recorder:
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, *, optimizer: object = None, mix_state: bool = False,
-        window: int | None = None, partition: Partition | None = None, replay_check: str = "sampled",
+        mix_buffers: bool = False, window: int | None = None, partition: Partition | None = None, replay_check: str = "sampled",
         description: RunDescription | None = None,
     ):
         self.objective = TorchFuncBackend(model, loss_fn)
         self.description = described(description, self.objective)
         self.optimizer = SGD() if optimizer is None else spec_of(optimizer)
-        if not isinstance(mix_state, bool):
-            raise TypeError(f"mix_state must be a bool, got {type(mix_state).__name__}")
-        self.mix_state = mix_state
+        for name, flag in (("mix_state", mix_state), ("mix_buffers", mix_buffers)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.mix_state, self.mix_buffers = mix_state, mix_buffers
         self.window = None if window is None else check_int("window", window, minimum=1)
         if partition is not None and not isinstance(partition, Partition):
             raise TypeError(f"partition must be a dicekern Partition, got {type(partition).__name__}")
@@ -363,6 +477,7 @@ class Recorder:
         W: object = None,
         *,
         state: Mapping[str, torch.Tensor] | None = None,
+        buffers: Mapping[str, torch.Tensor] | None = None,
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         """Record round ``step``: every node's params at its start, and the batch, lr, W and state it used.
@@ -378,6 +493,9 @@ class Recorder:
             state: the optimizer state at the start of round t, as ``dk.optim.stack_state``
                 gives it (needed with a batch for an optimizer with state; optional otherwise).
                 The last round a query needs may carry params only.
+            buffers: a BatchNorm model's buffers at the start of round t, name -> (N, *shape) as
+                ``dk.stack_buffers`` gives them (read from the models when params are the models),
+                every round, the last one too. None for a model without BatchNorm.
             optimizers: the per-node torch optimizers (with the models as params): lr and state
                 default to what they hold now. Their spec must be the recorder's.
 
@@ -388,14 +506,15 @@ class Recorder:
         step = check_int("step", step)
         if step in self._rounds:
             raise ValueError(f"round {step} is already recorded")
-        params, lr, state = from_live_models(params, inputs is not None, lr, state, optimizers, self.optimizer)
+        params, lr, state, buffers = from_live_models(params, inputs is not None, lr, state, buffers, optimizers, self.optimizer)
         flat = self.objective.layout.flatten(params)
         if self._rounds and flat.shape[0] != self._node_count():
             raise ValueError(f"params hold N={flat.shape[0]} nodes, earlier rounds hold N={self._node_count()}")
         if self._rounds and (flat.dtype, flat.device) != self._dtype_device():
             raise ValueError(f"params are {flat.dtype} on {flat.device}, earlier rounds {self._dtype_device()}")
         total = flat.shape[0] if self._partition is None else self._partition.num_nodes
-        rnd = check_round(self.optimizer, flat, inputs, targets, lr, W, state, total_nodes=total, where=f"round {step}")
+        rnd = check_round(self.optimizer, flat, inputs, targets, lr, W, state, total_nodes=total, where=f"round {step}",
+                          buffers=buffers, buffer_layout=self.objective.buffer_layout)
         if rnd.has_batch:
             self._check_batch(step, rnd)
         self._check_replay(step, rnd)
@@ -421,7 +540,8 @@ class Recorder:
 
     def trajectory(self) -> Trajectory:
         """A snapshot of what is recorded so far."""
-        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state, layout=self._layout,
+        return Trajectory(self.objective, dict(self._rounds), self.optimizer, mix_state=self.mix_state, mix_buffers=self.mix_buffers,
+                          layout=self._layout,
                           description=self.description)
 
     def _check_replay(self, step: int, rnd: Round) -> None:
@@ -434,17 +554,23 @@ class Recorder:
             return
         rtol = default_rtol(rnd.params.dtype)
         mismatch = self._replay_mismatch(previous, rnd, rtol)
+        if not mismatch.excess <= 1.0 and self._noise_cache().measure_again(self.objective, previous):
+            mismatch = self._replay_mismatch(previous, rnd, rtol)  # with the gradient's rounding measured at this round
         if not mismatch.excess <= 1.0:
             raise ValueError(
                 f"round {step} is not the replay of round {step - 1} under {self.optimizer} plus gossip: "
-                f"{mismatch.name} differs by {mismatch.relative:.3g} of that round's update (tolerance {rtol:g} of the "
-                f"update plus rounding). "
+                f"{mismatch.name} differs by {mismatch.relative:.3g} of that round's update ({mismatch.excess:.3g} times its "
+                f"tolerance: {rtol:g} of the update, {ROUNDING_UNITS} rounding units, and up to {mismatch.allowance:.3g} of the "
+                f"update for the gradient's measured rounding through the optimizer). "
                 f"Likely causes: {LIKELY_CAUSES}. Nothing was recorded for round {step}; "
                 f"replay_check='off' records without this check"
             )
 
+    def _noise_cache(self) -> NoiseCache:
+        return self.__dict__.setdefault("_gradient_noise", NoiseCache())
+
     def _replay_mismatch(self, previous: Round, rnd: Round, rtol: float) -> Mismatch:
-        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol)
+        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, noise=self._noise_cache())
 
     def _store(self, step: int, rnd: Round) -> None:
         self._rounds[step] = rnd

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch.func import vmap
 
 from dicekern.core import extras
 from dicekern.core.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
-from dicekern.curvature.round import gossip_round
+from dicekern.curvature.round import RoundUpdate, local_update, mix
 from dicekern.curvature.torch_func import mean_weights
 from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Trajectory
@@ -19,24 +18,34 @@ from dicekern.record.trajectory import Trajectory
 def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
     """(K, hops+1, N) test losses at theta^{t+1/2}, theta^{t+1}, ..., theta^{t+hops} of K replays.
 
-    keep (K, N, B): 0 drops a sample from round t's batch sum (the denominator stays B); every
-    later round is replayed unchanged, from the recorded params and optimizer state of round t.
+    keep (K, N, B): 0 drops a sample from round t's batch sum (the denominator stays B) and, in a
+    BatchNorm model, from its batch statistics; every later round is replayed unchanged, from the
+    recorded params, optimizer state and buffers of round t. A BatchNorm model's test loss is
+    taken in eval mode with each node's running statistics: those the half step's forward
+    produced at theta^{t+1/2}, those of round t+s at theta^{t+s}.
     """
     first = rounds[0]
     num_replays = keep.shape[0]
     uniform = mean_weights(tuple(keep.shape), keep)
-    round_of = partial(gossip_round, traj.objective, traj.optimizer, mix_state=traj.mix_state)
-    replay = vmap(round_of, in_dims=(0, 0, None, None, None, None, 0))
-    state = {name: value.expand(num_replays, *value.shape) for name, value in first.state.items()}
-    half, theta, state = replay(
-        first.params.expand(num_replays, *first.params.shape), state, first.inputs, first.targets, first.lr, first.W, keep * uniform
-    )
-    states = [half, theta]
+    objective, optimizer = traj.objective, traj.optimizer
+    expand = lambda value: value.expand(num_replays, *value.shape)
+    state = {name: expand(value) for name, value in first.state.items()}
+    buffers = None if first.buffers is None else type(first.buffers)(*map(expand, first.buffers))
+    batched = None if buffers is None else 0  # vmap takes no dimension of an absent value
+
+    def replay(rnd: Round, params, state, buffers, weights) -> tuple:
+        """(theta^{tau+1/2}, buffers after its forward, RoundUpdate) of one replay of round rnd."""
+        update = local_update(objective, optimizer, params, state, rnd.inputs, rnd.targets, rnd.lr, weights, buffers)
+        return update.half, update.buffers, mix(update, optimizer, rnd.W, mix_state=traj.mix_state, mix_buffers=traj.mix_buffers)
+
+    replayed = vmap(replay, in_dims=(None, 0, 0, batched, 0), out_dims=(0, batched, RoundUpdate(0, 0, 0, batched)))
+    half, half_buffers, (_, theta, state, buffers) = replayed(first, expand(first.params), state, buffers, keep * uniform)
+    points = [(half, half_buffers), (theta, buffers)]
     for rnd in rounds[1:-1]:
-        _, theta, state = replay(theta, state, rnd.inputs, rnd.targets, rnd.lr, rnd.W, uniform)
-        states.append(theta)
-    states = states[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
-    stacked = torch.stack(states, dim=1)  # (K, hops+1, N, D)
+        _, _, (_, theta, state, buffers) = replayed(rnd, theta, state, buffers, uniform.expand(num_replays, *uniform.shape[1:]))
+        points.append((theta, buffers))
+    points = points[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
+    stacked = torch.stack([p if b is None else torch.cat([p, b.running], -1) for p, b in points], dim=1)  # (K, hops+1, N, D (+ D_b))
     return traj.objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3])
 
 

@@ -21,6 +21,7 @@ LEVELS = {
     "dicekern.curvature": 2,
     "dicekern.record": 3,
     "dicekern.engine": 4,
+    "dicekern.zoo": 4,
     "dicekern.truth": 5,
     "dicekern.distributed": 6,
     "dicekern.apps": 7,

@@ -80,7 +80,7 @@ def run_of(activation: str, loss_name: str, n: int, hops: int, optimizer, seed: 
         x, y = torch.randn(n, 5, 6, generator=g, dtype=torch.float64), targets(loss, outputs, n, 5, g=g)
         W, lr = random_mixing(n, g), 0.1 + 0.2 * torch.rand(n, generator=g, dtype=torch.float64)
         rec.record(t, obj.layout.unflatten(theta), x, y, lr=lr, W=W, state=state)
-        _, theta, state = gossip_round(obj, spec, theta, state, x, y, lr, W)
+        _, theta, state, _ = gossip_round(obj, spec, theta, state, x, y, lr, W)
     rec.record(hops + 1, obj.layout.unflatten(theta), state=state)
     test = (torch.randn(7, 6, generator=g, dtype=torch.float64), targets(loss, outputs, 7, g=g))
     return rec.trajectory(), test

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import dicekern as dk
-from conftest import TOL, assert_close, cross_entropy, torch_optim_gossip, torch_optim_run, torch_optim_steps
+from conftest import (TOL, assert_close, assert_dice_gt_is_the_replay, assert_terms_are_derivatives, cross_entropy,
+                      replayed_losses, torch_optim_run)
 
 OPTIMIZERS = {
     "momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1), 0.1, False),
@@ -51,21 +52,9 @@ def nodes_at(run, step: int, name: str):
     return models, optimizers
 
 
-def replayed_losses(run, name: str, hops: int, weights: torch.Tensor) -> torch.Tensor:
-    """(hops+1, N) q_k L(theta_k; z') at theta^{t+1/2}, theta^{t+1}, ..., replayed by torch.optim with
-    round t's batch weighted by weights (N, B) and every later round unchanged."""
-    traj = run.trajectory
-    models, optimizers = nodes_at(run, STEP, name)
-    test_loss = lambda: torch.stack([cross_entropy(m(run.test[0]), run.test[1]).mean() for m in models]).detach()
-    losses = []
-    for s in range(max(hops, 1)):
-        rnd = traj[STEP + s]
-        torch_optim_steps(models, optimizers, rnd.inputs, rnd.targets, rnd.lr, weights if s == 0 else None)
-        if s == 0:
-            losses.append(test_loss())
-        torch_optim_gossip(models, optimizers, rnd.W, traj.mix_state)
-        losses.append(test_loss())
-    return run.q * torch.stack(losses[: hops + 1])
+def replay(run, name: str, hops: int):
+    """weights (N, B) -> (hops+1, N): replayed_losses from round STEP by fresh torch.optim nodes of the recorded state."""
+    return lambda weights: replayed_losses(run.trajectory, STEP, run.test, run.q, hops, weights, *nodes_at(run, STEP, name))
 
 
 CASES = [pytest.param(name, n, id=f"{name}-N{n}") for name in OPTIMIZERS for n in (3, 5)]
@@ -75,28 +64,14 @@ CASES = [pytest.param(name, n, id=f"{name}-N{n}") for name in OPTIMIZERS for n i
 def test_every_term_is_the_derivative_of_the_replay(name: str, n: int) -> None:
     """e[s, k] (exact curvature) = (1/B) d q_k L(theta_k^{t+s}) / d w_z: central differences of the
     torch.optim replay in the sample weight agree to 1e-6 of each hop's scale, hops 0..3."""
-    hops, batch = 3, 5
+    hops = 3
     run = recorded_run(name, n, hops)
     traj = run.trajectory
     per_hop = dk.dice_e(traj, STEP, run.test, hops, q=run.q, per_hop=True)  # (hops+1, N, B)
     for h in range(hops):  # a shorter query is the same terms
         assert_close(dk.dice_e(traj, STEP, run.test, h, q=run.q), per_hop[: h + 1].sum(0), TOL[torch.float64].same)
-    # a central difference at step 1e-5 is exact to O(step^2) truncation plus rounding / step:
-    # 1e-6 of each hop's scale bounds the method's error, not dicekern's (DICE.md's oracle)
-    step, finite_difference_rtol = 1e-5, 1e-6
     for source, sample in ((n - 1, 0), (0, 3)):
-        weights = torch.full((n, batch), 1 / batch, dtype=torch.float64)
-        weights[source, sample] += step
-        plus = replayed_losses(run, name, hops, weights)
-        weights[source, sample] -= 2 * step
-        minus = replayed_losses(run, name, hops, weights)
-        finite = (plus - minus) / (2 * step) / batch  # (hops+1, N)
-        flow = dk.cascade(traj, STEP, source, run.test, hops, samples=[sample], q=run.q)
-        for s in range(hops + 1):
-            scale = finite[s].abs().max()
-            assert scale > 0
-            assert (flow[s] - finite[s]).abs().max() <= finite_difference_rtol * scale, (s, flow[s], finite[s])
-            assert abs(per_hop[s, source, sample] - finite[s].sum()) <= finite_difference_rtol * scale
+        flow = assert_terms_are_derivatives(traj, STEP, run.test, run.q, hops, replay(run, name, hops), per_hop, source, sample)
         if name != "weight-decay" and not traj.mix_state:  # the source's own state carries its sample on
             assert flow[2:, source].abs().min() > 0
 
@@ -104,23 +79,9 @@ def test_every_term_is_the_derivative_of_the_replay(name: str, n: int) -> None:
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_dice_gt_is_the_torch_optim_replay(name: str) -> None:
     """dice_gt and dice_gt_samples equal replays by the nodes' own torch.optim optimizers to 1e-10."""
-    n, hops, batch = 4, 3, 5
+    n, hops = 4, 3
     run = recorded_run(name, n, hops)
-    source, removed = 2, [1, 4]
-    full = torch.full((n, batch), 1 / batch, dtype=torch.float64)
-    factual = replayed_losses(run, name, hops, full)
-    without = full.clone()
-    without[source, removed] = 0
-    expected = factual - replayed_losses(run, name, hops, without)
-    expected[0, torch.arange(n) != source] = 0  # hop 0 is the source's own half step
-    assert_close(dk.dice_gt(run.trajectory, STEP, source, run.test, hops, samples=removed, q=run.q), expected, TOL[torch.float64].op)
-    per_sample = dk.dice_gt_samples(run.trajectory, STEP, run.test, hops, nodes=[source], q=run.q, per_hop=True)
-    for b in range(batch):
-        without = full.clone()
-        without[source, b] = 0
-        expected = factual - replayed_losses(run, name, hops, without)
-        expected[0, torch.arange(n) != source] = 0
-        assert_close(per_sample[:, 0, b], expected.sum(-1), TOL[torch.float64].op)
+    assert_dice_gt_is_the_replay(run.trajectory, STEP, run.test, run.q, hops, replay(run, name, hops), 2, [1, 4], TOL[torch.float64].op)
 
 
 @pytest.mark.slow  # digits fidelity: trains 34 rounds and replays 128 removals

@@ -72,7 +72,7 @@ def kernel_run(loss: dk.losses.ClosedFormLoss, n: int, hops: int, *, seed: int, 
         W = random_mixing(n, g).to(dtype)
         lr = 0.2 + 0.2 * torch.rand(n, generator=g, dtype=dtype)
         rec.record(t, obj.layout.unflatten(theta.to(DEVICE)), x.to(DEVICE), y.to(DEVICE), lr=lr, W=W.to(DEVICE), state=on_device(state))
-        _, theta, state = gossip_round(obj, spec, theta, state, x, y, lr, W)
+        _, theta, state, _ = gossip_round(obj, spec, theta, state, x, y, lr, W)
     rec.record(hops + 1, obj.layout.unflatten(theta.to(DEVICE)), state=on_device(state))
     test = (torch.randn(5, features, generator=g, dtype=dtype).to(DEVICE), targets(5).to(DEVICE))
     return rec.trajectory(), test

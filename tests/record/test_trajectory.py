@@ -114,12 +114,14 @@ class WithBuffer(nn.Linear):
 
 
 @pytest.mark.parametrize("model, match", [
-    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "module '1' \\(BatchNorm1d\\) in train mode .* GroupNorm or LayerNorm"),
-    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval(), "module '1' \\(BatchNorm1d\\) keeps running statistics"),
+    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)),
+     "module '1' \\(BatchNorm1d\\) has track_running_stats=False: .* test point's loss is not defined"),
+    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval(), "module '1' \\(BatchNorm1d\\) is in eval mode while training"),
+    (nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4), nn.Linear(4, 3)), "module '1' \\(SyncBatchNorm\\) is not one of nn.BatchNorm1d/2d/3d"),
     (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.Linear(4, 3)), "module '1' \\(Dropout\\) is in train mode .* model.eval\\(\\)"),
     (nn.Sequential(nn.Linear(3, 4), nn.Dropout2d(0.2), nn.Linear(4, 3)), "module '1' \\(Dropout2d\\) is in train mode"),
-    (WithBuffer(), "buffers \\['scale'\\]"),
-], ids=["batchnorm-train", "batchnorm-eval", "dropout-train", "dropout2d-train", "buffer"])
+    (WithBuffer(), "buffers \\['scale'\\] outside BatchNorm"),
+], ids=["batchnorm-no-running-stats", "batchnorm-eval", "syncbatchnorm", "dropout-train", "dropout2d-train", "buffer"])
 def test_models_dicekern_cannot_replay_are_refused(model, match) -> None:
     with pytest.raises(ValueError, match=match):
         dk.Recorder(model, cross_entropy)

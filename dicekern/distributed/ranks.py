@@ -211,8 +211,8 @@ class DistributedOnlineDICE(OnlineDICE):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, test, hops: int, *, num_nodes: int, group=None, timeout: float | None = None,
-        optimizer: object = None, mix_state: bool = False, replay_check: str = "sampled", node_matrix: bool = False,
-        options: DiceOptions | None = None, **option_fields,
+        optimizer: object = None, mix_state: bool = False, mix_buffers: bool = False, replay_check: str = "sampled",
+        node_matrix: bool = False, options: DiceOptions | None = None, **option_fields,
     ):
         if node_matrix:
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
@@ -223,7 +223,7 @@ class DistributedOnlineDICE(OnlineDICE):
             raise ValueError("order=2 node totals come from the node matrix, which is single-process only: use dicekern.OnlineDICE")
         hops = check_int("hops", hops, minimum=0)
         recorder = DistributedRecorder(model, loss_fn, num_nodes, group=group, timeout=timeout, optimizer=optimizer, mix_state=mix_state,
-                                       window=hops + 1, replay_check=replay_check)
+                                       mix_buffers=mix_buffers, window=hops + 1, replay_check=replay_check)
         check_partition_backend(options, recorder.partition)
         super().__init__(model, loss_fn, test, hops, recorder=recorder, options=options)
 
@@ -232,6 +232,6 @@ class DistributedOnlineDICE(OnlineDICE):
         rec = self.recorder
         rec.agree("DistributedOnlineDICE.record", {
             "step": step, "has_batch": inputs is not None, "hops": self.hops, "test": self._test_digest, "num_nodes": rec.total_nodes,
-            "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "replay_check": rec.replay_check, **self.options.to_dict(),
+            "optimizer": repr(rec.optimizer), "mix_state": rec.mix_state, "mix_buffers": rec.mix_buffers, "replay_check": rec.replay_check, **self.options.to_dict(),
         })
         return super().record(step, params, inputs, targets, lr, W, state=state, buffers=buffers, optimizers=optimizers, sample_ids=sample_ids)

@@ -19,7 +19,7 @@ import torch
 from dicekern.apps import analysis, examples, plots, report
 from dicekern.core import extras
 from dicekern.core.checks import check_node
-from dicekern.apps.demo import DemoConfig, run_demo
+from dicekern.apps.demo import DemoConfig, dice_e_refusal, run_demo
 from dicekern.truth.ground_truth import dice_gt_samples
 from dicekern.engine.queries import cascade, dice_e, influence_matrix
 from dicekern.apps.report import write_csv, write_json
@@ -41,7 +41,10 @@ BUNDLED = {  # option -> (default, help): the bundled digits run, when no RUN_DI
     "lr": (None, "learning rate (default: the optimizer's preset)"),
     "optimizer": ("sgd", "every node's local optimizer: sgd, momentum (0.9) or adam (default sgd)"),
     "seed": (0, "seed of the data split, the batches and the initial model (default 0)"),
+    "model": ("mlp", f"the model every node trains: {', '.join(examples.DIGITS_MODELS)} (dk.zoo's, sized for 8x8 digits; "
+                     "default mlp, the 64-32-10 tanh MLP)"),
 }
+MODEL_COMMANDS = ("demo", "cascade", "validate")  # the commands that train any zoo model (detect trains the MLP)
 
 DIGITS_EXPERIMENT = {"kind": "flip", "corrupted": 3, "seeds": 3}  # detect's defaults on digits
 DIGITS_STEP = 20  # the round cascade and validate follow on digits
@@ -99,8 +102,11 @@ def _parser() -> argparse.ArgumentParser:
         if run != "required":
             group = sub.add_argument_group("bundled digits run" + (" (without RUN_DIR)" if run else ""))
             types = {"nodes": _positive, "rounds": _positive, "batch_size": _positive, "lr": _positive_float, "seed": _non_negative}
-            choices = {"topology": list(examples.TOPOLOGIES), "optimizer": list(examples.OPTIMIZER_PRESETS)}
+            choices = {"topology": list(examples.TOPOLOGIES), "optimizer": list(examples.OPTIMIZER_PRESETS),
+                       "model": list(examples.DIGITS_MODELS)}
             for option, (_, text) in BUNDLED.items():
+                if option == "model" and name not in MODEL_COMMANDS:
+                    continue
                 group.add_argument(f"--{option.replace('_', '-')}", type=types.get(option, str), choices=choices.get(option), help=text)
         sub.add_argument("--out", type=Path, default=Path(f"out/{name}"), help=f"folder for results.json, CSV and PNG (default: out/{name})")
         sub.add_argument("--force", action="store_true", help="overwrite the results already in --out")
@@ -146,6 +152,7 @@ class Source:
     topology: str | None
     seed: int | None
     test_file: dict | None = None  # path and sha256 of TEST
+    model: str | None = None  # the bundled run's model (a name of dk.zoo.MODELS); a saved run's description names its own
 
 
 def _check_sources(parser: argparse.ArgumentParser, args) -> None:
@@ -185,22 +192,23 @@ def _source(args, hops: int) -> Source:
     step = DIGITS_STEP if args.step is None else args.step
     rounds = examples.rounds_needed(step, hops, args.rounds)
     run = examples.digits_run(args.nodes, rounds, batch_size=args.batch_size, lr=args.lr, graph=args.topology, seed=args.seed,
-                              optimizer=args.optimizer, progress=not args.no_progress)
-    return Source(run.trajectory, run.test, "bundled digits", args.topology, args.seed)
+                              optimizer=args.optimizer, progress=not args.no_progress, model=args.model)
+    return Source(run.trajectory, run.test, "bundled digits", args.topology, args.seed, model=args.model)
 
 
 def _metadata(source: Source, argv: list[str], **query) -> dict:
     """What results.json says about the run, its test set and the query (step or steps, hops)."""
     traj = source.trajectory
     batch = next((traj[t].inputs.shape[1] for t in traj.steps if traj[t].has_batch), None)
-    return report.run_metadata(run=source.name, saved_as=traj.saved_as, test_file=source.test_file, **query, num_nodes=traj.num_nodes, batch_size=batch,
+    return report.run_metadata(run=source.name, model=source.model, saved_as=traj.saved_as, test_file=source.test_file, **query, num_nodes=traj.num_nodes, batch_size=batch,
                                test_points=len(source.test[0]), dtype=traj.dtype, topology=source.topology, optimizer=traj.optimizer,
                                seed=source.seed, description=traj.description, command_line=["dicekern", *argv])
 
 
 def _caption(source: Source, text: str) -> str:
     traj = source.trajectory
-    return f"run: {source.name} ({traj.num_nodes} nodes, {report.describe_optimizer(traj.optimizer)}); {text}; {len(source.test[0])} test points"
+    name = source.name if source.model is None else f"{source.name}, {source.model}"
+    return f"run: {name} ({traj.num_nodes} nodes, {report.describe_optimizer(traj.optimizer)}); {text}; {len(source.test[0])} test points"
 
 
 def _scored_steps(traj: Trajectory, chosen: range | int | None, hops: int, *, first_only: bool = False) -> list[int]:
@@ -311,18 +319,30 @@ def _validate(args, argv: list[str]) -> dict:
     traj, test = source.trajectory, source.test
     step = _query_step(args, traj, args.hops)
     nodes = list(range(min(args.gt_nodes, traj.num_nodes)))
-    estimate = dice_e(traj, step, test, args.hops, per_hop=True)[:, nodes]  # (hops+1, nodes, B)
+    refusal = dice_e_refusal(traj, step, test, args.hops)  # None: DICE-E scores this run
+    estimate = None if refusal else dice_e(traj, step, test, args.hops, per_hop=True)[:, nodes]  # (hops+1, nodes, B)
     truth = dice_gt_samples(traj, step, test, args.hops, nodes=nodes, per_hop=True, progress=not args.no_progress)
-    caption = _caption(source, f"round {step}, hops 0..{args.hops}, {estimate[0].numel()} samples of nodes {nodes[0]}..{nodes[-1]}")
-    plots.estimate_vs_truth_per_hop(estimate, truth, args.out / "e_vs_gt.png", caption=caption)
+    samples = f"{truth[0].numel()} samples of nodes {nodes[0]}..{nodes[-1]}"
     rows = []
-    print(f"{'hop':>3}  {'pearson(hop)':>12}  {'spearman(hop)':>13}  {'rel.err(hop)':>12}  {'pearson(0..hop)':>15}  {'rel.err(0..hop)':>15}")
+    if refusal:
+        print(f"DICE-E is not available for this run: {refusal}")
+        print(f"DICE-GT of {samples}, hop by hop:\n{'hop':>3}  {'mean |DICE-GT|':>14}")
+    else:
+        plots.estimate_vs_truth_per_hop(estimate, truth, args.out / "e_vs_gt.png", caption=_caption(source, f"round {step}, hops 0..{args.hops}, {samples}"))
+        print(f"DICE-E against DICE-GT on {samples}")
+        print(f"{'hop':>3}  {'pearson(hop)':>12}  {'spearman(hop)':>13}  {'rel.err(hop)':>12}  {'pearson(0..hop)':>15}  {'rel.err(0..hop)':>15}")
     for s in range(args.hops + 1):
+        gt_size = truth[s].abs().mean().item()
+        if refusal:
+            rows.append({"hop": s, "hop_alone": None, "hops_0_to_s": None, "dice_gt_mean_abs": gt_size})
+            print(f"{s:>3}  {gt_size:>14.3e}")
+            continue
         alone, total = analysis.agreement(estimate[s], truth[s]), analysis.agreement(estimate[: s + 1].sum(0), truth[: s + 1].sum(0))
-        rows.append({"hop": s, "hop_alone": alone, "hops_0_to_s": total})
+        rows.append({"hop": s, "hop_alone": alone, "hops_0_to_s": total, "dice_gt_mean_abs": gt_size})
         print(f"{s:>3}  {_shown(alone['pearson'], '12.6f')}  {_shown(alone['spearman'], '13.6f')}  {_shown(alone['rel_error'], '12.2e')}  "
               f"{_shown(total['pearson'], '15.6f')}  {_shown(total['rel_error'], '15.2e')}")
-    return {"metadata": _metadata(source, argv, step=step, hops=args.hops), "nodes": nodes, "per_hop": rows}
+    return {"metadata": _metadata(source, argv, step=step, hops=args.hops), "nodes": nodes, "dice_e_unavailable": refusal,
+            "per_hop": rows, "dice_e": None if estimate is None else estimate.tolist(), "dice_gt": truth.tolist()}
 
 
 def _detect(args, argv: list[str]) -> dict:
@@ -367,7 +387,7 @@ def _detect_on_digits(args, argv: list[str]) -> dict:
     plots.anomaly_ranking(torch.tensor(first["scores"][deepest]), first["anomalous"], args.out / "anomaly.png",
                           auc=results["auc"][deepest][0], caption=caption)
     results["metadata"] = report.run_metadata(
-        run="bundled digits, one run per seed", steps={h: list(range(results["scored_from"], rounds - h + 1)) for h in args.hops},
+        run="bundled digits, one run per seed", model="mlp", steps={h: list(range(results["scored_from"], rounds - h + 1)) for h in args.hops},
         hops=args.hops, num_nodes=args.nodes, batch_size=args.batch_size, test_points=examples.TEST_SIZE, dtype=torch.float64,
         topology=args.topology, optimizer=optimizer, seed=list(range(args.seed, args.seed + args.seeds)), description=None,
         command_line=["dicekern", *argv],
@@ -412,7 +432,7 @@ def _run(args, argv: list[str]) -> int:
     """The command, on a prepared --out; its exit status."""
     try:
         if args.command == "demo":
-            config = DemoConfig(num_nodes=args.nodes, graph=args.topology, step=args.step, hops=args.hops, rounds=args.rounds,
+            config = DemoConfig(num_nodes=args.nodes, model=args.model, graph=args.topology, step=args.step, hops=args.hops, rounds=args.rounds,
                                 batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                                 gt_nodes=min(DemoConfig.gt_nodes, args.nodes))
             run_demo(args.out, config, progress=not args.no_progress, command_line=["dicekern", *argv])

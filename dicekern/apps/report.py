@@ -43,11 +43,15 @@ def describe_optimizer(spec: OptimizerSpec) -> str:
 def run_metadata(
     *, run: str, num_nodes: int, batch_size: int | None, test_points: int, dtype: torch.dtype, topology: str | None,
     optimizer: OptimizerSpec, seed: object, description: RunDescription | None, command_line: list[str],
-    options: DiceOptions = DiceOptions(), **query,
+    options: DiceOptions = DiceOptions(), model: str | None = None, **query,
 ) -> dict:
-    """What every results.json says about the run, the query (step or steps, hops, options, ...) and its provenance."""
+    """What every results.json says about the run, the query (step or steps, hops, options, ...) and its provenance.
+
+    model: the name of the bundled run's model in ``dk.zoo.MODELS`` ("mlp", "resnet-gn", ...); None
+    for a saved run, whose description names its factory.
+    """
     return {
-        "run": run, **query, "options": options.to_dict(), "N": num_nodes, "B": batch_size, "M": test_points,
+        "run": run, "model": model, **query, "options": options.to_dict(), "N": num_nodes, "B": batch_size, "M": test_points,
         "dtype": str(dtype).removeprefix("torch."), "topology": topology, "optimizer": optimizer.to_dict(), "seed": seed,
         "description": None if description is None else description.to_dict(), **provenance(command_line),
     }

@@ -234,7 +234,7 @@ def refused_at_round_two() -> None:
     rec.record(2, run.objective.layout.unflatten(nudged), state=run[2].state)
 
 
-# ---- the README's numbers: .venv/bin/python tests/record/test_replay_check.py (about 3 minutes on 2 cores) ----
+# ---- the README's numbers: .venv/bin/python tests/record/test_replay_check.py [gradients] [runs] [refusals] (about 7 minutes on 2 cores) ----
 
 def issue_model() -> nn.Module:
     c = 16
@@ -325,11 +325,24 @@ def measure_runs(make, batch: int, optimizer: str, seeds: range, rounds: int = 6
             f"5e-4 weight decay undeclared: smallest worst excess {undeclared:.2f}")
 
 
+def measure_refusals(optimizer: str, batch: int) -> str:
+    """verify()'s worst excess on this file's refused runs of the tiny GroupNorm ResNet, recorded without the check."""
+    excess = lambda **kw: gossip_run("resnet-gn", optimizer, batch, replay_check="off", **kw).verify().excess
+    return (f"clipping {excess(undeclared='clipping'):.3g}, 5e-3 weight decay {excess(weight_decay=5e-3, undeclared='weight-decay'):.3g}, "
+            f"float64 5e-4 weight decay {excess(dtype=torch.float64, undeclared='weight-decay'):.3g} times the tolerance")
+
+
 if __name__ == "__main__":
+    import sys
+
+    parts = sys.argv[1:] or ["gradients", "runs", "refusals"]  # any of them
     torch.set_num_threads(2)
     for label, make in (("issue's GroupNorm ResNet", issue_model), ("tanh MLP 432-64-64-10", small_mlp)):
-        for batch in BATCHES:
+        for batch in BATCHES if "gradients" in parts else ():
             print(f"{label}, batch {batch}, gradients (10 seeds): {measure_gradients(make, batch, range(10))}", flush=True)
-        for optimizer in sorted(OPTIMIZERS):
+        for optimizer in sorted(OPTIMIZERS) if "runs" in parts else ():
             for batch in BATCHES:
                 print(f"{label}, batch {batch}, {optimizer} (3 seeds x 6 rounds): {measure_runs(make, batch, optimizer, range(3))}", flush=True)
+    for optimizer in sorted(OPTIMIZERS) if "refusals" in parts else ():
+        for batch in BATCHES:
+            print(f"tiny GroupNorm ResNet, batch {batch}, {optimizer}, undeclared: {measure_refusals(optimizer, batch)}", flush=True)

@@ -56,6 +56,12 @@ class BufferLayout:
         prefix = lambda m: f"{m}." if m else ""
         return tuple(f"{prefix(m)}{b}" for m in self.modules for b in RUNNING) + tuple(f"{prefix(m)}{COUNTER}" for m in self.modules)
 
+    def running_slices(self) -> list[tuple[str, slice]]:
+        """(name, columns) of every running mean and variance inside the flat (N, D_b) floats."""
+        sizes = [c for c in self.channels for _ in RUNNING]
+        ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return [(name, slice(a, b)) for name, a, b in zip(self.names, ends, ends[1:])]
+
     def flatten(self, buffers: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """name -> (N, *shape) as (floats (N, D_b), counters (N, L) int64)."""
         names = self.names

@@ -157,7 +157,7 @@ class DistributedRecorder(Recorder):
     def _replay_mismatch(self, previous: Round, rnd: Round, rtol: float) -> Mismatch:
         """The worst mismatch over every rank's rows: half steps cross to the ranks that mix them."""
         mix = lambda W, rows: BlockMixer([W], self.blocks, self.rank, self.group, self.timeout)(0, rows[:, None], False)[:, 0]
-        mine = replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, mix)
+        mine = replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, mix, mix_buffers=self.mix_buffers)
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
         return max(everyone, key=lambda m: m.excess)

@@ -6,6 +6,8 @@ Trajectory is the recorded rounds of one run, in memory or read lazily from disk
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -56,6 +58,7 @@ class Mismatch:
         name: the parameter or state block.
         allowance: the largest allowance for the gradient's rounding over the largest change
             the replayed update made.
+        cause: what explains the mismatch when the replay can tell ("" when it cannot).
     """
 
     relative: float
@@ -63,6 +66,7 @@ class Mismatch:
     excess: float
     name: str
     allowance: float = 0.0
+    cause: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class VerifyReport:
     Attributes:
         max_rel_mismatch, max_abs_mismatch: the relative and absolute mismatch of the worst parameter.
         worst_step, worst_param: where it is (round t+1 and the parameter's name).
+        cause: what explains the worst mismatch when the replay can tell (see :class:`Mismatch`).
     """
 
     max_abs_mismatch: float
@@ -81,6 +86,7 @@ class VerifyReport:
     rounds_checked: int
     rtol: float
     excess: float
+    cause: str = ""
 
     @property
     def ok(self) -> bool:
@@ -144,11 +150,13 @@ def update_noise(
 
 def replay_mismatch(
     objective: TorchFuncBackend, optimizer: OptimizerSpec, mix_state: bool, rnd: Round, following: Round, rtol: float, mix=None,
-    *, noise: torch.Tensor | NoiseCache | None = None,
+    *, mix_buffers: bool = False, noise: torch.Tensor | NoiseCache | None = None,
 ) -> Mismatch:
     """The worst :class:`Mismatch` of round ``following`` (t+1) against the replay of round ``rnd`` (t).
 
     mix(W, rows) mixes the half-step rows (default W @ rows; across processes an exchange).
+    mix_buffers: a BatchNorm model's running statistics are gossiped with the params; when they
+    differ and the other choice would explain them, the mismatch names it as the cause.
     noise: (D,) the allowance for the gradient's rounding (:func:`gradient_noise`), a :class:`NoiseCache`
     to take it from, or None to measure it on ``rnd`` (two more evaluations of every node's gradient).
     """
@@ -178,6 +186,29 @@ def replay_mismatch(
         for name in optimizer.state_counters:
             if not torch.equal(following.state[name], state[name]):
                 return Mismatch(float("inf"), float("inf"), float("inf"), f"state[{name!r}]")
+    worst = _worst(pairs, rtol)
+    if following.buffers is None or rnd.buffers is None:
+        return worst
+    layout = objective.buffer_layout
+    for i, name in enumerate(layout.names[len(layout.running_slices()):]):
+        if not torch.equal(following.buffers.counters[:, i], stepped.buffers.counters[:, i]):
+            return Mismatch(float("inf"), float("inf"), float("inf"), f"buffers[{name!r}]",
+                            cause="num_batches_tracked counts the train-mode forwards of each node, and the recorded count is not this round's")
+    running = lambda mixed: [(following.buffers.running, mix(rnd.W, stepped.buffers.running) if mixed else stepped.buffers.running,
+                              mix(rnd.W, rnd.buffers.running) if mixed else rnd.buffers.running,
+                              torch.zeros_like(rnd.buffers.running), [(f"buffers[{n!r}]", c) for n, c in layout.running_slices()])]
+    buffers = _worst(running(mix_buffers), rtol)
+    if buffers.excess > 1.0 and _worst(running(not mix_buffers), rtol).excess <= 1.0:
+        cause = ("the trainer averages the running statistics with the params (as averaging state_dict() does): declare it with "
+                 "mix_buffers=True" if not mix_buffers else
+                 "the trainer keeps the running statistics at their node (as averaging named_parameters() does), "
+                 "but mix_buffers=True was declared")
+        buffers = dataclasses.replace(buffers, cause=cause)
+    return max(worst, buffers, key=lambda m: m.excess)
+
+
+def _worst(pairs: list, rtol: float) -> Mismatch:
+    """The worst mismatch over (recorded, replayed, before, allowance, [(name, columns)]) pairs of (N, D) rows."""
     worst = Mismatch(0.0, 0.0, 0.0, "")
     for recorded, replayed, before, allowed, parts in pairs:
         for name, columns in parts:
@@ -346,9 +377,9 @@ class Trajectory:
             if t + 1 not in self._rounds or not self._rounds[t].has_batch:
                 continue
             rnd, following = self._rounds[t], self._rounds[t + 1]
-            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, rnd, following, rtol, noise=noises)
+            mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, rnd, following, rtol, mix_buffers=self.mix_buffers, noise=noises)
             if not mismatch.excess <= 1.0 and noises.measure_again(self.objective, rnd):
-                mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, rnd, following, rtol, noise=noises)
+                mismatch = replay_mismatch(self.objective, self.optimizer, self.mix_state, rnd, following, rtol, mix_buffers=self.mix_buffers, noise=noises)
             if mismatch.excess > worst.excess:
                 worst, worst_step = mismatch, t + 1
             checked += 1
@@ -357,7 +388,7 @@ class Trajectory:
                 "nothing to verify: no round t with its batch is followed by a recorded round t+1 "
                 f"(recorded: {self._describe_steps()})"
             )
-        return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol, worst.excess)
+        return VerifyReport(worst.absolute, worst.relative, worst_step, worst.name, checked, rtol, worst.excess, worst.cause)
 
     def save(self, directory: str | os.PathLike, *, description: RunDescription | None = None) -> None:
         """Write every round as safetensors plus a checksummed manifest (see dicekern.record.storage),
@@ -557,12 +588,12 @@ class Recorder:
         if not mismatch.excess <= 1.0 and self._noise_cache().measure_again(self.objective, previous):
             mismatch = self._replay_mismatch(previous, rnd, rtol)  # with the gradient's rounding measured at this round
         if not mismatch.excess <= 1.0:
+            how = (f"differs by {mismatch.relative:.3g} of that round's update ({mismatch.excess:.3g} times its tolerance: {rtol:g} "
+                   f"of the update, {ROUNDING_UNITS} rounding units, and up to {mismatch.allowance:.3g} of the update for the "
+                   f"gradient's measured rounding through the optimizer)") if math.isfinite(mismatch.excess) else "differs from the replayed value (compared exactly)"
             raise ValueError(
-                f"round {step} is not the replay of round {step - 1} under {self.optimizer} plus gossip: "
-                f"{mismatch.name} differs by {mismatch.relative:.3g} of that round's update ({mismatch.excess:.3g} times its "
-                f"tolerance: {rtol:g} of the update, {ROUNDING_UNITS} rounding units, and up to {mismatch.allowance:.3g} of the "
-                f"update for the gradient's measured rounding through the optimizer). "
-                f"Likely causes: {LIKELY_CAUSES}. Nothing was recorded for round {step}; "
+                f"round {step} is not the replay of round {step - 1} under {self.optimizer} plus gossip: {mismatch.name} {how}. "
+                f"{'Cause: ' + mismatch.cause if mismatch.cause else 'Likely causes: ' + LIKELY_CAUSES}. Nothing was recorded for round {step}; "
                 f"replay_check='off' records without this check"
             )
 
@@ -570,7 +601,8 @@ class Recorder:
         return self.__dict__.setdefault("_gradient_noise", NoiseCache())
 
     def _replay_mismatch(self, previous: Round, rnd: Round, rtol: float) -> Mismatch:
-        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, noise=self._noise_cache())
+        return replay_mismatch(self.objective, self.optimizer, self.mix_state, previous, rnd, rtol, mix_buffers=self.mix_buffers,
+                               noise=self._noise_cache())
 
     def _store(self, step: int, rnd: Round) -> None:
         self._rounds[step] = rnd

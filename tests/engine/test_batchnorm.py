@@ -35,13 +35,17 @@ def conv_bn(momentum: float | None = 0.1, affine: bool = True) -> nn.Module:
                          nn.Flatten(), nn.Linear(12, 4, bias=False), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
 
 
-def train(make_model, make_optimizer, *, mix_buffers: bool = False, seed: int = 0):
+def train(make_model, make_optimizer, *, mix_buffers: bool = False, seed: int = 0, trainer_mixes_buffers: bool | None = None,
+          forwards: int = 1, replay_check: str = "every"):
     """A recorded run of N nodes with live modules; returns (trajectory, test, snapshots) where
-    snapshots[t] = (models, optimizers, batch) deep copies at the start of round t."""
+    snapshots[t] = (models, optimizers, batch) deep copies at the start of round t.
+
+    trainer_mixes_buffers: what the trainer does, when it differs from the declared mix_buffers;
+    forwards: train-mode forwards of the batch per round (the last one steps)."""
     torch.manual_seed(seed)
     models = [make_model().double() for _ in range(N)]
     opts = [make_optimizer(m.parameters()) for m in models]
-    rec = dk.Recorder(models[0], cross_entropy, optimizer=opts, mix_buffers=mix_buffers, replay_check="every")
+    rec = dk.Recorder(models[0], cross_entropy, optimizer=opts, mix_buffers=mix_buffers, replay_check=replay_check)
     g = torch.Generator().manual_seed(seed + 1)
     W = dk.topology.exponential(N)
     snapshots = []
@@ -50,10 +54,11 @@ def train(make_model, make_optimizer, *, mix_buffers: bool = False, seed: int = 
         snapshots.append(copy.deepcopy((models, opts)) + ((x, y),))
         rec.record(t, models, x, y, W=W, optimizers=opts)
         for k, (model, opt) in enumerate(zip(models, opts)):
-            opt.zero_grad()
-            cross_entropy(model(x[k]), y[k]).mean().backward()
+            for _ in range(forwards):
+                opt.zero_grad()
+                cross_entropy(model(x[k]), y[k]).mean().backward()
             opt.step()
-        dk.mix_(models, W, buffers=mix_buffers)
+        dk.mix_(models, W, buffers=mix_buffers if trainer_mixes_buffers is None else trainer_mixes_buffers)
     rec.record(ROUNDS, models, optimizers=opts)
     test = (torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(3, (5,), generator=g))
     return rec.trajectory(), test, snapshots
@@ -150,6 +155,22 @@ def test_batchnorm_buffers_that_do_not_fit_are_refused() -> None:
     rec.record(0, models, x, y, lr=0.1, W=W)  # the live models bring their buffers
     with pytest.raises(ValueError, match="explains their running statistics with curvature='exact' and order=1; got curvature='ggn'"):
         dk.dice_e(rec.trajectory(), 0, (x[0], y[0]), 0, curvature="ggn")
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_the_replay_check_names_buffers_mixed_otherwise_than_declared(declared: bool) -> None:
+    cause = "declare it with mix_buffers=True" if not declared else "but mix_buffers=True was declared"
+    with pytest.raises(ValueError, match=f"round 1 is not the replay of round 0.*buffers\\['1.running_(mean|var)'\\].*{cause}"):
+        train(conv_bn, OPTIMIZERS["momentum"], mix_buffers=declared, trainer_mixes_buffers=not declared)
+    report = train(conv_bn, OPTIMIZERS["momentum"], mix_buffers=declared, trainer_mixes_buffers=not declared, replay_check="off")[0].verify()
+    assert not report.ok and report.worst_param.startswith("buffers[") and cause in report.cause
+
+
+def test_the_replay_check_names_a_second_train_mode_forward() -> None:
+    """Two train-mode forwards per round move the running statistics twice and count two batches."""
+    with pytest.raises(ValueError, match="buffers\\['1.num_batches_tracked'\\] differs from the replayed value.*recorded count is not this round's"):
+        train(conv_bn, OPTIMIZERS["sgd"], forwards=2)
+    assert train(conv_bn, OPTIMIZERS["sgd"], mix_buffers=True)[0].verify().excess < 1e-3  # declared and done: at rounding
 
 
 @pytest.mark.parametrize("optimizer, mix_buffers", [

@@ -3,7 +3,8 @@
 ``grads(points, hops, nodes, per_test)`` gives, for R (hop, node) pairs at parameters points
 (R, D), the gradient of the mean test loss (O = 1 column) or of each test point's own loss
 (O = M columns): (R, O, D). ``direct_curvature(points, vectors, kind)`` gives H V for the mean
-test loss's curvature H at every node's hop-0 point (N, D), vectors (N, C, D).
+test loss's curvature H at every node's hop-0 point (N, D), vectors (N, C, D). Both run on at most
+``chunk_size`` rows per call of the backend (None: all at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from dicekern.curvature.protocol import Curvature, CurvatureBackend
 from dicekern.curvature.torch_func import mean_weights
 from dicekern.engine.last_layer import PerNodeTest
+from dicekern.engine.step import in_row_chunks
 
 
 class SharedTestSet:
@@ -22,19 +24,22 @@ class SharedTestSet:
 
     cacheable = True  # a round's mean-loss gradients are the same in every window that reads them
 
-    def __init__(self, backend: CurvatureBackend, test: tuple[torch.Tensor, torch.Tensor]):
-        self.backend, self.test = backend, test
+    def __init__(self, backend: CurvatureBackend, test: tuple[torch.Tensor, torch.Tensor], chunk_size: int | None = None):
+        self.backend, self.test, self.chunk_size = backend, test, chunk_size
         self.points = len(test[0])  # M
 
     def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
         x, y = self.test
         if per_test:
-            return self.backend.test_point_grads(points, x.expand(len(points), *x.shape), y)
-        return self.backend.test_grads(points, self.test)[:, None]
+            grads = lambda p: self.backend.test_point_grads(p, x.expand(len(p), *x.shape), y)
+        else:
+            grads = lambda p: self.backend.test_grads(p, self.test)[:, None]
+        return in_row_chunks(grads, self.chunk_size, points)
 
     def direct_curvature(self, points: torch.Tensor, vectors: torch.Tensor, kind: Curvature) -> torch.Tensor:
         x, y = self.test
-        return self.backend.curvature_products(points, x.expand(len(points), *x.shape), y.expand(len(points), *y.shape), vectors, kind)
+        products = lambda p, v: self.backend.curvature_products(p, x.expand(len(p), *x.shape), y.expand(len(p), *y.shape), v, kind)
+        return in_row_chunks(products, self.chunk_size, points, vectors)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.test
@@ -45,20 +50,23 @@ class PerNodeTestSet:
 
     cacheable = False
 
-    def __init__(self, backend: CurvatureBackend, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor):
-        self.backend, self.targets = backend, test.targets
+    def __init__(self, backend: CurvatureBackend, test: PerNodeTest, steps: Sequence[int], like: torch.Tensor, chunk_size: int | None = None):
+        self.backend, self.targets, self.chunk_size = backend, test.targets, chunk_size
         self.features = test.rows(steps, like)  # (hops+1, N, M, F)
         self.points = len(test.targets)  # M
 
     def grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool) -> torch.Tensor:
-        x, y = self.features[hops, nodes], self.targets
+        y = self.targets
         if per_test:
-            return self.backend.test_point_grads(points, x, y)
-        return self.backend.node_grads(points, x, y.expand(len(points), *y.shape), mean_weights(x.shape[:2], points))[:, None]
+            grads = lambda p, x: self.backend.test_point_grads(p, x, y)
+        else:
+            grads = lambda p, x: self.backend.node_grads(p, x, y.expand(len(p), *y.shape), mean_weights(x.shape[:2], p))[:, None]
+        return in_row_chunks(grads, self.chunk_size, points, self.features[hops, nodes])
 
     def direct_curvature(self, points: torch.Tensor, vectors: torch.Tensor, kind: Curvature) -> torch.Tensor:
         y = self.targets
-        return self.backend.curvature_products(points, self.features[0], y.expand(len(points), *y.shape), vectors, kind)
+        products = lambda p, x, v: self.backend.curvature_products(p, x, y.expand(len(p), *y.shape), v, kind)
+        return in_row_chunks(products, self.chunk_size, points, self.features[0], vectors)
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features, self.targets

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dicekern.curvature.select import BACKENDS
-from dicekern.core.checks import check_choice, check_q
+from dicekern.core.checks import check_choice, check_int, check_q
 
 CURVATURES = ("exact", "ggn", "none")
 CURVATURE_AT = ("sender", "receiver")
@@ -39,6 +39,10 @@ class DiceOptions:
             under dk.losses), "triton" (kernels; CPU tensors need TRITON_INTERPRET=1), or "auto"
             (Triton on CUDA where the kernels cover the model, else the closed form where it
             covers it, else torch).
+        chunk_size: the most nodes (or hop-node pairs) whose batch work runs in one vectorised
+            call: gradients, curvature products, per-sample dots and test gradients. Peak memory
+            is then the chain's vectors plus one chunk's activations; None (the default) runs
+            every node at once, the fastest (benchmarks/README.md, "Zoo"). Results are the same.
 
     Example:
         >>> import dicekern as dk
@@ -52,6 +56,7 @@ class DiceOptions:
     direct: str = "half_step"
     order: int = 1
     backend: str = "auto"
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "q", check_q(self.q))
@@ -63,6 +68,8 @@ class DiceOptions:
         if self.order == 2 and self.direct != "half_step":
             raise ValueError("direct='paper' picks the one point of a first-order hop-0 term; order=2 uses both ends: use direct='half_step'")
         check_choice("backend", self.backend, BACKENDS)
+        if self.chunk_size is not None:
+            object.__setattr__(self, "chunk_size", check_int("chunk_size", self.chunk_size, minimum=1))
 
     @classmethod
     def of(cls, options: DiceOptions | None = None, **overrides) -> DiceOptions:

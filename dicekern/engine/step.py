@@ -9,6 +9,7 @@ curvature), and for SGD reduces to I - lr H.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -17,6 +18,26 @@ from dicekern.curvature.protocol import CurvatureBackend
 from dicekern.curvature.round import Buffers, test_point
 from dicekern.curvature.torch_func import mean_weights
 from dicekern.core.optim import OptimizerSpec, State
+
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def in_row_chunks(fn: Callable[..., Outputs], chunk_size: int | None, *rows: torch.Tensor) -> Outputs:
+    """fn(*rows) with at most chunk_size rows (the leading axis of every tensor of rows, a node or a
+    (hop, node) pair) per call, written into one output: the same numbers, while only one chunk's
+    activations (its batches' forward and backward) are alive at once. None: one call."""
+    n = len(rows[0])
+    if chunk_size is None or chunk_size >= n:
+        return fn(*rows)
+    out = None
+    for start in range(0, n, chunk_size):
+        part = fn(*(r[start : start + chunk_size] for r in rows))
+        parts = part if isinstance(part, tuple) else (part,)
+        if out is None:
+            out = tuple(p.new_empty(n, *p.shape[1:]) for p in parts)
+        for o, p in zip(out, parts):
+            o[start : start + len(p)] = p
+    return out if isinstance(part, tuple) else out[0]
 
 
 class LocalStep:
@@ -32,15 +53,22 @@ class LocalStep:
         params, inputs, targets, lr, state: the round's (N, D), (N, B, ...), (N, B, ...), (N,), state.
         curvature: "exact", "ggn" or "none" (g's dependence on theta left out).
         buffers: a BatchNorm model's buffers at the start of the round, else None.
+        chunk_size: the most nodes whose batch work (gradients, curvature products, per-sample
+            dots) runs in one call of the backend; None: every node at once (``DiceOptions``).
     """
 
     def __init__(
         self, backend: CurvatureBackend, optimizer: OptimizerSpec, params: torch.Tensor, inputs: torch.Tensor,
         targets: torch.Tensor, lr: torch.Tensor, state: State, curvature: str, buffers: Buffers | None = None,
+        chunk_size: int | None = None,
     ):
         self.backend, self.optimizer, self.curvature = backend, optimizer, curvature
         self.params, self.inputs, self.targets, self.lr, self.state = params, inputs, targets, lr, state
-        self.buffers = buffers
+        self.buffers, self.chunk_size = buffers, chunk_size
+
+    def _per_node(self, fn: Callable[..., Outputs], *rows: torch.Tensor) -> Outputs:
+        """fn(params, inputs, targets, *rows) on every node, in chunks of chunk_size nodes."""
+        return in_row_chunks(fn, self.chunk_size, self.params, self.inputs, self.targets, *rows)
 
     @property
     def batch_size(self) -> int:
@@ -60,8 +88,8 @@ class LocalStep:
     def _grads_and_statistics(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weights = mean_weights(self.inputs.shape[:2], self.params)
         if self.buffers is None:
-            return self.backend.node_grads(self.params, self.inputs, self.targets, weights), None
-        return self.backend.node_grads_and_statistics(self.params, self.inputs, self.targets, weights)
+            return self._per_node(self.backend.node_grads, weights), None
+        return self._per_node(self.backend.node_grads_and_statistics, weights)
 
     @property
     def grads(self) -> torch.Tensor:
@@ -100,7 +128,7 @@ class LocalStep:
         state = {k: v[index] for k, v in self.state.items()}
         buffers = None if self.buffers is None else Buffers(*(b[index] for b in self.buffers))
         return LocalStep(self.backend, self.optimizer, self.params[index], self.inputs[index], self.targets[index],
-                         self.lr[index], state, self.curvature, buffers)
+                         self.lr[index], state, self.curvature, buffers, self.chunk_size)
 
     def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """(N, C, S, D (+ D_b)) -> theta (N, C, D), the optimizer's blocks by name, each (N, C, D),
@@ -144,10 +172,10 @@ class LocalStep:
 
     def _on_active_rows(self, products, vectors: torch.Tensor, *, outputs: int, width: int | None = None) -> tuple[torch.Tensor, ...]:
         """products(rows, vectors[rows]) on the nodes with a non-zero column only, zero elsewhere: a
-        perturbation that has not reached node k yet is exactly zero there."""
+        perturbation that has not reached node k yet is exactly zero there. In chunks of chunk_size rows."""
         active = vectors.flatten(1).ne(0).any(dim=1)
         rows = active.nonzero().flatten()
-        computed = products(rows, vectors[rows]) if len(rows) else None
+        computed = in_row_chunks(products, self.chunk_size, rows, vectors[rows]) if len(rows) else None
         results = []
         for i in range(outputs):
             shape = computed[i].shape[1:] if computed is not None else (*vectors.shape[1:-1], width or vectors.shape[-1])
@@ -189,8 +217,8 @@ class LocalStep:
             if self.buffers is None:
                 return self.displacement(self.grads[:, None])
         if self.buffers is None:
-            return self.displacement(self.backend.node_grads(self.params, self.inputs, self.targets, weights)[:, None])
-        grads, statistics = self.backend.weight_jvp(self.params, self.inputs, self.targets, weights)
+            return self.displacement(self._per_node(self.backend.node_grads, weights)[:, None])
+        grads, statistics = self._per_node(self.backend.weight_jvp, weights)
         zeros = torch.zeros_like(grads[:, None])
         theta, blocks = self.linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads[:, None])
         return self.join(theta, blocks, self._rates * statistics[:, None])
@@ -205,5 +233,5 @@ class LocalStep:
         c_theta, c_blocks, c_beta = self.split(vectors)
         c_grad = self.linearization.cotangent(c_theta, c_blocks)[2]
         if c_beta is None:
-            return self.backend.per_sample_dots(self.params, self.inputs, self.targets, c_grad) / self.batch_size
-        return self.backend.weight_vjp(self.params, self.inputs, self.targets, c_grad, self._rates * c_beta) / self.batch_size
+            return self._per_node(self.backend.per_sample_dots, c_grad) / self.batch_size
+        return self._per_node(self.backend.weight_vjp, c_grad, self._rates * c_beta) / self.batch_size

@@ -151,8 +151,8 @@ class LocalStep:
         d_theta, d_blocks, d_beta = self.split(vectors)
         if d_beta is None:
             return self.join(*self.linearization.tangent(d_theta, d_blocks, self.curvature_products(d_theta)))
-        products, d_statistics = self._on_active_rows(lambda rows, v: self.backend.step_jvp(
-            self.params[rows], self.inputs[rows], self.targets[rows], v), d_theta, outputs=2)
+        widths = (d_theta.shape[-1], d_beta.shape[-1])
+        products, d_statistics = self._on_active_rows(self.backend.step_jvp, d_theta, widths=widths)
         theta, blocks = self.linearization.tangent(d_theta, d_blocks, products)
         return self.join(theta, blocks, d_beta - self._rates * (d_beta - d_statistics))
 
@@ -166,24 +166,27 @@ class LocalStep:
         scaled = self._rates * c_beta
         both = torch.cat([c_grad, scaled], -1)
         d = self.params.shape[-1]
-        pulled = self._on_active_rows(lambda rows, v: (self.backend.step_vjp(
-            self.params[rows], self.inputs[rows], self.targets[rows], v[..., :d], v[..., d:]),), both, outputs=1, width=d)[0]
+        pulled = self._on_active_rows(lambda p, x, y, v: (self.backend.step_vjp(p, x, y, v[..., :d], v[..., d:]),), both, widths=(d,))[0]
         return self.join(pulled.add_(theta), blocks, c_beta - scaled)
 
-    def _on_active_rows(self, products, vectors: torch.Tensor, *, outputs: int, width: int | None = None) -> tuple[torch.Tensor, ...]:
-        """products(rows, vectors[rows]) on the nodes with a non-zero column only, zero elsewhere: a
-        perturbation that has not reached node k yet is exactly zero there. In chunks of chunk_size rows."""
+    def _on_active_rows(self, products: Callable[..., tuple[torch.Tensor, ...]], vectors: torch.Tensor, *,
+                        widths: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """products(params, inputs, targets, vectors) (a tuple of (rows, ...)) on the nodes with a
+        non-zero column only, zero elsewhere: a perturbation that has not reached node k yet is
+        exactly zero there. In chunks of chunk_size nodes. When every node is active (the adjoint
+        chain, a cascade that has spread) nothing is gathered or scattered: the outputs are the
+        products' own. Without an active node: zero outputs of the last-axis widths (default: one, vectors')."""
         active = vectors.flatten(1).ne(0).any(dim=1)
+        if active.all():
+            return self._per_node(products, vectors)
         rows = active.nonzero().flatten()
-        computed = in_row_chunks(products, self.chunk_size, rows, vectors[rows]) if len(rows) else None
-        results = []
-        for i in range(outputs):
-            shape = computed[i].shape[1:] if computed is not None else (*vectors.shape[1:-1], width or vectors.shape[-1])
-            result = vectors.new_zeros(len(vectors), *shape)
-            if computed is not None:
-                result[rows] = computed[i]
-            results.append(result)
-        return tuple(results)
+        if not len(rows):
+            return tuple(vectors.new_zeros(*vectors.shape[:-1], width) for width in widths or vectors.shape[-1:])
+        computed = in_row_chunks(products, self.chunk_size, self.params[rows], self.inputs[rows], self.targets[rows], vectors[rows])
+        results = tuple(part.new_zeros(len(vectors), *part.shape[1:]) for part in computed)
+        for result, part in zip(results, computed):
+            result[rows] = part
+        return results
 
     def curvature_products(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C, D) H_k V[k, c], H_k the curvature of node k's batch-mean loss; zero for curvature
@@ -194,8 +197,7 @@ class LocalStep:
         """
         if self.curvature == "none":
             return torch.zeros_like(vectors)
-        return self._on_active_rows(lambda rows, v: (self.backend.curvature_products(
-            self.params[rows], self.inputs[rows], self.targets[rows], v, self.curvature),), vectors, outputs=1)[0]
+        return self._on_active_rows(lambda p, x, y, v: (self.backend.curvature_products(p, x, y, v, self.curvature),), vectors)[0]
 
     def displacement(self, grads: torch.Tensor) -> torch.Tensor:
         """(dO/dg) G at every node: the state change of gradient changes G (N, C, D), as (N, C, S, D).

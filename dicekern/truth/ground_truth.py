@@ -9,7 +9,7 @@ from torch.func import vmap
 
 from dicekern.core import extras
 from dicekern.core.checks import check_finite_result, check_flag, check_int, check_node, check_node_weights, check_samples, check_test
-from dicekern.curvature.round import RoundUpdate, local_update, mix
+from dicekern.curvature.round import Buffers, NodeUpdate, local_update, mix, test_point
 from dicekern.curvature.torch_func import mean_weights
 from dicekern.record.rounds import Round
 from dicekern.record.trajectory import Trajectory
@@ -24,29 +24,80 @@ def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[t
     taken in eval mode with each node's running statistics: those the half step's forward
     produced at theta^{t+1/2}, those of round t+s at theta^{t+s}.
     """
+    return _replay(traj, rounds, test, keep)[0]
+
+
+def _replay(
+    traj: Trajectory, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
+    moved: torch.Tensor | None = None, factual: tuple[torch.Tensor, list[NodeUpdate]] | None = None,
+) -> tuple[torch.Tensor, list[NodeUpdate]]:
+    """``_replay_test_losses`` of K replays, and every replayed round's local step (K, N, ...).
+
+    With moved (hops+1, N) bool, a superset of the rows a removal can change (``_moved``), and
+    factual, this function's output for one replay of the recorded batches (keep all ones): round
+    i steps only the rows moved[i] and the test losses of hop s are taken only at moved[s]; every
+    other row keeps the factual value, which its replay would repeat.
+    """
     first = rounds[0]
     num_replays = keep.shape[0]
     uniform = mean_weights(tuple(keep.shape), keep)
     objective, optimizer = traj.objective, traj.optimizer
     expand = lambda value: value.expand(num_replays, *value.shape)
-    state = {name: expand(value) for name, value in first.state.items()}
-    buffers = None if first.buffers is None else type(first.buffers)(*map(expand, first.buffers))
+    params, state = expand(first.params), {name: expand(value) for name, value in first.state.items()}
+    buffers = None if first.buffers is None else Buffers(*map(expand, first.buffers))
     batched = None if buffers is None else 0  # vmap takes no dimension of an absent value
 
-    def replay(rnd: Round, params, state, buffers, weights) -> tuple:
-        """(theta^{tau+1/2}, buffers after its forward, RoundUpdate) of one replay of round rnd."""
-        update = local_update(objective, optimizer, params, state, rnd.inputs, rnd.targets, rnd.lr, weights, buffers)
-        return update.half, update.buffers, mix(update, optimizer, rnd.W, mix_state=traj.mix_state, mix_buffers=traj.mix_buffers)
+    def step(params, state, buffers, inputs, targets, lr, weights) -> NodeUpdate:
+        return local_update(objective, optimizer, params, state, inputs, targets, lr, weights, buffers)
 
-    replayed = vmap(replay, in_dims=(None, 0, 0, batched, 0), out_dims=(0, batched, RoundUpdate(0, 0, 0, batched)))
-    half, half_buffers, (_, theta, state, buffers) = replayed(first, expand(first.params), state, buffers, keep * uniform)
-    points = [(half, half_buffers), (theta, buffers)]
-    for rnd in rounds[1:-1]:
-        _, _, (_, theta, state, buffers) = replayed(rnd, theta, state, buffers, uniform.expand(num_replays, *uniform.shape[1:]))
-        points.append((theta, buffers))
+    stepped = vmap(step, in_dims=(0, 0, batched, None, None, None, 0), out_dims=NodeUpdate(0, 0, batched))
+    rows = lambda i: slice(None) if moved is None else moved[i].nonzero().flatten()
+    weights, updates, points = keep * uniform, [], []
+    for i, rnd in enumerate(rounds[: max(len(rounds) - 1, 1)]):
+        r = rows(i)
+        update = stepped(params[:, r], {k: v[:, r] for k, v in state.items()}, None if buffers is None else Buffers(*(b[:, r] for b in buffers)),
+                         rnd.inputs[r], rnd.targets[r], rnd.lr[r], weights[:, r])
+        if moved is not None:
+            update = _scatter_rows(factual[1][i], update, r, num_replays)
+        updates.append(update)
+        if i == 0:
+            points.append(test_point(update.half, update.buffers))
+        _, params, state, buffers = mix(update, optimizer, rnd.W, mix_state=traj.mix_state, mix_buffers=traj.mix_buffers)
+        points.append(test_point(params, buffers))
+        weights = uniform
     points = points[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
-    stacked = torch.stack([p if b is None else torch.cat([p, b.running], -1) for p, b in points], dim=1)  # (K, hops+1, N, D (+ D_b))
-    return traj.objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3])
+    if moved is None:
+        stacked = torch.stack(points, dim=1)  # (K, hops+1, N, D (+ D_b))
+        return objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3]), updates
+    losses = factual[0].expand(num_replays, *factual[0].shape[1:]).clone()
+    at = [point[:, rows(s)] for s, point in enumerate(points)]  # (K, |moved[s]|, D (+ D_b)) each
+    computed = objective.test_losses(torch.cat(at, dim=1).flatten(0, 1), test).view(num_replays, -1)
+    for s, part in enumerate(computed.split([a.shape[1] for a in at], dim=1)):
+        losses[:, s, rows(s)] = part
+    return losses, updates
+
+
+def _scatter_rows(factual: NodeUpdate, update: NodeUpdate, rows: torch.Tensor, num_replays: int) -> NodeUpdate:
+    """The factual step (1, N, ...) repeated for K replays, with its rows ``rows`` replaced by
+    update's (K, |rows|, ...)."""
+
+    def scatter(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        out = full.expand(num_replays, *full.shape[1:]).clone()
+        out[:, rows] = part
+        return out
+
+    buffers = None if update.buffers is None else Buffers(*map(scatter, factual.buffers, update.buffers))
+    return NodeUpdate(scatter(factual.half, update.half), {k: scatter(factual.state[k], v) for k, v in update.state.items()}, buffers)
+
+
+def _moved(rounds: Sequence[Round], sources: torch.Tensor) -> torch.Tensor:
+    """(hops+1, N) bool: a superset of the rows whose params, state or buffers removing samples of
+    the source nodes (bool (N,)) can change at the start of round t+s (row 0: the sources, whose
+    step round t changes): everything a source reaches through the mixes, cumulatively."""
+    moved = [sources]
+    for rnd in rounds[:-1]:
+        moved.append(moved[-1] | (((rnd.W != 0).to(rnd.W.dtype) @ moved[-1].to(rnd.W.dtype)) > 0))
+    return torch.stack(moved)
 
 
 CHUNK_BUDGET_BYTES = 256 << 20
@@ -180,7 +231,7 @@ def dice_gt_samples(
     test = check_test(test, like)
     reach = _reachable(rounds, not traj.optimizer.stateless)
     ones = torch.ones(1, n, batch, dtype=like.dtype, device=like.device)
-    factual = _replay_test_losses(traj, rounds, test, ones)[0]
+    factual = _replay(traj, rounds, test, ones)
     removals = [(j, b) for j in nodes for b in range(batch)]
     totals = []
     for start in extras.progress(range(0, len(removals), chunk_size), enabled=progress, description="DICE-GT replays", unit="chunk"):
@@ -188,9 +239,10 @@ def dice_gt_samples(
         keep = ones.repeat(len(chunk), 1, 1)
         for i, (j, b) in enumerate(chunk):
             keep[i, j, b] = 0.0
-        losses = _replay_test_losses(traj, rounds, test, keep)
         sources = torch.tensor([j for j, _ in chunk], device=like.device)
-        gt = _gt_from_losses(factual, losses, q, reach[:, :, sources].permute(2, 0, 1))
+        moved = _moved(rounds, torch.zeros(n, dtype=torch.bool, device=like.device).index_fill_(0, sources, True))
+        losses = _replay(traj, rounds, test, keep, moved, factual)[0]
+        gt = _gt_from_losses(factual[0][0], losses, q, reach[:, :, sources].permute(2, 0, 1))
         totals.append(gt.sum(-1))  # (chunk, hops+1)
     per_sample = torch.cat(totals).view(len(nodes), batch, hops + 1).permute(2, 0, 1)
     return check_finite_result("DICE-GT", per_sample if per_hop else per_sample.sum(0))

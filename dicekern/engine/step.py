@@ -152,7 +152,7 @@ class LocalStep:
         if d_beta is None:
             return self.join(*self.linearization.tangent(d_theta, d_blocks, self.curvature_products(d_theta)))
         widths = (d_theta.shape[-1], d_beta.shape[-1])
-        products, d_statistics = self._on_active_rows(self.backend.step_jvp, d_theta, widths=widths)
+        products, d_statistics = self._on_nonzero_columns(self.backend.step_jvp, d_theta, widths=widths)
         theta, blocks = self.linearization.tangent(d_theta, d_blocks, products)
         return self.join(theta, blocks, d_beta - self._rates * (d_beta - d_statistics))
 
@@ -166,38 +166,47 @@ class LocalStep:
         scaled = self._rates * c_beta
         both = torch.cat([c_grad, scaled], -1)
         d = self.params.shape[-1]
-        pulled = self._on_active_rows(lambda p, x, y, v: (self.backend.step_vjp(p, x, y, v[..., :d], v[..., d:]),), both, widths=(d,))[0]
+        pulled = self._on_nonzero_columns(lambda p, x, y, v: (self.backend.step_vjp(p, x, y, v[..., :d], v[..., d:]),), both, widths=(d,))[0]
         return self.join(pulled.add_(theta), blocks, c_beta - scaled)
 
-    def _on_active_rows(self, products: Callable[..., tuple[torch.Tensor, ...]], vectors: torch.Tensor, *,
+    def _on_nonzero_columns(self, products: Callable[..., tuple[torch.Tensor, ...]], vectors: torch.Tensor, *,
                         widths: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
-        """products(params, inputs, targets, vectors) (a tuple of (rows, ...)) on the nodes with a
-        non-zero column only, zero elsewhere: a perturbation that has not reached node k yet is
-        exactly zero there. In chunks of chunk_size nodes. When every node is active (the adjoint
-        chain, a cascade that has spread) nothing is gathered or scattered: the outputs are the
-        products' own. Without an active node: zero outputs of the last-axis widths (default: one, vectors')."""
-        active = vectors.flatten(1).ne(0).any(dim=1)
+        """products(params, inputs, targets, vectors) (a tuple of (rows, C', ...), linear in the
+        vectors (rows, C', D)) on the non-zero columns of vectors (N, C, D) only, zero elsewhere: a
+        perturbation that has not reached node k yet is exactly zero there. Nodes with the same
+        number of non-zero columns go in one call (chunks of chunk_size nodes) with those columns
+        only. When every column is non-zero (the adjoint chain, a cascade that has spread) nothing
+        is gathered or scattered. Without any: zero outputs of the last-axis widths (default: one, vectors')."""
+        active = vectors.ne(0).any(dim=-1)  # (N, C)
         if active.all():
             return self._per_node(products, vectors)
-        rows = active.nonzero().flatten()
-        if not len(rows):
+        results = None
+        counts = active.sum(1)
+        for count in counts.unique().tolist():
+            if count == 0:
+                continue
+            rows = (counts == count).nonzero().flatten()
+            columns = active[rows].nonzero()[:, 1].view(len(rows), count)
+            parts = in_row_chunks(products, self.chunk_size, self.params[rows], self.inputs[rows], self.targets[rows],
+                                  vectors[rows[:, None], columns])
+            if results is None:
+                results = tuple(part.new_zeros(*vectors.shape[:2], *part.shape[2:]) for part in parts)
+            for result, part in zip(results, parts):
+                result[rows[:, None], columns] = part
+        if results is None:
             return tuple(vectors.new_zeros(*vectors.shape[:-1], width) for width in widths or vectors.shape[-1:])
-        computed = in_row_chunks(products, self.chunk_size, self.params[rows], self.inputs[rows], self.targets[rows], vectors[rows])
-        results = tuple(part.new_zeros(len(vectors), *part.shape[1:]) for part in computed)
-        for result, part in zip(results, computed):
-            result[rows] = part
         return results
 
     def curvature_products(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, C, D) H_k V[k, c], H_k the curvature of node k's batch-mean loss; zero for curvature
         "none". A fresh tensor.
 
-        Only the nodes with a non-zero column are evaluated: a perturbation that has not reached
-        node k yet is exactly zero there, so the cost of a cascade follows the source's reach.
+        Only the non-zero columns are evaluated: a perturbation that has not reached node k yet is
+        exactly zero there, so the cost of a cascade (or of influence_matrix's sources) follows its reach.
         """
         if self.curvature == "none":
             return torch.zeros_like(vectors)
-        return self._on_active_rows(lambda p, x, y, v: (self.backend.curvature_products(p, x, y, v, self.curvature),), vectors)[0]
+        return self._on_nonzero_columns(lambda p, x, y, v: (self.backend.curvature_products(p, x, y, v, self.curvature),), vectors)[0]
 
     def displacement(self, grads: torch.Tensor) -> torch.Tensor:
         """(dO/dg) G at every node: the state change of gradient changes G (N, C, D), as (N, C, S, D).

@@ -222,13 +222,12 @@ class LocalStep:
         """(N, 1, S, D (+ D_b)): every node's state change when its loss weights move by weights
         (N, B) from the batch mean, e.g. mask / B for removing the masked samples (None: the whole
         batch): factual minus counterfactual, Delta of DICE.md (with BatchNorm, the batch's
-        renormalisation included)."""
-        if weights is None:
-            weights = mean_weights(self.inputs.shape[:2], self.params)
-            if self.buffers is None:
-                return self.displacement(self.grads[:, None])
+        renormalisation included). The whole batch reuses the step's own gradients."""
+        mean = mean_weights(self.inputs.shape[:2], self.params)
+        weights = mean if weights is None else weights
         if self.buffers is None:
-            return self.displacement(self._per_node(self.backend.node_grads, weights)[:, None])
+            whole = torch.equal(weights, mean)
+            return self.displacement((self.grads if whole else self._per_node(self.backend.node_grads, weights))[:, None])
         grads, statistics = self._per_node(self.backend.weight_jvp, weights)
         zeros = torch.zeros_like(grads[:, None])
         theta, blocks = self.linearization.tangent(zeros, {name: zeros for name in self.optimizer.state_blocks}, grads[:, None])

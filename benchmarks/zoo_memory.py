@@ -11,41 +11,26 @@ floors' functions (``zoo_workloads.Losses``): a curvature product, the per-sampl
 gradients or the test gradients of k nodes. Setting: ``zoo_workloads`` (8 nodes, batch 16, hops 3,
 16 test points). Next to it, the peak with the test gradients taken one hop at a time (the chain's
 path for large runs, forced here by setting chain.BATCHED_TEST_GRADS_MAX_ELEMENTS to 0), and the
-time of dice_e at each chunk_size, best of 5 warm calls side by side.
-
-QueryPlan.chain does not pass ``DiceOptions.chunk_size`` to the steps and test sets yet
-(dicekern/engine/plan.py); ``chunked`` passes it for it, as tests/engine/test_chunking.py does.
+time of dice_e at each chunk_size, best of 5 warm calls side by side. With a chunk_size the chain
+takes the test gradients one hop at a time by itself.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 import dicekern.engine.chain as chain
-import dicekern.engine.plan as plan
+import dicekern as dk
 import zoo_workloads as zw
-from dicekern.engine import evaluation, step
 from memory import peak_buffers
 from timing import wall_seconds
 
 CHUNK_SIZES = (None, 4, 2, 1)
-PARTS = {"LocalStep": step.LocalStep, "SharedTestSet": evaluation.SharedTestSet}
 
 
-def chunked(fn, chunk_size: int | None):
-    """fn with the plan's steps and test sets built with chunk_size."""
-    def patched():
-        saved = {name: getattr(plan, name) for name in PARTS}
-        try:
-            for name, part in PARTS.items():
-                setattr(plan, name, functools.partial(part, chunk_size=chunk_size))
-            return fn()
-        finally:
-            for name, part in saved.items():
-                setattr(plan, name, part)
-    return patched
+def chunked(run: zw.ZooRun, chunk_size: int | None):
+    """dice_e of the benchmark's query with chunk_size."""
+    return lambda: dk.dice_e(run.traj, zw.STEP, run.test, zw.HOPS, chunk_size=chunk_size)
 
 
 def hop_by_hop(fn):
@@ -73,16 +58,16 @@ if __name__ == "__main__":
     rows, times = [], []
     for model in zw.SCORED:
         run = zw.record(model)
-        query = zw.queries(run)["dice_e"]
         for chunk_size in CHUNK_SIZES:
             k = chunk_size or zw.N
-            peaks = [peak_buffers(chunked(fn, chunk_size), run.state_bytes) for fn in (query, hop_by_hop(query))]
+            query = chunked(run, chunk_size)
+            peaks = [peak_buffers(fn, run.state_bytes) for fn in (query, hop_by_hop(query))]
             chunk = {label: peak_buffers(fn, run.state_bytes) for label, fn in one_chunk(run, k, chunk_size or (zw.HOPS + 1) * zw.N).items()}
             largest = max(chunk, key=chunk.get)
             target = zw.HOPS + 4 + chunk[largest]
             rows.append(f"| {model} | {chunk_size} | {chunk[largest]:.1f} ({largest}) | {target:.1f} | "
                         + " | ".join(f"{peak:.1f} ({'met' if peak <= target else 'not met'})" for peak in peaks) + " |")
-        seconds = {c: min(wall_seconds(chunked(query, c), 5)) for c in CHUNK_SIZES}
+        seconds = {c: min(wall_seconds(chunked(run, c), 5)) for c in CHUNK_SIZES}
         times.append(f"| {model} | " + " | ".join(f"{seconds[c] * 1e3:.0f} ({seconds[c] / seconds[None]:.2f}x)" for c in CHUNK_SIZES) + " |")
         print(f"{model}: one state copy {run.state_bytes / 2**20:.2f} MiB", flush=True)
     print(f"\n| model | chunk_size | one chunk: its largest call | target: {zw.HOPS + 4} + one chunk | dice_e peak | "

@@ -130,10 +130,11 @@ class Chain:
 
     def _test_grad_source(self, per_test: bool) -> Callable[[int], torch.Tensor]:
         """hop s -> q g^{(s)} (N, O, D): all hops in one batched call while they are small (fewer,
-        larger calls are faster), one hop at a time otherwise (the adjoint then holds one hop's)."""
+        larger calls are faster) and no chunk_size bounds the memory, one hop at a time otherwise
+        (the adjoint then holds one hop's)."""
         n, dim = self.rounds[0].point().shape
         objectives = self.tests.points if per_test else 1
-        if (self.hops + 1) * n * objectives * dim <= BATCHED_TEST_GRADS_MAX_ELEMENTS:
+        if self.options.chunk_size is None and (self.hops + 1) * n * objectives * dim <= BATCHED_TEST_GRADS_MAX_ELEMENTS:
             return self._scaled_test_grads_at(list(range(self.hops + 1)), per_test).__getitem__
         return lambda s: self._scaled_test_grads_at([s], per_test)[s]
 

@@ -100,13 +100,15 @@ class QueryPlan:
             mixer = ColumnMixer(mixings)
         else:
             mixer = TorchMixer(mixings)
-        optimizer = self.traj.optimizer
-        steps = [LocalStep(backend, optimizer, r.params, r.inputs, r.targets, r.lr, r.state, self.options.curvature, r.buffers)
+        optimizer, chunk_size = self.traj.optimizer, self.options.chunk_size
+        steps = [LocalStep(backend, optimizer, r.params, r.inputs, r.targets, r.lr, r.state, self.options.curvature, r.buffers,
+                           chunk_size=chunk_size)
                  for r in stepping]
         if isinstance(self.test, PerNodeTest):
-            tests = PerNodeTestSet(backend, self.test, [self.step + s for s in range(self.hops + 1)], self.window[0].params)
+            tests = PerNodeTestSet(backend, self.test, [self.step + s for s in range(self.hops + 1)], self.window[0].params,
+                                   chunk_size=chunk_size)
         else:
-            tests = SharedTestSet(backend, self.test)
+            tests = SharedTestSet(backend, self.test, chunk_size=chunk_size)
         chain_class = Chain
         if self.one_launch:
             from dicekern.engine.fused import FusedMLPChain  # imports triton

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import dicekern as dk
-import dicekern.engine.plan as plan
 from conftest import TOL, assert_close, module_run, random_run
 from dicekern import zoo
 from dicekern.curvature.torch_func import TorchFuncBackend
@@ -16,7 +15,6 @@ from dicekern.engine import evaluation, step
 
 N, ROUNDS, STEP, HOPS = 4, 4, 1, 2
 SMALL_RESNET = dict(width=4, blocks=[1], groups=2)
-CHUNKED = {"LocalStep": step.LocalStep, "SharedTestSet": evaluation.SharedTestSet, "PerNodeTestSet": evaluation.PerNodeTestSet}
 
 
 def resnet_run(name: str, make_optimizer):
@@ -32,29 +30,16 @@ RUNS = {
 
 
 @pytest.fixture
-def chunked(monkeypatch):
-    """chunked(k): the plan's steps and test sets run k nodes per call; returns the node counts of
-    the per_sample_dots calls made after it.
-
-    QueryPlan.chain (dicekern/engine/plan.py) does not pass options.chunk_size to LocalStep and the
-    test sets yet; this passes it for it. Once it does, the count below fails: call the queries
-    with chunk_size=k instead.
-    """
+def dots_calls(monkeypatch) -> list[int]:
+    """The node counts of the per_sample_dots calls made while the test runs."""
     calls = []
     dots = TorchFuncBackend.per_sample_dots
     monkeypatch.setattr(TorchFuncBackend, "per_sample_dots", lambda self, params, *rest: calls.append(len(params)) or dots(self, params, *rest))
-
-    def use(chunk_size: int) -> list[int]:
-        for name, part in CHUNKED.items():
-            monkeypatch.setattr(plan, name, functools.partial(part, chunk_size=chunk_size))
-        calls.clear()
-        return calls
-
-    return use
+    return calls
 
 
-def queries(traj: dk.Trajectory, test, *, order: int = 1) -> dict[str, torch.Tensor]:
-    options = dk.DiceOptions(backend="torch", order=order)
+def queries(traj: dk.Trajectory, test, *, order: int = 1, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    options = dk.DiceOptions(backend="torch", order=order, chunk_size=chunk_size)
     results = {
         "dice_e per hop": dk.dice_e(traj, STEP, test, HOPS, per_hop=True, options=options),
         "cascade": dk.cascade(traj, STEP, 1, test, HOPS, samples=[0, 2], options=options),
@@ -67,26 +52,25 @@ def queries(traj: dk.Trajectory, test, *, order: int = 1) -> dict[str, torch.Ten
 
 @pytest.mark.parametrize("name", list(RUNS))
 @pytest.mark.parametrize("chunk_size", [1, 3])
-def test_every_query_is_the_same_in_chunks(name: str, chunk_size: int, chunked) -> None:
+def test_every_query_is_the_same_in_chunks(name: str, chunk_size: int, dots_calls) -> None:
     """float64, to 1e-12 of each result's scale: chunks of 1 and 3 of 4 nodes (a short last chunk)."""
     run = RUNS[name]()
     orders = (1,) if name.startswith("resnet-bn") else (1, 2)  # BatchNorm runs are first order
     expected = {order: queries(run.trajectory, run.test, order=order) for order in orders}
-    calls = chunked(chunk_size)
+    dots_calls.clear()
     for order in orders:
-        for query, result in queries(run.trajectory, run.test, order=order).items():
+        for query, result in queries(run.trajectory, run.test, order=order, chunk_size=chunk_size).items():
             assert result.shape == expected[order][query].shape
             assert_close(result, expected[order][query], TOL[torch.float64].same)
     if not name.startswith("resnet-bn"):  # BatchNorm scores by weight_vjp
-        assert calls and max(calls) <= chunk_size, "the queries did not run in chunks"
+        assert dots_calls and max(dots_calls) <= chunk_size, "the queries did not run in chunks"
 
 
-def test_last_layer_queries_are_the_same_in_chunks(chunked) -> None:
+def test_last_layer_queries_are_the_same_in_chunks() -> None:
     run = random_run(N, ROUNDS, seed=7)
     head, test = dk.last_layer(run.trajectory, run.test)
     expected = queries(head, test, order=2)
-    chunked(2)
-    for query, result in queries(head, test, order=2).items():
+    for query, result in queries(head, test, order=2, chunk_size=2).items():
         assert_close(result, expected[query], TOL[torch.float64].same)
 
 

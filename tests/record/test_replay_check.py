@@ -39,6 +39,24 @@ OPTIMIZERS = {
 WEIGHT_DECAY = 5e-4
 
 
+def trainer_round(models: list[nn.Module], opts: list, x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, *, clipping: bool = False) -> None:
+    """One round of a user's own loop: every node's torch.optim step on its batch (clipping its
+    gradient to half its norm, undeclared, with clipping), then each node averages the half steps
+    with its row of W by hand (its own summation order, not the replay's)."""
+    for k, (model, opt) in enumerate(zip(models, opts)):
+        opt.zero_grad()
+        cross_entropy(model(x[k]), y[k]).mean().backward()
+        if clipping:
+            norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5 * norm.item())
+        opt.step()
+    with torch.no_grad():
+        half = dk.stack_params(models)
+        for k, model in enumerate(models):
+            for n, p in model.named_parameters():
+                p.copy_(torch.einsum("j,j...->...", W[k], half[n]))
+
+
 def gossip_run(name: str, optimizer: str, batch: int, *, seed: int = 0, rounds: int = 3, dtype=torch.float32, weight_decay=WEIGHT_DECAY,
                undeclared: str | None = None, replay_check: str = "every") -> dk.Trajectory:
     """N nodes of zoo model ``name`` stepped by per-node torch optimizers and averaged with a ring's
@@ -57,18 +75,7 @@ def gossip_run(name: str, optimizer: str, batch: int, *, seed: int = 0, rounds: 
     for t in range(rounds):
         x, y = zoo.random_data(name, N, batch, generator=g, dtype=dtype, **TINY[name])
         rec.record(t, models, x, y, lr=dk.optim.stack_lr(opts), W=W, state=dk.optim.stack_state(opts, models))
-        for k, (model, opt) in enumerate(zip(models, opts)):
-            opt.zero_grad()
-            cross_entropy(model(x[k]), y[k]).mean().backward()
-            if undeclared == "clipping":
-                norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
-                nn.utils.clip_grad_norm_(model.parameters(), 0.5 * norm.item())
-            opt.step()
-        with torch.no_grad():
-            half = dk.stack_params(models)
-            for k, model in enumerate(models):
-                for n, p in model.named_parameters():
-                    p.copy_(torch.einsum("j,j...->...", W[k], half[n]))
+        trainer_round(models, opts, x, y, W, clipping=undeclared == "clipping")
     rec.record(rounds, models, state=dk.optim.stack_state(opts, models))
     return rec.trajectory()
 
@@ -124,15 +131,7 @@ def test_the_issue_run_is_accepted() -> None:
         y = torch.randint(10, (N, batch), generator=g)
         x = proto[y] + torch.randn(N, batch, 3, 12, 12, generator=g)
         rec.record(t, models, x, y, W=W, optimizers=opts)
-        for k, (model, opt) in enumerate(zip(models, opts)):
-            opt.zero_grad()
-            cross_entropy(model(x[k]), y[k]).mean().backward()
-            opt.step()
-        with torch.no_grad():
-            half = dk.stack_params(models)
-            for k, model in enumerate(models):
-                for n, p in model.named_parameters():
-                    p.copy_(torch.einsum("j,j...->...", W[k], half[n]))
+        trainer_round(models, opts, x, y, W)
     rec.record(3, models, optimizers=opts)
     assert rec.trajectory().verify().ok
 
@@ -295,15 +294,7 @@ def measure_runs(make, batch: int, optimizer: str, seeds: range, rounds: int = 6
             for t in range(rounds):
                 x, y = issue_data(g, proto, batch)
                 rec.record(t, models, x, y, lr=dk.optim.stack_lr(opts), W=W, state=dk.optim.stack_state(opts, models))
-                for k, (model, opt) in enumerate(zip(models, opts)):
-                    opt.zero_grad()
-                    cross_entropy(model(x[k]), y[k]).mean().backward()
-                    opt.step()
-                with torch.no_grad():
-                    half = dk.stack_params(models)
-                    for k, model in enumerate(models):
-                        for n, p in model.named_parameters():
-                            p.copy_(torch.einsum("j,j...->...", W[k], half[n]))
+                trainer_round(models, opts, x, y, W)
             rec.record(rounds, models, state=dk.optim.stack_state(opts, models))
             traj = rec.trajectory()
             rtol = trajectory.default_rtol(torch.float32)

@@ -56,6 +56,11 @@ class BufferLayout:
         prefix = lambda m: f"{m}." if m else ""
         return tuple(f"{prefix(m)}{b}" for m in self.modules for b in RUNNING) + tuple(f"{prefix(m)}{COUNTER}" for m in self.modules)
 
+    @property
+    def counter_names(self) -> tuple[str, ...]:
+        """The num_batches_tracked names, one per layer, in the order of the (N, L) counters."""
+        return self.names[2 * len(self.modules):]
+
     def running_slices(self) -> list[tuple[str, slice]]:
         """(name, columns) of every running mean and variance inside the flat (N, D_b) floats."""
         sizes = [c for c in self.channels for _ in RUNNING]
@@ -64,9 +69,8 @@ class BufferLayout:
 
     def flatten(self, buffers: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """name -> (N, *shape) as (floats (N, D_b), counters (N, L) int64)."""
-        names = self.names
-        floats = torch.cat([buffers[name].reshape(len(buffers[name]), -1) for name in names[: 2 * len(self.modules)]], dim=1)
-        counters = torch.stack([buffers[name].reshape(-1) for name in names[2 * len(self.modules):]], dim=1)
+        floats = torch.cat([buffers[name].reshape(len(buffers[name]), -1) for name, _ in self.running_slices()], dim=1)
+        counters = torch.stack([buffers[name].reshape(-1) for name in self.counter_names], dim=1)
         return floats, counters.long()
 
     def unflatten(self, floats: torch.Tensor, counters: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -74,7 +78,7 @@ class BufferLayout:
         chunks = torch.split(floats, [c for c in self.channels for _ in RUNNING], dim=-1)
         named = dict(zip(self.names, chunks))
         if counters is not None:
-            named.update({name: counters[..., i] for i, name in enumerate(self.names[2 * len(self.modules):])})
+            named.update({name: counters[..., i] for i, name in enumerate(self.counter_names)})
         return named
 
     def rates(self, counters: torch.Tensor) -> torch.Tensor:

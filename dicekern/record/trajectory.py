@@ -190,7 +190,7 @@ def replay_mismatch(
     if following.buffers is None or rnd.buffers is None:
         return worst
     layout = objective.buffer_layout
-    for i, name in enumerate(layout.names[len(layout.running_slices()):]):
+    for i, name in enumerate(layout.counter_names):
         if not torch.equal(following.buffers.counters[:, i], stepped.buffers.counters[:, i]):
             return Mismatch(float("inf"), float("inf"), float("inf"), f"buffers[{name!r}]",
                             cause="num_batches_tracked counts the train-mode forwards of each node, and the recorded count is not this round's")

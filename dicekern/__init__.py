@@ -43,8 +43,8 @@ from dicekern.truth import walks
 from dicekern.record.description import RunDescription, rebuildable
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.plan import QueryPlan, plan_query
-from dicekern.truth.ground_truth import dice_gt, dice_gt_samples
-from dicekern.engine.queries import cascade, dice_e, influence_matrix
+from dicekern.truth.ground_truth import dice_gt, dice_gt_samples, final_gt
+from dicekern.engine.queries import cascade, dice_e, final_influence, influence_matrix, node_contributions
 from dicekern.engine.ledger import OnlineDICE
 from dicekern.engine.last_layer import PerNodeTest, last_layer
 from dicekern.record.modules import mix_, stack_buffers, stack_params
@@ -70,10 +70,13 @@ __all__ = [
     "dice_gt",
     "dice_gt_samples",
     "examples",
+    "final_gt",
+    "final_influence",
     "influence_matrix",
     "last_layer",
     "losses",
     "mix_",
+    "node_contributions",
     "optim",
     "plan_query",
     "plots",

@@ -15,7 +15,7 @@ from functools import cached_property
 
 import torch
 
-from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
+from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet, scaled_test_grads, trapezoid_grads
 from dicekern.engine.mixing import Mixer
 from dicekern.engine.operators import LinearOperator, Mix, StepJacobian
 from dicekern.engine.options import DiceOptions
@@ -24,6 +24,15 @@ from dicekern.record.rounds import Round
 
 BATCHED_TEST_GRADS_MAX_ELEMENTS = 1 << 20  # (hops+1) N O D below this: every hop's test gradients in one call
 INFLUENCE_CHUNK_BYTES = 16 << 20  # chain vectors of one chunk of sources in influence_matrix
+
+
+def as_state(theta: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """(N, C, D) theta vectors as (N, C, S, D) state vectors with zero optimizer blocks."""
+    if num_blocks == 1:
+        return theta.unsqueeze(2)
+    state = theta.new_zeros(*theta.shape[:2], num_blocks, theta.shape[-1])
+    state[:, :, 0] = theta
+    return state
 
 
 class Chain:
@@ -77,14 +86,6 @@ class Chain:
         sender = self.options.curvature_at == "sender"
         return (mix[0], *(m @ J if sender else J @ m for m, J in zip(mix[1:], jacobians)))
 
-    def _as_state(self, theta: torch.Tensor) -> torch.Tensor:
-        """(N, C, D) theta vectors as (N, C, S, D) state vectors with zero optimizer blocks."""
-        if self.num_blocks == 1:
-            return theta.unsqueeze(2)
-        state = theta.new_zeros(*theta.shape[:2], self.num_blocks, theta.shape[-1])
-        state[:, :, 0] = theta
-        return state
-
     # ---- test gradients ----
 
     def _direct_points(self, first: LocalStep | None = None) -> torch.Tensor:
@@ -96,10 +97,6 @@ class Chain:
     def _test_grad_points(self) -> torch.Tensor:
         """(hops+1, N, D): where the test gradients are taken; [0] the direct points, [s] theta^{t+s}."""
         return torch.stack([self._direct_points()] + [rnd.point() for rnd in self.rounds[1:]])
-
-    def _scaled_test_grads(self, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor, per_test: bool = False) -> torch.Tensor:
-        """(R, O, D) q_k grad L(theta; z') at points (R, D) of (hop, node) pairs (R,) each."""
-        return self.tests.grads(points, hops, nodes, per_test).mul_(self.q[nodes, None, None])  # the gradients are fresh
 
     def _scaled_test_grads_at(self, hops: list[int], per_test: bool) -> dict[int, torch.Tensor]:
         """hop s -> (N, O, D) q_k g^{(s)}_k at every node, for the given hops in one batched call;
@@ -117,7 +114,7 @@ class Chain:
             flat = points[0] if len(points) == 1 else torch.cat(points)
             hop_of = torch.tensor(needed, device=flat.device).repeat_interleave(n)
             nodes = torch.arange(n, device=flat.device).repeat(len(needed))
-            computed = dict(zip(needed, self._scaled_test_grads(flat, hop_of, nodes, per_test).unflatten(0, (len(needed), n))))
+            computed = dict(zip(needed, scaled_test_grads(self.tests, self.q, flat, hop_of, nodes, per_test).unflatten(0, (len(needed), n))))
             if cache is not None:
                 cache.update({self.step + s: grads[:, 0] for s, grads in computed.items() if s > 0})
             result.update(computed)
@@ -138,13 +135,6 @@ class Chain:
             return self._scaled_test_grads_at(list(range(self.hops + 1)), per_test).__getitem__
         return lambda s: self._scaled_test_grads_at([s], per_test)[s]
 
-    def _trapezoid(self, grads: torch.Tensor, points: torch.Tensor, deltas: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """(R, D) q_k (g(theta) + g(theta - delta)) / 2 from q_k g(theta) (R, D) at the factual points
-        (R, D) of (hop, node) pairs with perturbations deltas (R, D): dotted with delta, the trapezoid
-        rule for the test loss's change, exact when it is quadratic."""
-        counterfactual = self._scaled_test_grads(points - deltas, hops, nodes)[:, 0]
-        return counterfactual.add_(grads).mul_(0.5)
-
     def _hop_scores(self, hop: int, points: torch.Tensor, grads: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """(C, N) e[s, k] of C perturbations delta (N, C, D) at hop s, given q g^{(s)} (N, D) at the
         factual points (N, D); at order 2 only the pairs a perturbation has reached are evaluated."""
@@ -152,7 +142,7 @@ class Chain:
             return torch.einsum("kd,kcd->ck", grads, delta)
         k, c = delta.ne(0).any(dim=-1).nonzero(as_tuple=True)
         deltas = delta[k, c]
-        trapezoid = self._trapezoid(grads[k], points[k], deltas, torch.full_like(k, hop), k)
+        trapezoid = trapezoid_grads(self.tests, self.q, grads[k], points[k], deltas, torch.full_like(k, hop), k)
         scores = delta.new_zeros(delta.shape[1], delta.shape[0])
         scores[c, k] = (trapezoid * deltas).sum(-1)
         return scores
@@ -204,9 +194,9 @@ class Chain:
             deltas.append(delta[reached[-1], 0, 0])
         hop_of = torch.cat([torch.full_like(k, s) for s, k in enumerate(reached)])
         nodes, points, deltas = torch.cat(reached), torch.cat(points), torch.cat(deltas)
-        grads = self._scaled_test_grads(points, hop_of, nodes)[:, 0]
+        grads = scaled_test_grads(self.tests, self.q, points, hop_of, nodes)[:, 0]
         if self.options.order == 2:
-            grads = self._trapezoid(grads, points, deltas, hop_of, nodes)
+            grads = trapezoid_grads(self.tests, self.q, grads, points, deltas, hop_of, nodes)
         scores = first.params.new_zeros(self.hops + 1, n)
         scores[hop_of, nodes] = (grads * deltas).sum(-1)
         return scores
@@ -225,13 +215,13 @@ class Chain:
         scaled_test_grads = self._test_grad_source(per_test)  # hop s -> (N, O, D)
         lam = None  # (N, C, S, D): blocks of O columns for hops r, r-1, ... when per_hop
         for s in range(self.hops, 0, -1):
-            injected = self._as_state(scaled_test_grads(s))
+            injected = as_state(scaled_test_grads(s), self.num_blocks)
             if lam is None:
                 lam = injected
             else:
                 lam = self.hop_operators[s].T @ lam
                 lam = torch.cat([lam, injected], dim=1) if per_hop else lam.add_(injected)  # lam is the hop's fresh output
-        direct = self._as_state(scaled_test_grads(0))
+        direct = as_state(scaled_test_grads(0), self.num_blocks)
         objectives = direct.shape[1]
         if lam is None:
             vectors = direct

@@ -4,7 +4,8 @@
 (R, D), the gradient of the mean test loss (O = 1 column) or of each test point's own loss
 (O = M columns): (R, O, D). ``direct_curvature(points, vectors, kind)`` gives H V for the mean
 test loss's curvature H at every node's hop-0 point (N, D), vectors (N, C, D). Both run on at most
-``chunk_size`` rows per call of the backend (None: all at once).
+``chunk_size`` rows per call of the backend (None: all at once). ``scaled_test_grads`` and
+``trapezoid_grads`` weight them by the node weights q, as every query reads them.
 """
 
 from __future__ import annotations
@@ -70,3 +71,21 @@ class PerNodeTestSet:
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features, self.targets
+
+
+TestSet = SharedTestSet | PerNodeTestSet
+
+
+def scaled_test_grads(tests: TestSet, q: torch.Tensor, points: torch.Tensor, hops: torch.Tensor, nodes: torch.Tensor,
+                      per_test: bool = False) -> torch.Tensor:
+    """(R, O, D) q_k grad L(theta; z') at points (R, D) of (hop, node) pairs (R,) each; q (rows,)."""
+    return tests.grads(points, hops, nodes, per_test).mul_(q[nodes, None, None])  # the gradients are fresh
+
+
+def trapezoid_grads(tests: TestSet, q: torch.Tensor, grads: torch.Tensor, points: torch.Tensor, deltas: torch.Tensor,
+                    hops: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """(R, D) q_k (g(theta) + g(theta - delta)) / 2 from q_k g(theta) (R, D) at the factual points
+    (R, D) of (hop, node) pairs with perturbations deltas (R, D): dotted with delta, the trapezoid
+    rule for the test loss's change, exact when it is quadratic."""
+    counterfactual = scaled_test_grads(tests, q, points - deltas, hops, nodes)[:, 0]
+    return counterfactual.add_(grads).mul_(0.5)

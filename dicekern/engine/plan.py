@@ -8,7 +8,9 @@ backends' declared capabilities (``dicekern.curvature.select``), and returns a f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -22,7 +24,7 @@ from dicekern.curvature.triton import TritonBackend, kernels_agree
 from dicekern.engine.chain import INFLUENCE_CHUNK_BYTES, Chain
 from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet
 from dicekern.engine.last_layer import PerNodeTest
-from dicekern.engine.mixing import TorchMixer
+from dicekern.engine.mixing import Mixer, TorchMixer
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.step import LocalStep
 from dicekern.record.rounds import Round
@@ -38,8 +40,7 @@ class QueryPlan:
     Attributes:
         traj: the recorded run.
         step: the scored round t.
-        hops: r; the window is rounds t..t+r.
-        window: those rounds.
+        hops: r; the window is rounds t..t+r (``window``, read on first use; a sweep reads them one at a time).
         test: the checked test set (inputs (M, ...), targets (M, ...)) or a PerNodeTest.
         options: the linearisation and backend asked for.
         q: (rows,) node weights of the rows this process holds.
@@ -55,7 +56,6 @@ class QueryPlan:
     traj: Trajectory
     step: int
     hops: int
-    window: tuple[Round, ...]
     test: TestSet
     options: DiceOptions
     q: torch.Tensor
@@ -82,6 +82,32 @@ class QueryPlan:
             return objective  # the recorder's own, already checked against the model
         return self.selection.backend(objective.model, objective.loss_fn)
 
+    @cached_property
+    def window(self) -> tuple[Round, ...]:
+        """The rounds step..step+hops (checked when the plan was made)."""
+        return tuple(self.traj[t] for t in range(self.step, self.step + self.hops + 1))
+
+    def mixer(self, mixings: Sequence[torch.Tensor]) -> Mixer:
+        """The mixer of the rounds whose W are ``mixings``: across processes the partition's exchange."""
+        if self.partition.exchange is not None:
+            return self.partition.exchange(mixings)
+        if self.backend == "triton":
+            from dicekern.bindings.gossip_mix import ColumnMixer  # imports triton: only for the Triton backend
+
+            return ColumnMixer(mixings)
+        return TorchMixer(mixings)
+
+    def local_step(self, rnd: Round, backend: CurvatureBackend) -> LocalStep:
+        """Round rnd's local step at this process's nodes, linearised as the options ask."""
+        return LocalStep(backend, self.traj.optimizer, rnd.params, rnd.inputs, rnd.targets, rnd.lr, rnd.state, self.options.curvature,
+                         rnd.buffers, chunk_size=self.options.chunk_size)
+
+    def test_set(self, backend: CurvatureBackend, steps: Sequence[int]) -> SharedTestSet | PerNodeTestSet:
+        """The test objective read at rounds ``steps`` (hop s of a chain reads steps[s])."""
+        if isinstance(self.test, PerNodeTest):
+            return PerNodeTestSet(backend, self.test, steps, self.traj[self.step].params, chunk_size=self.options.chunk_size)
+        return SharedTestSet(backend, self.test, chunk_size=self.options.chunk_size)
+
     def chain(self, *, test_grad_cache: dict[int, torch.Tensor] | None = None) -> Chain:
         """The chain that executes this plan.
 
@@ -91,31 +117,16 @@ class QueryPlan:
         """
         backend = self.curvature_backend()
         stepping = self.window[: max(self.hops, 1)]
-        mixings = [rnd.W for rnd in stepping]
-        if self.partition.exchange is not None:
-            mixer = self.partition.exchange(mixings)
-        elif self.backend == "triton":
-            from dicekern.bindings.gossip_mix import ColumnMixer  # imports triton: only for the Triton backend
-
-            mixer = ColumnMixer(mixings)
-        else:
-            mixer = TorchMixer(mixings)
-        optimizer, chunk_size = self.traj.optimizer, self.options.chunk_size
-        steps = [LocalStep(backend, optimizer, r.params, r.inputs, r.targets, r.lr, r.state, self.options.curvature, r.buffers,
-                           chunk_size=chunk_size)
-                 for r in stepping]
-        if isinstance(self.test, PerNodeTest):
-            tests = PerNodeTestSet(backend, self.test, [self.step + s for s in range(self.hops + 1)], self.window[0].params,
-                                   chunk_size=chunk_size)
-        else:
-            tests = SharedTestSet(backend, self.test, chunk_size=chunk_size)
+        steps = [self.local_step(rnd, backend) for rnd in stepping]
+        tests = self.test_set(backend, [self.step + s for s in range(self.hops + 1)])
         chain_class = Chain
         if self.one_launch:
             from dicekern.engine.fused import FusedMLPChain  # imports triton
 
             chain_class = FusedMLPChain
-        return chain_class(self.window, steps, mixer, tests, self.q, self.options, mix_state=self.traj.mix_state, mix_buffers=self.traj.mix_buffers,
-                           nodes=self.partition.nodes, test_grad_cache=test_grad_cache, step=self.step)
+        return chain_class(self.window, steps, self.mixer([rnd.W for rnd in stepping]), tests, self.q, self.options,
+                           mix_state=self.traj.mix_state, mix_buffers=self.traj.mix_buffers, nodes=self.partition.nodes,
+                           test_grad_cache=test_grad_cache, step=self.step)
 
 
 def check_options_for(optimizer: OptimizerSpec, options: DiceOptions) -> None:
@@ -199,14 +210,15 @@ def plan_query(
     """
     options = DiceOptions.of(options, **option_fields)
     partition = Partition.whole(traj.num_nodes) if partition is None else partition
-    window = traj.window(step, hops)
+    traj.check_window(step, hops)
+    first = traj[step]
     test = check_inputs(traj, test, options, partition)
     nodes = partition.nodes
-    q = check_node_weights(options.q, partition.num_nodes, window[0].params)[nodes.start : nodes.stop]
+    q = check_node_weights(options.q, partition.num_nodes, first.params)[nodes.start : nodes.stop]
     selection = select_for(traj, options, partition)
     one_launch = selection.backend.capabilities.one_launch_chains and traj.optimizer.is_plain_sgd and options.order == 1
     mask = None
     if source is not None:
         source = check_node("source", source, partition.num_nodes)
-        mask = check_samples(samples, window[0].inputs.shape[1], q)
-    return QueryPlan(traj, step, hops, window, test, options, q, partition, selection, one_launch, source=source, samples=mask)
+        mask = check_samples(samples, first.inputs.shape[1], q)
+    return QueryPlan(traj, step, hops, test, options, q, partition, selection, one_launch, source=source, samples=mask)

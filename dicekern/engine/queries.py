@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from dicekern.core.checks import check_finite_result, check_flag
-from dicekern.engine.plan import plan_query
+from dicekern.core.partition import Partition
+from dicekern.engine.plan import QueryPlan, plan_query
+from dicekern.engine.sweep import RunSweep
 from dicekern.engine.options import DiceOptions
 from dicekern.engine.last_layer import PerNodeTest
 from dicekern.record.trajectory import Trajectory
@@ -107,3 +109,88 @@ def influence_matrix(
     """
     chain = plan_query(traj, step, test, hops, options, **option_fields).chain()
     return check_finite_result("the influence matrix", chain.influence_matrix())
+
+
+def plan_whole_run(traj: Trajectory, test: object, options: DiceOptions | None, option_fields: dict, what: str,
+                   partition: Partition | None = None) -> QueryPlan:
+    """The plan of rounds t0..T of traj (its first and last recorded rounds) for a whole-run query ``what``."""
+    if not isinstance(traj, Trajectory):
+        raise TypeError(f"traj must be a dk.Trajectory, got {type(traj).__name__}")
+    steps = traj.steps
+    if len(steps) < 2:
+        raise ValueError(f"{what} needs at least two recorded rounds (the scored ones and the final models), got {len(steps)}")
+    options = DiceOptions.of(options, **option_fields)
+    if options.order != 1:
+        raise ValueError(f"{what} is first order (options.order=1); node_contributions(order=2) adds the final loss's curvature")
+    return plan_query(traj, steps[0], test, steps[-1] - steps[0], options, partition=partition)
+
+
+def final_influence(
+    traj: Trajectory,
+    test: tuple[torch.Tensor, torch.Tensor] | PerNodeTest,
+    *,
+    options: DiceOptions | None = None,
+    progress: bool = False,
+    **option_fields,
+) -> torch.Tensor:
+    """What every sample of every round did to the final models, in one reverse sweep.
+
+    The final models are those of the last recorded round T; the objective is sum_k q_k L(theta_k^T; z')
+    over the test set's mean loss. Entry [t - t0, j, b] is hop T - t of
+    ``dice_e(traj, t, test, hops=T - t, per_hop=True)`` (t0 the first recorded round): the
+    first-order effect of removing sample b of node j at round t. Cost about one ``dice_e`` with
+    hops = T - t0; memory the adjoint plus one round; rounds are read newest first.
+
+    Args:
+        traj: the recorded run; rounds t0..T-1 with their batches, round T its params at least.
+        test: as for :func:`dice_e`.
+        options: as for :func:`dice_e` (q, curvature, curvature_at, backend, chunk_size); order 1.
+        progress: show a progress bar over the rounds.
+
+    Returns:
+        (T - t0, N, B): loss with the sample minus loss without it (a helpful sample is negative).
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.final_influence(run.trajectory, run.test).shape
+        torch.Size([3, 4, 5])
+    """
+    progress = check_flag("progress", progress)
+    plan = plan_whole_run(traj, test, options, option_fields, "final_influence")
+    return check_finite_result("final_influence", RunSweep(plan).final_influence(progress))
+
+
+def node_contributions(
+    traj: Trajectory,
+    test: tuple[torch.Tensor, torch.Tensor] | PerNodeTest,
+    *,
+    order: int = 1,
+    options: DiceOptions | None = None,
+    progress: bool = False,
+    **option_fields,
+) -> torch.Tensor:
+    """What each node's data, removed from every recorded round, does to the final models.
+
+    Args:
+        order: 1 sums :func:`final_influence` over rounds and samples (one reverse sweep); 2 takes
+            the trapezoid rule 1/2 (g(theta^T) + g(theta^T - delta_j))^T delta_j on the linearised
+            perturbation delta_j of the final models (forward sweeps whose columns are sources, in
+            chunks), exact when the final test loss is quadratic.
+        The rest as for :func:`final_influence`.
+
+    Returns:
+        (N,): the change of sum_k q_k L(theta_k^T; z'), loss with node j's data minus loss without.
+        Validate with ``dk.final_gt(traj, test, remove=range(N))``.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.node_contributions(run.trajectory, run.test, order=2).shape
+        torch.Size([4])
+    """
+    if isinstance(order, bool) or order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    progress = check_flag("progress", progress)
+    plan = plan_whole_run(traj, test, options, option_fields, "node_contributions")
+    return check_finite_result("node contributions", RunSweep(plan).contributions(order, progress))

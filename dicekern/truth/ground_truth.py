@@ -24,14 +24,23 @@ def _replay_test_losses(traj: Trajectory, rounds: Sequence[Round], test: tuple[t
     taken in eval mode with each node's running statistics: those the half step's forward
     produced at theta^{t+1/2}, those of round t+s at theta^{t+s}.
     """
-    return _replay(traj, rounds, test, keep)[0]
+    return _replay(traj, rounds, test, _first_round_only(keep, rounds))[0]
+
+
+def _first_round_only(keep: torch.Tensor, rounds: Sequence[Round]) -> torch.Tensor:
+    """(K, R, N, B) per-round keep masks of the R stepped rounds from round t's (K, N, B): later rounds keep all."""
+    stepped = max(len(rounds) - 1, 1)
+    return torch.cat([keep[:, None], torch.ones_like(keep)[:, None].expand(-1, stepped - 1, -1, -1)], dim=1)
 
 
 def _replay(
     traj: Trajectory, rounds: Sequence[Round], test: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
-    moved: torch.Tensor | None = None, factual: tuple[torch.Tensor, list[NodeUpdate]] | None = None,
+    moved: torch.Tensor | None = None, factual: tuple[torch.Tensor, list[NodeUpdate]] | None = None, *, final_only: bool = False,
 ) -> tuple[torch.Tensor, list[NodeUpdate]]:
     """``_replay_test_losses`` of K replays, and every replayed round's local step (K, N, ...).
+
+    keep (K, R, N, B) holds the replays' masks of the R stepped rounds (R = max(hops, 1)). With
+    final_only, the losses are those of the last round's models alone: (K, 1, N).
 
     With moved (hops+1, N) bool, a superset of the rows a removal can change (``_moved``), and
     factual, this function's output for one replay of the recorded batches (keep all ones): round
@@ -40,7 +49,7 @@ def _replay(
     """
     first = rounds[0]
     num_replays = keep.shape[0]
-    uniform = mean_weights(tuple(keep.shape), keep)
+    uniform = mean_weights(tuple(keep.shape[-2:]), keep)
     objective, optimizer = traj.objective, traj.optimizer
     expand = lambda value: value.expand(num_replays, *value.shape)
     params, state = expand(first.params), {name: expand(value) for name, value in first.state.items()}
@@ -52,20 +61,20 @@ def _replay(
 
     stepped = vmap(step, in_dims=(0, 0, batched, None, None, None, 0), out_dims=NodeUpdate(0, 0, batched))
     rows = lambda i: slice(None) if moved is None else moved[i].nonzero().flatten()
-    weights, updates, points = keep * uniform, [], []
+    updates, points = [], []
     for i, rnd in enumerate(rounds[: max(len(rounds) - 1, 1)]):
         r = rows(i)
         update = stepped(params[:, r], {k: v[:, r] for k, v in state.items()}, None if buffers is None else Buffers(*(b[:, r] for b in buffers)),
-                         rnd.inputs[r], rnd.targets[r], rnd.lr[r], weights[:, r])
+                         rnd.inputs[r], rnd.targets[r], rnd.lr[r], (keep[:, i] * uniform)[:, r])
         if moved is not None:
             update = _scatter_rows(factual[1][i], update, r, num_replays)
-        updates.append(update)
+        if not final_only:
+            updates.append(update)
         if i == 0:
             points.append(test_point(update.half, update.buffers))
         _, params, state, buffers = mix(update, optimizer, rnd.W, mix_state=traj.mix_state, mix_buffers=traj.mix_buffers)
         points.append(test_point(params, buffers))
-        weights = uniform
-    points = points[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
+    points = points[len(rounds) - 1 : len(rounds)] if final_only else points[: len(rounds)]  # hops = 0 needs theta^{t+1/2} only
     if moved is None:
         stacked = torch.stack(points, dim=1)  # (K, hops+1, N, D (+ D_b))
         return objective.test_losses(stacked.flatten(0, 2), test).view(stacked.shape[:3]), updates
@@ -231,7 +240,7 @@ def dice_gt_samples(
     test = check_test(test, like)
     reach = _reachable(rounds, not traj.optimizer.stateless)
     ones = torch.ones(1, n, batch, dtype=like.dtype, device=like.device)
-    factual = _replay(traj, rounds, test, ones)
+    factual = _replay(traj, rounds, test, _first_round_only(ones, rounds))
     removals = [(j, b) for j in nodes for b in range(batch)]
     totals = []
     for start in extras.progress(range(0, len(removals), chunk_size), enabled=progress, description="DICE-GT replays", unit="chunk"):
@@ -241,8 +250,114 @@ def dice_gt_samples(
             keep[i, j, b] = 0.0
         sources = torch.tensor([j for j, _ in chunk], device=like.device)
         moved = _moved(rounds, torch.zeros(n, dtype=torch.bool, device=like.device).index_fill_(0, sources, True))
-        losses = _replay(traj, rounds, test, keep, moved, factual)[0]
+        losses = _replay(traj, rounds, test, _first_round_only(keep, rounds), moved, factual)[0]
         gt = _gt_from_losses(factual[0][0], losses, q, reach[:, :, sources].permute(2, 0, 1))
         totals.append(gt.sum(-1))  # (chunk, hops+1)
     per_sample = torch.cat(totals).view(len(nodes), batch, hops + 1).permute(2, 0, 1)
     return check_finite_result("DICE-GT", per_sample if per_hop else per_sample.sum(0))
+
+
+Removal = int | tuple[int, int, int] | Sequence[int | tuple[int, int, int]]
+
+
+def _removal_masks(remove: object, steps: range, n: int, batch: int) -> list[torch.Tensor]:
+    """Each removal of ``remove`` as a (T - t0, N, B) bool mask of the removed (round, node, sample)s."""
+    if isinstance(remove, (str, bytes, torch.Tensor)) or not isinstance(remove, Sequence | range):
+        raise TypeError(f"remove must be a sequence of removals (a node, a (round, node, sample) triple, or a list of them), "
+                        f"got {type(remove).__name__}")
+    if len(remove) == 0:
+        raise ValueError("remove must name at least one removal")
+    masks = []
+    for i, removal in enumerate(remove):
+        entries = [removal] if isinstance(removal, int) or (isinstance(removal, tuple) and len(removal) == 3) else removal
+        if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence | range | set | frozenset) or not entries:
+            raise ValueError(f"remove[{i}] must be a node, a (round, node, sample) triple or a non-empty list of them, got {removal!r}")
+        mask = torch.zeros(len(steps), n, batch, dtype=torch.bool)
+        for entry in entries:
+            if isinstance(entry, bool) or not isinstance(entry, int | tuple):
+                raise ValueError(f"remove[{i}]: {entry!r} is neither a node nor a (round, node, sample) triple")
+            if isinstance(entry, int):
+                mask[:, check_node(f"remove[{i}] node", entry, n)] = True
+                continue
+            if len(entry) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
+                raise ValueError(f"remove[{i}]: {entry!r} is not a (round, node, sample) triple of ints")
+            t, j, b = entry
+            if t not in steps:
+                raise ValueError(f"remove[{i}]: round {t} is not a scored round of the run (rounds {steps.start}..{steps.stop - 1}; "
+                                 f"the last recorded round holds the final models)")
+            if not 0 <= b < batch:
+                raise ValueError(f"remove[{i}]: sample {b} does not exist (batches hold B = {batch} samples)")
+            mask[t - steps.start, check_node(f"remove[{i}] node", j, n), b] = True
+        masks.append(mask)
+    return masks
+
+
+def final_gt(
+    traj: Trajectory,
+    test: tuple[torch.Tensor, torch.Tensor],
+    remove: Sequence[Removal],
+    *,
+    q: torch.Tensor | None = None,
+    per_node: bool = False,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The exact change of the final models' test loss when data is removed from the run: replays.
+
+    The ground truth of :func:`dicekern.final_influence` and :func:`dicekern.node_contributions`.
+    Each removal replays the run, from the first round it touches to the last recorded round T,
+    with its samples' weights 0 (the denominator stays B; BatchNorm statistics renormalise);
+    removals that start at the same round replay together, ``chunk_size`` at a time.
+
+    Args:
+        remove: K removals, each one of: a node j (its samples at every scored round), a
+            (round, node, sample) triple, or a list of nodes and triples removed together. A
+            tuple of three ints is a triple; to remove three nodes together, pass a list.
+        q: (N,) node weights of the objective sum_k q_k L(theta_k^T; z'); None for 1/N.
+        per_node: return each node's term q_k (L_k - L_k without) instead of their sum.
+        chunk_size: replays run together (None: as for ``dice_gt_samples``).
+        progress: show a progress bar over the chunks of replays.
+
+    Returns:
+        (K,), or (K, N) with per_node: loss with the data minus loss without it.
+
+    Example:
+        >>> import dicekern as dk
+        >>> run = dk.examples.digits_run(num_nodes=4, rounds=3, batch_size=5)
+        >>> dk.final_gt(run.trajectory, run.test, remove=[2, (0, 1, 4), [(1, 0, 0), 3]]).shape
+        torch.Size([3])
+    """
+    if not isinstance(traj, Trajectory):
+        raise TypeError(f"traj must be a dk.Trajectory, got {type(traj).__name__}")
+    steps = traj.steps
+    if len(steps) < 2:
+        raise ValueError(f"final_gt needs at least two recorded rounds (the scored ones and the final models), got {len(steps)}")
+    first, last = steps[0], steps[-1]
+    traj.check_window(first, last - first)
+    like = traj[first].params
+    n, batch = traj[first].inputs.shape[:2]
+    masks = _removal_masks(remove, range(first, last), n, batch)
+    per_node, progress = check_flag("per_node", per_node), check_flag("progress", progress)
+    q = check_node_weights(q, n, like)
+    test = check_test(test, like)
+    traj.batch_layout().check(traj.objective.loss_fn, *test, lead=1, what="test")
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    starts = [int(mask.flatten(1).any(1).nonzero()[0]) for mask in masks]
+    result = like.new_empty(len(masks), n)
+    groups = sorted(set(starts))
+    chunks = []
+    for start in groups:
+        rounds = traj.window(first + start, last - first - start)
+        members = [i for i, s in enumerate(starts) if s == start]
+        size = chunk_size or max(1, min(64, CHUNK_BUDGET_BYTES // replay_bytes(traj, rounds)))
+        chunks += [(start, rounds, members[i : i + size]) for i in range(0, len(members), size)]
+    factual = {}
+    for start, rounds, members in extras.progress(chunks, enabled=progress, description="final replays", unit="chunk"):
+        if start not in factual:
+            ones = torch.ones(1, len(rounds) - 1, n, batch, dtype=like.dtype, device=like.device)
+            factual[start] = _replay(traj, rounds, test, ones, final_only=True)[0][0, 0]
+        keep = torch.stack([~masks[i][start:] for i in members]).to(like.dtype).to(like.device)
+        losses = _replay(traj, rounds, test, keep, final_only=True)[0][:, 0]
+        result[members] = q * (factual[start] - losses)
+    return check_finite_result("final_gt", result if per_node else result.sum(-1))

@@ -143,6 +143,7 @@ def test_mlp_kernels_serve_every_optimizer(optimizer) -> None:
     assert_matches(lambda tr, te, backend: dk.dice_e(tr, 0, te, 2, q=q, per_test=True, backend=backend), traj, test)
     assert_matches(lambda tr, te, backend: dk.influence_matrix(tr, 0, te, 3, q=q, backend=backend), traj, test)
     assert_matches(lambda tr, te, backend: dk.cascade(tr, 0, 2, te, 3, q=q, samples=[0, 6], backend=backend), traj, test)
+    assert_matches(lambda tr, te, backend: dk.final_influence(tr, te, q=q, backend=backend), traj, test)
 
 
 def test_triton_refuses_a_model_the_kernels_do_not_cover() -> None:

@@ -8,6 +8,6 @@ May import: every level below ``apps`` (``core`` to ``truth``), and ``apps.examp
 example trainer.
 """
 
-from dicekern.distributed.ranks import BlockMixer, DistributedOnlineDICE, DistributedRecorder, cascade, dice_e, node_block
+from dicekern.distributed.ranks import BlockMixer, DistributedOnlineDICE, DistributedRecorder, cascade, dice_e, final_influence, node_block
 
-__all__ = ["BlockMixer", "DistributedOnlineDICE", "DistributedRecorder", "cascade", "dice_e", "node_block"]
+__all__ = ["BlockMixer", "DistributedOnlineDICE", "DistributedRecorder", "cascade", "dice_e", "final_influence", "node_block"]

@@ -19,6 +19,8 @@ from torch import nn
 from dicekern.core.checks import check_flag, check_int
 from dicekern.core.partition import Partition
 from dicekern.engine.plan import check_partition_backend, plan_query
+from dicekern.engine.queries import plan_whole_run
+from dicekern.engine.sweep import RunSweep
 from dicekern.engine.options import DiceOptions
 from dicekern.curvature.protocol import LossFn
 from dicekern.engine.ledger import OnlineDICE, test_digest
@@ -176,6 +178,19 @@ def dice_e(
     recorder.agree("dicekern.distributed.dice_e", {"step": step, "hops": hops, "per_hop": per_hop, "test": test_digest(test),
                                                    "run": run_digest(recorder.trajectory(), step, hops), **options.to_dict()})
     return plan_query(recorder.trajectory(), step, test, hops, options, partition=recorder.partition).chain().adjoint(per_hop=per_hop)
+
+
+def final_influence(
+    recorder: DistributedRecorder, test: tuple[torch.Tensor, torch.Tensor], *, options: DiceOptions | None = None, **option_fields,
+) -> torch.Tensor:
+    """:func:`dicekern.final_influence` of this rank's nodes: (T - t0, rows, B), one reverse sweep
+    whose adjoint rows cross ranks along W's non-zeros. Every rank must call it with the same arguments."""
+    options = DiceOptions.of(options, **option_fields)
+    traj = recorder.trajectory()
+    steps = traj.steps
+    recorder.agree("dicekern.distributed.final_influence", {"steps": [steps[0], steps[-1]] if steps else [], "test": test_digest(test),
+                                                            "run": run_digest(traj, steps[0], steps[-1] - steps[0]) if steps else "", **options.to_dict()})
+    return RunSweep(plan_whole_run(traj, test, options, {}, "final_influence", partition=recorder.partition)).final_influence()
 
 
 def cascade(

@@ -1,5 +1,5 @@
 """dicekern.distributed on 2 and 4 gloo ranks (CPU) equals the single-process engine to 1e-10:
-dice_e (per hop, both curvature_at), cascade, and the online ledger's node totals."""
+dice_e (per hop, both curvature_at), cascade, final_influence, and the online ledger's node totals."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def worker(rank: int, world: int, optimizer: str, init_file: str, out_file: str)
         for at in conventions:
             results[f"dice_e-{at}"] = dkd.dice_e(rec, 0, run.test, HOPS, q=run.q, curvature_at=at, per_hop=True)
         results["cascade"] = dkd.cascade(rec, 0, SOURCE, run.test, HOPS, q=run.q, samples=[1, 3])
+        results["final"] = dkd.final_influence(rec, run.test, q=run.q)
         gathered = [None] * world
         dist.all_gather_object(gathered, {k: v.tolist() for k, v in results.items()})
         if rank == 0:
@@ -77,8 +78,11 @@ def worker(rank: int, world: int, optimizer: str, init_file: str, out_file: str)
             assert_close(totals, single.node_totals, TOL[torch.float64].op)
             flow = torch.cat([torch.tensor(g["cascade"], dtype=torch.float64) for g in gathered], dim=1)
             assert_close(flow, dk.cascade(traj, 0, SOURCE, run.test, HOPS, q=run.q, samples=[1, 3]), TOL[torch.float64].op)
+            final = torch.cat([torch.tensor(g["final"], dtype=torch.float64) for g in gathered], dim=1)
+            assert_close(final, dk.final_influence(traj, run.test, q=run.q), TOL[torch.float64].op)
             with open(out_file, "w") as f:
                 json.dump(errors, f)
+        dist.barrier()  # no rank tears its gloo pairs down while rank 0 still checks: that aborted a rank now and then
     finally:
         dist.destroy_process_group()
 

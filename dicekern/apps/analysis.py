@@ -1,7 +1,8 @@
-"""What users do with DICE: proximal influence and reciprocity (Definitions 4 and 5), node scores.
+"""What users do with DICE: proximal influence and reciprocity (Definitions 4 and 5), node scores,
+and reward shares of the nodes' contributions to the final models.
 
-Every quantity comes from one chain over all sources (``influence_matrix``), never a loop over
-sources.
+Every quantity comes from one chain over all sources (``influence_matrix``, or the whole-run
+sweeps of ``node_contributions``), never a loop over sources.
 """
 
 from __future__ import annotations
@@ -66,6 +67,49 @@ def proximal_influence(
         torch.Size([4, 4])
     """
     return influence_matrix(traj, step, test, 1, options=options, **option_fields)[1]
+
+
+@dataclass(frozen=True)
+class Shares:
+    """A reward scheme's reading of node contributions (loss with a node's data minus loss without).
+
+    Attributes:
+        benefit: (N,) -contribution: how much each node's data lowered the final test loss; negative
+            for a node whose data raised it.
+        share: (N,) benefit / sum_k |benefit_k|: the helpful nodes' shares are positive, a harmful
+            node's negative (never clipped to 0); the absolute shares sum to 1.
+        harmful: the nodes whose data raised the loss (negative benefit), most harmful first.
+    """
+
+    benefit: torch.Tensor
+    share: torch.Tensor
+    harmful: list[int]
+
+
+def shares(contributions: torch.Tensor) -> Shares:
+    """Each node's share of what the nodes' data did to the final models, harmful nodes kept negative.
+
+    Args:
+        contributions: (N,) e.g. :func:`dicekern.node_contributions`: loss with node j's data
+            minus loss without it, so a helpful node is negative.
+
+    Example:
+        >>> import torch, dicekern as dk
+        >>> dk.analysis.shares(torch.tensor([-3.0, -1.0, 1.0])).share
+        tensor([ 0.6000,  0.2000, -0.2000])
+    """
+    if not isinstance(contributions, torch.Tensor):
+        raise TypeError(f"contributions must be a tensor, got {type(contributions).__name__}")
+    if contributions.dim() != 1 or contributions.numel() == 0:
+        raise ValueError(f"contributions must have shape (N,), got {tuple(contributions.shape)}")
+    if not torch.isfinite(contributions).all():
+        raise ValueError("contributions hold NaN or infinite values")
+    benefit = -contributions.detach()
+    scale = benefit.abs().sum()
+    if scale == 0:
+        raise ValueError("every contribution is 0: there is nothing to share")
+    harmful = [int(k) for k in benefit.argsort() if benefit[k] < 0]
+    return Shares(benefit, benefit / scale, harmful)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Command line: ``python -m dicekern {demo,score,cascade,validate,detect} [--help]``.
+"""Command line: ``python -m dicekern {demo,score,attribute,cascade,validate,detect} [--help]``.
 
-``score`` reads a saved run; ``cascade``, ``validate`` and ``detect`` read one (RUN_DIR) or train
+``score`` and ``attribute`` read a saved run; ``cascade``, ``validate`` and ``detect`` read one (RUN_DIR) or train
 the bundled digits. Exit status: 0 on success, 1 when the library rejects the request (its
 message on stderr), 2 for bad command-line arguments.
 """
@@ -21,7 +21,7 @@ from dicekern.core import extras
 from dicekern.core.checks import check_node
 from dicekern.apps.demo import DemoConfig, dice_e_refusal, run_demo
 from dicekern.truth.ground_truth import dice_gt_samples
-from dicekern.engine.queries import cascade, dice_e, influence_matrix
+from dicekern.engine.queries import cascade, dice_e, final_influence, influence_matrix, node_contributions
 from dicekern.apps.report import write_csv, write_json
 from dicekern.record.storage import read_test_set
 from dicekern.record.trajectory import Trajectory
@@ -122,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     steps.add_argument("--steps", type=_step_range, metavar="A:B", help="score rounds A..B-1")
     score.add_argument("--hops", type=_non_negative, default=3, help="rounds after each scored round that are followed (default 3)")
     score.add_argument("--per-hop", action="store_true", help="also write every hop's share of each score")
+    attribute = command("attribute", "what every sample and every node's data did to the final models of a saved run (one reverse sweep), "
+                        "with reward shares", run="required")
+    attribute.add_argument("--order", type=int, choices=[1, 2], default=2,
+                           help="node contributions: 1 sums the samples' first-order scores; 2 (default) adds the final loss's curvature")
     flow = command("cascade", "how one node's batch influences every node, hop by hop, drawn on the graph", run="optional")
     flow.add_argument("--source", type=_non_negative, default=0, help="node whose batch is followed (default 0)")
     flow.add_argument("--step", type=_non_negative, help=f"round whose batch is followed (default: {DIGITS_STEP} on digits, the first that fits in RUN_DIR)")
@@ -293,6 +297,40 @@ def _score(args, argv: list[str]) -> dict:
     }
 
 
+def _attribute(args, argv: list[str]) -> dict:
+    source = _source(args, 1)
+    traj, test = source.trajectory, source.test
+    first, last = traj.steps[0], traj.steps[-1]
+    progress = not args.no_progress
+    per_sample = final_influence(traj, test, progress=progress)  # (T, N, B)
+    first_order = per_sample.sum(dim=(0, 2))
+    second_order = node_contributions(traj, test, order=2, progress=progress) if args.order == 2 else None
+    chosen = first_order if second_order is None else second_order
+    split = analysis.shares(chosen)
+    rounds, n, batch = per_sample.shape
+    write_csv(args.out, "samples.csv", ["round", "node", "sample", "influence"],
+              [[first + i, k, b, per_sample[i, k, b].item()] for i in range(rounds) for k in range(n) for b in range(batch)])
+    columns = ["node", "order_1"] + (["order_2"] if second_order is not None else []) + ["benefit", "share"]
+    write_csv(args.out, "nodes.csv", columns,
+              [[k, first_order[k].item()] + ([second_order[k].item()] if second_order is not None else []) + [split.benefit[k].item(), split.share[k].item()]
+               for k in range(n)])
+    caption = _caption(source, f"rounds {first}..{last - 1} on the final models of round {last}, order {args.order}")
+    plots.contribution_shares(split, args.out / "shares.png", caption=caption)
+    best = split.share.argsort(descending=True)[:3]
+    print(f"attributed {rounds} round(s) of {source.name} to its final models (round {last}): {per_sample.numel()} samples, order {args.order}")
+    print("largest shares: " + ", ".join(f"node {int(k)} ({split.share[k].item():+.1%})" for k in best))
+    print("harmful nodes (their data raised the test loss): " + (", ".join(map(str, split.harmful)) or "none"))
+    return {
+        "metadata": _metadata(source, argv, rounds=[first, last], order=args.order),
+        "node_contributions": {"order_1": first_order.tolist(), "order_2": None if second_order is None else second_order.tolist()},
+        "shares": split.share.tolist(),
+        "benefit": split.benefit.tolist(),
+        "harmful": split.harmful,
+        "summary": {"final_round": last, "scored_rounds": rounds, "total_effect": chosen.sum().item(),
+                    "most_helpful": int(best[0]), "harmful": len(split.harmful)},
+    }
+
+
 def _cascade(args, argv: list[str]) -> dict:
     if args.run is None:
         check_node("source", args.source, args.nodes)  # before any training
@@ -437,7 +475,7 @@ def _run(args, argv: list[str]) -> int:
                                 gt_nodes=min(DemoConfig.gt_nodes, args.nodes))
             run_demo(args.out, config, progress=not args.no_progress, command_line=["dicekern", *argv])
             return 0
-        results = {"score": _score, "cascade": _cascade, "validate": _validate, "detect": _detect}[args.command](args, argv)
+        results = {"score": _score, "attribute": _attribute, "cascade": _cascade, "validate": _validate, "detect": _detect}[args.command](args, argv)
     except (ValueError, TypeError, extras.MissingExtra) as error:
         print(f"dicekern {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dicekern.core import extras
-from dicekern.apps.analysis import agreement
+from dicekern.apps.analysis import Shares, agreement
 from dicekern.core.checks import as_tensor, check_node
 from dicekern.core.snapshots import replace_file
 
@@ -178,6 +178,28 @@ def anomaly_ranking(scores: torch.Tensor, anomalous: Sequence[int], path: str | 
         title += "\n" + ", ".join(notes)
     ax.set(xticks=ticks, xticklabels=[str(order[i]) for i in ticks], xlabel="node (ranked)",
            ylabel=f"DICE score ({INFLUENCE}\nof the other nodes)", title=title)
+    return _save(fig, path)
+
+
+def contribution_shares(shares: Shares, path: str | os.PathLike, *, caption: str = "") -> Path:
+    """Each node's share of the benefit to the final models (``dk.analysis.shares``), largest first;
+    harmful nodes' negative shares in red, below the axis.
+
+    Args:
+        shares: the nodes' benefits and shares.
+    """
+    share = _cpu("share", shares.share)
+    n = len(share)
+    order = np.argsort(-share.numpy(), kind="stable")
+    fig, (ax,) = _panels(1, caption, width=min(max(6.5, 0.35 * n), 14.0), height=3.8)
+    values = share.numpy()[order]
+    ax.bar(range(n), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    ax.axhline(0, color="black", linewidth=0.6)
+    ticks = _ticks(n)
+    title = "Each node's share of what the data did to the final models"
+    title += f"\n(red: {len(shares.harmful)} node(s) whose data raised the test loss)" if shares.harmful else "\n(every node's data helped)"
+    ax.set(xticks=ticks, xticklabels=[str(order[i]) for i in ticks], xlabel="node (ranked)",
+           ylabel="share of the benefit\n(negative: harmful)", title=title)
     return _save(fig, path)
 
 

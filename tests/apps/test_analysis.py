@@ -110,3 +110,23 @@ def test_free_riders_mislabels_exclusions_and_sample_ids() -> None:
     assert torch.equal(without.mislabeled, noisy.mislabeled)  # the same digits stay mislabelled
     with pytest.raises(ValueError, match="mislabel\\[0\\] must be a fraction in \\[0, 1\\]"):
         dk.examples.digits_run(num_nodes=4, rounds=1, mislabel={0: 1.5})
+
+
+def test_shares_keep_harmful_nodes_negative() -> None:
+    """Benefit is minus the contribution; shares divide it by the sum of |benefit|, so a harmful
+    node's share is negative, not clipped, and the harmful nodes are listed, worst first."""
+    contributions = torch.tensor([-0.4, 0.1, -0.2, 0.3], dtype=torch.float64)
+    split = dk.analysis.shares(contributions)
+    assert_close(split.benefit, -contributions, 0.0)
+    assert_close(split.share, torch.tensor([0.4, -0.1, 0.2, -0.3], dtype=torch.float64), 1e-15)
+    assert split.harmful == [3, 1]
+    assert split.share.abs().sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad, error, needle", [
+    (torch.zeros(3), ValueError, "nothing to share"), (torch.ones(2, 2), ValueError, "shape"),
+    (torch.tensor([1.0, float("nan")]), ValueError, "NaN"), ([1.0, 2.0], TypeError, "tensor"),
+])
+def test_shares_refuse_what_they_cannot_split(bad, error, needle) -> None:
+    with pytest.raises(error, match=needle):
+        dk.analysis.shares(bad)

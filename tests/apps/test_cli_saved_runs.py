@@ -143,3 +143,40 @@ def test_cascade_and_validate_default_to_the_first_round_that_fits(described_sav
     with pytest.raises(SystemExit) as exit_info:
         main(["score", str(path), "--test", str(test_file), "--out", str(path / "results")])
     assert exit_info.value.code == 2 and "is inside RUN_DIR" in capsys.readouterr().err
+
+
+def test_attribute_writes_what_the_sweeps_compute(described_saved, tmp_path, capsys) -> None:
+    """`attribute RUN_DIR` writes final_influence per sample, both orders of node_contributions per
+    node with their shares (a harmful node's share negative), the picture and a summary."""
+    run, path, test_file = described_saved
+    out = tmp_path / "attribution"
+    assert main(["attribute", str(path), "--test", str(test_file), "--out", str(out), "--no-progress"]) == 0
+    loaded = dk.Trajectory.load(path)
+    expected = dk.final_influence(loaded, run.test)
+    rows = read_csv(out / "samples.csv")
+    assert len(rows) == expected.numel()
+    written = torch.zeros_like(expected)
+    for r in rows:
+        written[int(r["round"]), int(r["node"]), int(r["sample"])] = float(r["influence"])
+    assert_close(written, expected, TOL[torch.float64].same)
+    nodes = read_csv(out / "nodes.csv")
+    order_2 = dk.node_contributions(loaded, run.test, order=2)
+    assert_close(torch.tensor([float(r["order_2"]) for r in nodes], dtype=torch.float64), order_2, TOL[torch.float64].same)
+    assert_close(torch.tensor([float(r["order_1"]) for r in nodes], dtype=torch.float64), expected.sum(dim=(0, 2)), TOL[torch.float64].same)
+    shares = dk.analysis.shares(order_2)
+    assert_close(torch.tensor([float(r["share"]) for r in nodes], dtype=torch.float64), shares.share, TOL[torch.float64].same)
+    results = json.loads((out / "results.json").read_text())
+    assert results["harmful"] == shares.harmful and results["metadata"]["rounds"] == [0, 5] and results["metadata"]["order"] == 2
+    assert is_png(out / "shares.png")
+    printed = capsys.readouterr().out
+    assert "attributed 5 round(s)" in printed and "harmful nodes" in printed
+
+
+def test_attribute_order_1_skips_the_forward_sweeps(described_saved, tmp_path) -> None:
+    run, path, test_file = described_saved
+    out = tmp_path / "attribution"
+    assert main(["attribute", str(path), "--test", str(test_file), "--order", "1", "--out", str(out), "--no-progress"]) == 0
+    nodes = read_csv(out / "nodes.csv")
+    assert "order_2" not in nodes[0]
+    expected = dk.analysis.shares(dk.node_contributions(dk.Trajectory.load(path), run.test))
+    assert_close(torch.tensor([float(r["share"]) for r in nodes], dtype=torch.float64), expected.share, TOL[torch.float64].same)

@@ -191,3 +191,9 @@ def test_bad_shapes_raise(tmp_path, draw, problem) -> None:
     with pytest.raises(ValueError, match=problem):
         draw(path)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("contributions", [[-0.4, 0.1, -0.2, 0.3], [-1.0, -2.0]], ids=["with-harmful", "all-helpful"])
+def test_contribution_shares(tmp_path, contributions) -> None:
+    path = tmp_path / "shares.png"
+    assert_picture(dk.plots.contribution_shares(dk.analysis.shares(torch.tensor(contributions)), path, caption="a run"), path)

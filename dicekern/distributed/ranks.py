@@ -214,7 +214,7 @@ class DistributedOnlineDICE(OnlineDICE):
     """:class:`dicekern.OnlineDICE` for this rank's block of nodes; totals are those of its nodes.
 
     Every rank records every round (its own rows, the full W) in step; save and load per rank.
-    q is the (N,) weight vector of the whole run. The node-to-node matrix is single-process only.
+    q is the (N,) weight vector of the whole run. The node-to-node matrix and final_contributions are single-process only.
 
     Every record() first checks that every rank records the same round of a ledger built with the
     same arguments (hops, options, q, test set, optimizer), and raises on every rank otherwise.
@@ -227,10 +227,13 @@ class DistributedOnlineDICE(OnlineDICE):
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, test, hops: int, *, num_nodes: int, group=None, timeout: float | None = None,
         optimizer: object = None, mix_state: bool = False, mix_buffers: bool = False, replay_check: str = "sampled",
-        node_matrix: bool = False, options: DiceOptions | None = None, **option_fields,
+        node_matrix: bool = False, final_contributions: bool = False, options: DiceOptions | None = None, **option_fields,
     ):
         if node_matrix:
             raise ValueError("node_matrix is not available across processes: use dicekern.OnlineDICE in one process")
+        if final_contributions:
+            raise ValueError("final_contributions is not available across processes: use dicekern.OnlineDICE in one process, "
+                             "or dicekern.distributed.final_influence on the recorded run")
         if "recorder" in option_fields:
             raise TypeError("DistributedOnlineDICE builds its own DistributedRecorder: pass no recorder")
         options = DiceOptions.of(options, **option_fields)

@@ -1,8 +1,16 @@
 """An online contribution ledger: score each round as soon as its hops are recorded, keep totals.
 
-Memory stays bounded by hops + 1 rounds whatever the run length: rounds leave the recorder once
-scored, and each round's test gradients are computed once and reused by every window that needs
-them. Checkpoints are crash-safe folders (``dicekern.core.snapshots``): a save is published whole or
+What the totals are: each round's DICE-E^(hops) scores, summed over the rounds. A round's score
+follows its samples for ``hops`` rounds and reads the test loss of the models *then*; the total is
+a sum of such windowed effects, not the effect of a node's data on the models the run ends with
+(``dk.node_contributions`` and ``dk.final_influence`` answer that, from a recorded run). With
+``final_contributions=True`` the ledger also carries the streaming form of that answer: the
+linearised change of every node's state when each node's data is removed from every round so far
+(the forward sweep of ``dicekern.engine.sweep``, N columns), read on the newest models each round.
+
+Memory stays bounded by hops + 1 rounds whatever the run length (2 with final_contributions, plus
+the N x N x S x D perturbation): rounds leave the recorder once scored, and each round's test
+gradients are computed once and reused by every window that needs them. Checkpoints are crash-safe folders (``dicekern.core.snapshots``): a save is published whole or
 not at all, and a load checks that every part belongs to the same save.
 """
 
@@ -23,6 +31,7 @@ from torch import nn
 from dicekern.core.checks import as_tensor, check_flag, check_int, check_test
 from dicekern.engine.plan import check_inputs, plan_query
 from dicekern.engine.options import DiceOptions
+from dicekern.engine.sweep import RunSweep
 from dicekern.curvature.protocol import LossFn
 from dicekern.core.optim import spec_from_dict
 from dicekern.core.snapshots import make_folder, open_snapshot, parse_json_object, publish, read_file, write_file
@@ -31,9 +40,10 @@ from dicekern.record.trajectory import Recorder, Trajectory
 
 LEDGER = "ledger.json"
 TEST_GRADS = "test_grads.safetensors"
+PERTURBATION = "perturbation.safetensors"
 PENDING = "pending"
-LEDGER_VERSION = 4  # 4 added mix_buffers (older ledgers: False), 3 round_totals (a version 2 ledger resumes with them empty)
-READABLE_LEDGER_VERSIONS = (2, 3, 4)
+LEDGER_VERSION = 5  # 5 added final_contributions (older: off), 4 mix_buffers (older: False), 3 round_totals (version 2: empty)
+READABLE_LEDGER_VERSIONS = (2, 3, 4, 5)
 
 
 @dataclass
@@ -50,6 +60,11 @@ class LedgerState:
         sample_totals: sample id -> total over the scored rounds.
         sample_ids: recorded, not yet scored round -> (N, B) ids of its samples.
         test_grads: recorded round -> (N, D) q-scaled test gradients, kept until no window needs them.
+        final_totals: (N,) with final_contributions: each node's data (every round so far) on the
+            q-weighted test loss of the newest recorded models; else None.
+        perturbation: (N, N_source, S, D) with final_contributions, once two rounds are recorded:
+            the linearised change of every node's state at the newest round when each source's
+            data is removed from every round before it; else None.
     """
 
     scored_steps: list[int] = field(default_factory=list)
@@ -59,6 +74,8 @@ class LedgerState:
     sample_totals: dict[int, float] = field(default_factory=dict)
     sample_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     test_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    final_totals: torch.Tensor | None = None
+    perturbation: torch.Tensor | None = None
 
     def fold(self, t: int, round_totals: torch.Tensor, matrix: torch.Tensor | None, sample_totals: dict[int, float]) -> None:
         """Add round t's (N,) totals, (N, N) matrix (or None) and its samples' updated totals."""
@@ -82,11 +99,14 @@ class LedgerState:
             "matrix_totals": listed(self.matrix_totals),
             "sample_totals": {str(k): v for k, v in self.sample_totals.items()},
             "sample_ids": {str(s): ids.tolist() for s, ids in self.sample_ids.items()},
+            "final_totals": listed(self.final_totals),
         }
 
     @classmethod
-    def from_json(cls, saved: dict, test_grads: dict[int, torch.Tensor], like: torch.Tensor | None) -> LedgerState:
-        """The state :meth:`to_json` wrote (fields already type-checked), totals as like's dtype and device."""
+    def from_json(cls, saved: dict, test_grads: dict[int, torch.Tensor], like: torch.Tensor | None,
+                  perturbation: torch.Tensor | None = None) -> LedgerState:
+        """The state :meth:`to_json` wrote (fields already type-checked), totals as like's dtype and
+        device; test_grads and perturbation as read beside it."""
         tensor = lambda values: None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
         return cls(
             scored_steps=saved["scored_steps"],
@@ -96,6 +116,8 @@ class LedgerState:
             sample_totals={int(k): v for k, v in saved["sample_totals"].items()},
             sample_ids={int(s): torch.tensor(ids) for s, ids in saved["sample_ids"].items()},
             test_grads=test_grads,
+            final_totals=tensor(saved["final_totals"]),
+            perturbation=perturbation,
         )
 
 
@@ -117,7 +139,9 @@ class OnlineDICE:
         test: (inputs (M, ...), targets (M, ...)), the objective every round is scored against.
         hops: DICE-E^(hops) of each round; round t is scored when round t + hops is recorded.
         node_matrix: also accumulate the (N_source, N_receiver) node influence matrix, summed over hops.
-        recorder: an empty Recorder with window hops + 1 to record into, built from the same
+        final_contributions: also keep ``final_totals``, each node's data on the newest models (the
+            streaming form of ``dk.node_contributions`` at options.order; one process only).
+        recorder: an empty Recorder with window hops + 1 (at least 2 with final_contributions) to record into, built from the same
             model and loss; optimizer, mix_state, mix_buffers and replay_check are then the recorder's and
             may not be given. Default: a Recorder built from the arguments above. Its
             ``partition`` says which nodes this process scores (across processes use
@@ -134,6 +158,9 @@ class OnlineDICE:
         matrix_totals: (N, N) when node_matrix, else None.
         round_totals: scored round -> (N,) each node's share of that round alone, for
             ``dk.plots.contribution_over_rounds`` (node_totals is their sum).
+        final_totals: (N,) with final_contributions, after each record(): the change of the
+            q-weighted test loss of the models just recorded when each node's data is removed from
+            every round before them; equal to ``dk.node_contributions`` of the run so far.
         scored_steps: the rounds folded in so far.
 
     Example:
@@ -159,11 +186,13 @@ class OnlineDICE:
         mix_buffers: bool | None = None,
         replay_check: str | None = None,
         node_matrix: bool = False,
+        final_contributions: bool = False,
         recorder: Recorder | None = None,
         options: DiceOptions | None = None,
         **option_fields,
     ):
         self.hops = check_int("hops", hops, minimum=0)
+        self.final_contributions = check_flag("final_contributions", final_contributions)
         self.options = DiceOptions.of(options, **option_fields)
         check_test(test, torch.empty(0))  # the structure now; dtype and device at the first round
         self.test = test
@@ -171,12 +200,13 @@ class OnlineDICE:
         self.node_matrix = check_flag("node_matrix", node_matrix)
         given = {name: value for name, value in (("optimizer", optimizer), ("mix_state", mix_state), ("mix_buffers", mix_buffers),
                                                  ("replay_check", replay_check)) if value is not None}
+        window = max(self.hops + 1, 2) if self.final_contributions else self.hops + 1  # the carry reads the round before the newest
         if recorder is None:
-            recorder = Recorder(model, loss_fn, window=self.hops + 1, **given)
+            recorder = Recorder(model, loss_fn, window=window, **given)
         elif given:
             raise ValueError(f"with a recorder given, pass {' and '.join(given)} to the recorder, not to OnlineDICE")
         else:
-            _check_recorder(recorder, model, loss_fn, self.hops)
+            _check_recorder(recorder, model, loss_fn, window)
         self.recorder = recorder
         self.state = LedgerState()
         self._query_checked = False
@@ -186,6 +216,7 @@ class OnlineDICE:
     round_totals = property(lambda self: self.state.round_totals, doc="Scored round -> (N,) its share of node_totals.")
     matrix_totals = property(lambda self: self.state.matrix_totals, doc="(N, N) totals when node_matrix, else None.")
     sample_totals = property(lambda self: self.state.sample_totals, doc="Sample id -> total over the scored rounds.")
+    final_totals = property(lambda self: self.state.final_totals, doc="(N,) each node's data on the newest models, or None.")
 
     def record(
         self, step: int, params: Mapping[str, torch.Tensor] | Sequence[nn.Module], inputs=None, targets=None, lr=None, W=None, *,
@@ -217,7 +248,11 @@ class OnlineDICE:
                 self.state.sample_ids[step] = ids.cpu()
             traj = self.recorder.trajectory()
             self._check_query(traj)
-            return self._score(traj, step - self.hops)
+            carried = self._carry(traj, step) if self.final_contributions else None
+            scores = self._score(traj, step - self.hops)
+            if carried is not None:
+                self.state.perturbation, self.state.final_totals = carried
+            return scores
         except BaseException:
             self.recorder.rollback(savepoint)
             self.state.sample_ids.pop(step, None)
@@ -228,6 +263,16 @@ class OnlineDICE:
         if not self._query_checked and any(traj[s].has_batch for s in traj.steps):
             self.test = check_inputs(traj, self.test, self.options, self.recorder.partition)
             self._query_checked = True
+
+    def _carry(self, traj: Trajectory, step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The perturbation carried to round step through the round before it, and its reading on
+        the models of round step: (N, N, S, D) or None at the first round, and (N,) final totals."""
+        if step - 1 not in traj:
+            return None, traj[step].params.new_zeros(traj.num_nodes)
+        sweep = RunSweep(plan_query(traj, step - 1, self.test, 1, self.options, partition=self.recorder.partition))
+        nodes = torch.arange(traj.num_nodes, device=traj.device)
+        perturbation = sweep.advance(self.state.perturbation, step - 1, nodes)
+        return perturbation, sweep.read(perturbation, self.options.order)
 
     def _score(self, traj, t: int) -> torch.Tensor | None:
         """Score round t if its window is complete; every total changes only once all is computed."""
@@ -252,10 +297,14 @@ class OnlineDICE:
         directory, whole or not at all; resuming gives bitwise-identical totals."""
         traj = self.recorder.trajectory()
         grads = save_tensors({str(s): g.contiguous().cpu() for s, g in self.state.test_grads.items()})
+        perturbation = None if self.state.perturbation is None else save_tensors({"perturbation": self.state.perturbation.contiguous().cpu()})
 
         def fill(folder: Path) -> str:
             checksums = {TEST_GRADS: hashlib.sha256(grads).hexdigest()}
             write_file(folder, TEST_GRADS, grads)
+            if perturbation is not None:
+                checksums[PERTURBATION] = hashlib.sha256(perturbation).hexdigest()
+                write_file(folder, PERTURBATION, perturbation)
             if traj.steps:
                 pending = make_folder(folder, PENDING)
                 manifest = write_run(traj, pending)
@@ -271,6 +320,7 @@ class OnlineDICE:
             "version": LEDGER_VERSION,
             "hops": self.hops,
             "node_matrix": self.node_matrix,
+            "final_contributions": self.final_contributions,
             "optimizer": self.recorder.optimizer.to_dict(),
             "mix_state": self.recorder.mix_state,
             "mix_buffers": self.recorder.mix_buffers,
@@ -310,7 +360,7 @@ class OnlineDICE:
         recording = {"optimizer": spec_from_dict(state["optimizer"]), "mix_state": state["mix_state"], "mix_buffers": state["mix_buffers"],
                      "replay_check": state["replay_check"]}
         given_recorder = kwargs.get("recorder") is not None  # checked by the constructor, then against the saved recording
-        ledger = cls(model, loss_fn, test, state["hops"], node_matrix=state["node_matrix"], q=saved_q,
+        ledger = cls(model, loss_fn, test, state["hops"], node_matrix=state["node_matrix"], final_contributions=state["final_contributions"], q=saved_q,
                      **({} if given_recorder else recording), **state["options"], **kwargs)
         differ = [name for name, value in recording.items() if getattr(ledger.recorder, name) != value]
         if differ:
@@ -334,18 +384,26 @@ class OnlineDICE:
         if hashlib.sha256(grads).hexdigest() != state["checksums"].get(TEST_GRADS):
             raise ValueError(f"{snapshot / TEST_GRADS} does not belong to {where}: its checksum differs")
         test_grads = {int(s): g.to(device) for s, g in load_tensors(grads).items()}
-        if like is None and (test_grads or state["scored_steps"] or state["node_totals"] is not None or state["matrix_totals"] is not None):
+        perturbation = None
+        if PERTURBATION in state["checksums"]:
+            saved = read_file(directory, (snapshot.name, PERTURBATION), 1 << 40)
+            if hashlib.sha256(saved).hexdigest() != state["checksums"][PERTURBATION]:
+                raise ValueError(f"{snapshot / PERTURBATION} does not belong to {where}: its checksum differs")
+            perturbation = load_tensors(saved)["perturbation"].to(device)
+        if like is None and (test_grads or state["scored_steps"] or state["node_totals"] is not None or state["matrix_totals"] is not None
+                             or perturbation is not None or state["final_totals"] is not None):
             raise ValueError(f"{where}: totals or test gradients without pending rounds")
-        ledger.state = LedgerState.from_json(state, test_grads, like)
+        ledger.state = LedgerState.from_json(state, test_grads, like, perturbation)
         return ledger
 
 
-def _check_recorder(recorder: Recorder, model: nn.Module, loss_fn: LossFn, hops: int) -> None:
-    """A recorder handed to OnlineDICE: empty, of window hops + 1, for the same model and loss."""
+def _check_recorder(recorder: Recorder, model: nn.Module, loss_fn: LossFn, window: int) -> None:
+    """A recorder handed to OnlineDICE: empty, keeping the ledger's window of rounds, for the same model and loss."""
     if not isinstance(recorder, Recorder):
         raise TypeError(f"recorder must be a dicekern.Recorder, got {type(recorder).__name__}")
-    if recorder.window != hops + 1:
-        raise ValueError(f"the recorder must keep a window of hops + 1 = {hops + 1} rounds, got window={recorder.window}")
+    if recorder.window != window:
+        raise ValueError(f"the recorder must keep a window of {window} rounds (hops + 1, at least 2 with final_contributions), "
+                         f"got window={recorder.window}")
     if recorder.trajectory().steps:
         raise ValueError("the recorder must be empty: the ledger scores every round it records")
     if recorder.objective.model is not model or recorder.objective.loss_fn is not loss_fn:
@@ -361,8 +419,10 @@ def _parse_ledger(data: bytes, where: str) -> dict:
         state["round_totals"] = {}
     if state["version"] <= 3:
         state["mix_buffers"] = False
+    if state["version"] <= 4:
+        state["final_contributions"], state["final_totals"] = False, None
     kinds = {
-        "hops": int, "node_matrix": bool, "optimizer": dict, "mix_state": bool, "mix_buffers": bool, "replay_check": str, "options": dict,
+        "hops": int, "node_matrix": bool, "final_contributions": bool, "final_totals": (list, type(None)), "optimizer": dict, "mix_state": bool, "mix_buffers": bool, "replay_check": str, "options": dict,
         "q": (list, type(None)), "test": str, "scored_steps": list, "node_totals": (list, type(None)), "round_totals": dict,
         "matrix_totals": (list, type(None)), "sample_totals": dict, "sample_ids": dict, "pending": list, "checksums": dict,
     }

@@ -84,27 +84,36 @@ class RunSweep:
             return self.final_influence(progress).sum(dim=(0, 2))
         if not self.plan.partition.is_whole:
             raise ValueError("node_contributions(order=2) runs in one process; across processes use order=1")
-        points, grads = self._final_points_and_grads()
-        n = len(points)
-        chunk = max(1, INFLUENCE_CHUNK_BYTES // (n * self.num_blocks * points.shape[-1] * points.element_size()))
-        totals = points.new_zeros(n)
+        n = self.plan.traj.num_nodes
+        chunk = max(1, INFLUENCE_CHUNK_BYTES // (n * self.num_blocks * self.plan.traj[self.last].point().shape[-1] * self.plan.traj.dtype.itemsize))
+        totals = []
         for start in range(0, n, chunk):
-            sources = torch.arange(start, min(start + chunk, n), device=points.device)
-            delta = self.final_perturbations(sources, progress)[:, :, 0]  # (N, C, D)
-            k, c = delta.ne(0).any(dim=-1).nonzero(as_tuple=True)
-            deltas = delta[k, c]
-            trapezoid = trapezoid_grads(self.tests, self.plan.q, grads[k], points[k], deltas, torch.zeros_like(k), k)
-            totals.index_add_(0, sources[c], (trapezoid * deltas).sum(-1))
-        return totals
+            sources = torch.arange(start, min(start + chunk, n), device=self.plan.traj.device)
+            delta = None
+            for tau in extras.progress(range(self.first, self.last), enabled=progress, description="rounds", unit="round"):
+                delta = self.advance(delta, tau, sources)
+            totals.append(self.read(delta, order))
+        return torch.cat(totals)
 
-    def final_perturbations(self, sources: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """(N, C, S, D (+ D_b)) the linearised change of every node's final state when all data of
-        each source (C,) is removed from every round: factual minus counterfactual."""
-        columns = torch.arange(len(sources), device=sources.device)
-        delta = None
-        for tau, step, mix, carry in self._rounds(newest_first=False, progress=progress):
-            removal = step.removal()[:, 0]  # (N, S, D): every node's whole batch
-            injected = removal.new_zeros(removal.shape[0], len(sources), *removal.shape[1:])
-            injected[sources, columns] = removal[sources]
-            delta = mix @ injected if delta is None else (carry @ delta).add_(mix @ injected)
-        return delta
+    def advance(self, delta: torch.Tensor | None, tau: int, sources: torch.Tensor) -> torch.Tensor:
+        """The forward sweep through round tau: (N, C, S, D (+ D_b)) the linearised change of every
+        node's state at the start of round tau + 1 when all data of each source (C,) is removed from
+        every round up to tau, from delta, the same at the start of round tau (None: zero, tau the first)."""
+        step, mix, carry = self._round(tau)
+        removal = step.removal()[:, 0]  # (N, S, D): every node's whole batch
+        injected = removal.new_zeros(removal.shape[0], len(sources), *removal.shape[1:])
+        injected[sources, torch.arange(len(sources), device=sources.device)] = removal[sources]
+        return mix @ injected if delta is None else (carry @ delta).add_(mix @ injected)
+
+    def read(self, delta: torch.Tensor, order: int) -> torch.Tensor:
+        """(C,) the change of sum_k q_k L(theta_k^T; z') of the perturbations delta (N, C, S, D (+ D_b))
+        of the final state: g^T delta (order 1) or the trapezoid rule on it (order 2, one test
+        gradient per node the perturbation reached)."""
+        points, grads = self._final_points_and_grads()
+        theta = delta[:, :, 0]  # (N, C, D)
+        if order == 1:
+            return torch.einsum("kd,kcd->c", grads, theta)
+        k, c = theta.ne(0).any(dim=-1).nonzero(as_tuple=True)
+        deltas = theta[k, c]
+        trapezoid = trapezoid_grads(self.tests, self.plan.q, grads[k], points[k], deltas, torch.zeros_like(k), k)
+        return points.new_zeros(theta.shape[1]).index_add_(0, c, (trapezoid * deltas).sum(-1))

@@ -128,7 +128,7 @@ def test_a_given_recorder_is_recorded_into_and_checked(run, tmp_path) -> None:
     with pytest.raises(TypeError, match="recorder must be a dicekern.Recorder, got dict"):
         dk.OnlineDICE.load(tmp_path, run.model, run.loss_fn, run.test, recorder={})
     make = lambda **kwargs: dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, **kwargs)
-    with pytest.raises(ValueError, match="window of hops \\+ 1 = 3 rounds, got window=2"):
+    with pytest.raises(ValueError, match="window of 3 rounds .*got window=2"):
         make(recorder=dk.Recorder(run.model, run.loss_fn, window=2))
     with pytest.raises(ValueError, match="the recorder must be empty"):
         make(recorder=recorder)
@@ -243,3 +243,43 @@ def test_a_version_2_ledger_resumes_without_round_totals(run, tmp_path) -> None:
     assert resumed.round_totals == {} and torch.equal(resumed.node_totals, first.node_totals)
     feed(resumed, run, steps[5:])
     assert sorted(resumed.round_totals) == [s for s in resumed.scored_steps if s > first.scored_steps[-1]]
+
+
+def run_until(run, last: int) -> dk.Trajectory:
+    """The run's rounds 0..last, as if it had ended there."""
+    traj = run.trajectory
+    return dk.Trajectory(traj.objective, {t: traj[t] for t in range(last + 1)}, traj.optimizer)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_final_totals_stream_node_contributions(run, order: int) -> None:
+    """After each record(), final_totals are dk.node_contributions of the run so far (10^-10), and
+    the windowed totals are unchanged by keeping them."""
+    ledger = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, final_contributions=True, order=order)
+    plain = dk.OnlineDICE(run.model, run.loss_fn, run.test, HOPS, order=order)
+    for t in run.trajectory.steps:
+        feed(ledger, run, [t])
+        feed(plain, run, [t])
+        if t == 0:
+            assert torch.equal(ledger.final_totals, torch.zeros(5, dtype=torch.float64))
+            continue
+        expected = dk.node_contributions(run_until(run, t), run.test, order=order)
+        assert expected.abs().max() > 0
+        assert_close(ledger.final_totals, expected, TOL[torch.float64].op)
+    assert torch.equal(ledger.node_totals, plain.node_totals)
+
+
+def test_final_totals_resume_bitwise_and_need_the_round_before(run, tmp_path) -> None:
+    steps = run.trajectory.steps
+    whole = dk.OnlineDICE(run.model, run.loss_fn, run.test, 0, final_contributions=True)
+    feed(whole, run, steps)
+    first = dk.OnlineDICE(run.model, run.loss_fn, run.test, 0, final_contributions=True)
+    feed(first, run, steps[:4])
+    first.save(tmp_path)
+    resumed = dk.OnlineDICE.load(tmp_path, run.model, run.loss_fn, run.test)
+    assert resumed.final_contributions and torch.equal(resumed.state.perturbation, first.state.perturbation)
+    feed(resumed, run, steps[4:])
+    assert torch.equal(resumed.final_totals, whole.final_totals)
+    assert whole.recorder.window == 2  # hops 0 keeps one round more: the carry reads the round before the newest
+    with pytest.raises(ValueError, match="window of 2 rounds"):
+        dk.OnlineDICE(run.model, run.loss_fn, run.test, 0, final_contributions=True, recorder=dk.Recorder(run.model, run.loss_fn, window=1))

@@ -28,8 +28,8 @@ def run_block(index: int) -> dict:
     return scope
 
 
-def test_readme_has_its_three_examples() -> None:
-    assert len(python_blocks()) == 3
+def test_readme_has_its_four_examples() -> None:
+    assert len(python_blocks()) == 4
 
 
 def test_readme_example_runs() -> None:
@@ -52,10 +52,18 @@ def test_readme_optimizers_example_runs() -> None:
 
 
 @pytest.mark.slow  # trains a digits run and runs the README's commands in subprocesses
+def test_readme_final_models_section_runs() -> None:
+    """The whole-run block: shapes as its comments say, order 1 the sum of final_influence, shares of order 2."""
+    scope = run_block(2)
+    assert scope["final"].shape == (5, 6, 4) and scope["order_1"].shape == scope["order_2"].shape == scope["truth"].shape == (6,)
+    assert_close(scope["order_1"], scope["final"].sum((0, 2)), TOL[torch.float64].op)
+    assert_close(scope["shares"].benefit, -scope["order_2"], 0.0)
+
+
 def test_readme_your_own_run_section_runs(tmp_path, monkeypatch) -> None:
     """The python block saves a described run, and the sh block's commands score it; every score equals dk.dice_e."""
     monkeypatch.chdir(tmp_path)
-    scope = run_block(2)
+    scope = run_block(3)
     loaded = dk.Trajectory.load("out/my_run")
     assert loaded.description.model == "dicekern.apps.examples:mlp" and loaded.description.metadata["data"] == "sklearn digits"
     torch.testing.assert_close(scope["scores"], dk.dice_e(scope["run"].trajectory, 2, scope["run"].test, 2), rtol=0, atol=0)

@@ -15,7 +15,7 @@ from functools import cached_property
 
 import torch
 
-from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet, scaled_test_grads, trapezoid_grads
+from dicekern.engine.evaluation import PerNodeTestSet, SharedTestSet, scaled_test_grads, segment_grads
 from dicekern.engine.mixing import Mixer
 from dicekern.engine.operators import LinearOperator, Mix, StepJacobian
 from dicekern.engine.options import DiceOptions
@@ -142,7 +142,7 @@ class Chain:
             return torch.einsum("kd,kcd->ck", grads, delta)
         k, c = delta.ne(0).any(dim=-1).nonzero(as_tuple=True)
         deltas = delta[k, c]
-        trapezoid = trapezoid_grads(self.tests, self.q, grads[k], points[k], deltas, torch.full_like(k, hop), k)
+        trapezoid = segment_grads(self.tests, self.q, grads[k], points[k], deltas, torch.full_like(k, hop), k)
         scores = delta.new_zeros(delta.shape[1], delta.shape[0])
         scores[c, k] = (trapezoid * deltas).sum(-1)
         return scores
@@ -196,7 +196,7 @@ class Chain:
         nodes, points, deltas = torch.cat(reached), torch.cat(points), torch.cat(deltas)
         grads = scaled_test_grads(self.tests, self.q, points, hop_of, nodes)[:, 0]
         if self.options.order == 2:
-            grads = trapezoid_grads(self.tests, self.q, grads, points, deltas, hop_of, nodes)
+            grads = segment_grads(self.tests, self.q, grads, points, deltas, hop_of, nodes)
         scores = first.params.new_zeros(self.hops + 1, n)
         scores[hop_of, nodes] = (grads * deltas).sum(-1)
         return scores

@@ -5,7 +5,7 @@
 (O = M columns): (R, O, D). ``direct_curvature(points, vectors, kind)`` gives H V for the mean
 test loss's curvature H at every node's hop-0 point (N, D), vectors (N, C, D). Both run on at most
 ``chunk_size`` rows per call of the backend (None: all at once). ``scaled_test_grads`` and
-``trapezoid_grads`` weight them by the node weights q, as every query reads them.
+``segment_grads`` weight them by the node weights q, as every query reads them.
 """
 
 from __future__ import annotations
@@ -82,10 +82,16 @@ def scaled_test_grads(tests: TestSet, q: torch.Tensor, points: torch.Tensor, hop
     return tests.grads(points, hops, nodes, per_test).mul_(q[nodes, None, None])  # the gradients are fresh
 
 
-def trapezoid_grads(tests: TestSet, q: torch.Tensor, grads: torch.Tensor, points: torch.Tensor, deltas: torch.Tensor,
-                    hops: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-    """(R, D) q_k (g(theta) + g(theta - delta)) / 2 from q_k g(theta) (R, D) at the factual points
-    (R, D) of (hop, node) pairs with perturbations deltas (R, D): dotted with delta, the trapezoid
-    rule for the test loss's change, exact when it is quadratic."""
-    counterfactual = scaled_test_grads(tests, q, points - deltas, hops, nodes)[:, 0]
-    return counterfactual.add_(grads).mul_(0.5)
+RULES = {"trapezoid": ((0.0, 0.5), (1.0, 0.5)), "simpson": ((0.0, 1 / 6), (0.5, 4 / 6), (1.0, 1 / 6))}  # (fraction of delta, weight)
+
+
+def segment_grads(tests: TestSet, q: torch.Tensor, grads: torch.Tensor, points: torch.Tensor, deltas: torch.Tensor,
+                  hops: torch.Tensor, nodes: torch.Tensor, rule: str = "trapezoid") -> torch.Tensor:
+    """(R, D) the mean of q_k g along the segment from the factual points (R, D) to points - deltas
+    (R, D) of (hop, node) pairs, by the trapezoid rule (exact for a quadratic test loss) or Simpson's
+    (exact for a cubic one), from q_k g(theta) (R, D) at the factual points: dotted with delta, the
+    test loss's change L(theta) - L(theta - delta)."""
+    mean = grads * RULES[rule][0][1]
+    for fraction, weight in RULES[rule][1:]:
+        mean.add_(scaled_test_grads(tests, q, points - fraction * deltas, hops, nodes)[:, 0], alpha=weight)
+    return mean

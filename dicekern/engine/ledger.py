@@ -271,7 +271,7 @@ class OnlineDICE:
             return None, traj[step].params.new_zeros(traj.num_nodes)
         sweep = RunSweep(plan_query(traj, step - 1, self.test, 1, self.options, partition=self.recorder.partition))
         nodes = torch.arange(traj.num_nodes, device=traj.device)
-        perturbation = sweep.advance(self.state.perturbation, step - 1, nodes)
+        perturbation = sweep.advance(self.state.perturbation, step - 1, nodes, self.options.order)
         return perturbation, sweep.read(perturbation, self.options.order)
 
     def _score(self, traj, t: int) -> torch.Tensor | None:

@@ -173,10 +173,11 @@ def node_contributions(
     """What each node's data, removed from every recorded round, does to the final models.
 
     Args:
-        order: 1 sums :func:`final_influence` over rounds and samples (one reverse sweep); 2 takes
-            the trapezoid rule 1/2 (g(theta^T) + g(theta^T - delta_j))^T delta_j on the linearised
-            perturbation delta_j of the final models (forward sweeps whose columns are sources, in
-            chunks), exact when the final test loss is quadratic.
+        order: 1 sums :func:`final_influence` over rounds and samples (one reverse sweep). 2 carries
+            the removal of each node's data through every round to second order, the curvature of
+            every step included (forward sweeps whose columns are sources, in chunks; nested
+            forward-mode derivatives of each round), and reads the final test loss's change along
+            it by Simpson's rule, exact when the test loss is cubic. Not for BatchNorm models.
         The rest as for :func:`final_influence`.
 
     Returns:

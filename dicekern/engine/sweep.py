@@ -9,19 +9,25 @@ linearised step at the sender or the receiver), reading every sample's score at 
     u^{(tau)} = (carry^tau)^T u^{(tau+1)}
 
 so entry tau is hop T - tau of DICE-E from round tau. The forward sweep carries the removal of
-every node's data from every round to theta^T (columns = sources), for the second-order
-contributions. Both read one round at a time (newest first for the reverse one), so memory is
+every node's data from every round to theta^T (columns = sources): at order 1 through the
+linearised rounds; at order 2 it also carries the second derivative of the state along the
+removal, through each round's own curvature (nested forward-mode derivatives of the plain round,
+``dicekern.curvature.round.local_update``), so the final perturbation is right to second order
+before Simpson's rule reads the test loss's change along it. Both read one round at a time (newest first for the reverse one), so memory is
 the chain vectors plus one round, and a saved run streams from disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import torch
+from torch.func import jvp
 
 from dicekern.core import extras
+from dicekern.curvature.round import local_update
 from dicekern.engine.chain import INFLUENCE_CHUNK_BYTES, as_state
-from dicekern.engine.evaluation import scaled_test_grads, trapezoid_grads
+from dicekern.engine.evaluation import scaled_test_grads, segment_grads
 from dicekern.engine.operators import LinearOperator, Mix, StepJacobian
 from dicekern.engine.plan import QueryPlan
 from dicekern.engine.step import LocalStep
@@ -78,42 +84,85 @@ class RunSweep:
 
     def contributions(self, order: int, progress: bool = False) -> torch.Tensor:
         """(N,) the change of sum_k q_k L(theta_k^T; z') when each node's data is removed from every
-        round: order 1 the sum of ``final_influence``, order 2 the trapezoid rule on the linearised
-        perturbation of the final models (forward sweeps, sources in chunks)."""
+        round: order 1 the sum of ``final_influence``; order 2 the final loss's change (Simpson's
+        rule) along the final perturbation taken to second order (forward sweeps, sources in chunks)."""
         if order == 1:
             return self.final_influence(progress).sum(dim=(0, 2))
+        traj = self.plan.traj
         if not self.plan.partition.is_whole:
             raise ValueError("node_contributions(order=2) runs in one process; across processes use order=1")
-        n = self.plan.traj.num_nodes
-        chunk = max(1, INFLUENCE_CHUNK_BYTES // (n * self.num_blocks * self.plan.traj[self.last].point().shape[-1] * self.plan.traj.dtype.itemsize))
+        if traj.objective.buffer_layout:
+            raise ValueError(f"node_contributions(order=2) carries the second derivative of every round, which the BatchNorm layers "
+                             f"{list(traj.objective.buffer_layout.modules)} do not take: use order=1")
+        n = traj.num_nodes
+        chunk = max(1, INFLUENCE_CHUNK_BYTES // (2 * n * self.num_blocks * traj[self.last].point().shape[-1] * traj.dtype.itemsize))
         totals = []
         for start in range(0, n, chunk):
-            sources = torch.arange(start, min(start + chunk, n), device=self.plan.traj.device)
-            delta = None
+            sources = torch.arange(start, min(start + chunk, n), device=traj.device)
+            perturbation = None
             for tau in extras.progress(range(self.first, self.last), enabled=progress, description="rounds", unit="round"):
-                delta = self.advance(delta, tau, sources)
-            totals.append(self.read(delta, order))
+                perturbation = self.advance(perturbation, tau, sources, order)
+            totals.append(self.read(perturbation, order))
         return torch.cat(totals)
 
-    def advance(self, delta: torch.Tensor | None, tau: int, sources: torch.Tensor) -> torch.Tensor:
-        """The forward sweep through round tau: (N, C, S, D (+ D_b)) the linearised change of every
-        node's state at the start of round tau + 1 when all data of each source (C,) is removed from
-        every round up to tau, from delta, the same at the start of round tau (None: zero, tau the first)."""
+    def advance(self, perturbation: torch.Tensor | None, tau: int, sources: torch.Tensor, order: int = 1) -> torch.Tensor:
+        """The forward sweep through round tau, for all data of each source (C,) removed from every
+        round up to tau; perturbation is the same at the start of round tau (None: zero, tau the first).
+
+        Order 1: delta (N, C, S, D (+ D_b)), the linearised change of every node's state at the start
+        of round tau + 1, factual minus counterfactual. Order 2: (2, N, C, S, D), the first and second
+        derivatives of the state in the scale u of the sources' loss weights (1 + u) / B at u = 0;
+        the removal (u = -1) is then delta = first - second / 2 to second order.
+        """
+        if order == 2:
+            return self._advance_second_order(perturbation, tau, sources)
         step, mix, carry = self._round(tau)
         removal = step.removal()[:, 0]  # (N, S, D): every node's whole batch
         injected = removal.new_zeros(removal.shape[0], len(sources), *removal.shape[1:])
         injected[sources, torch.arange(len(sources), device=sources.device)] = removal[sources]
-        return mix @ injected if delta is None else (carry @ delta).add_(mix @ injected)
+        return mix @ injected if perturbation is None else (carry @ perturbation).add_(mix @ injected)
 
-    def read(self, delta: torch.Tensor, order: int) -> torch.Tensor:
-        """(C,) the change of sum_k q_k L(theta_k^T; z') of the perturbations delta (N, C, S, D (+ D_b))
-        of the final state: g^T delta (order 1) or the trapezoid rule on it (order 2, one test
-        gradient per node the perturbation reached)."""
+    def _advance_second_order(self, derivatives: torch.Tensor | None, tau: int, sources: torch.Tensor) -> torch.Tensor:
+        """Order 2 of ``advance``: the plain round of every (node, source) pair the removal has reached,
+        differentiated twice along the curve (state + u d1 + u^2/2 d2, weights + u w'), then mixed."""
+        traj, plan = self.plan.traj, self.plan
+        rnd, optimizer = traj[tau], traj.optimizer
+        n, batch = rnd.inputs.shape[:2]
+        blocks = optimizer.state_blocks
+        if derivatives is None:
+            derivatives = rnd.params.new_zeros(2, n, len(sources), self.num_blocks, rnd.params.shape[-1])
+        weight_tangent = rnd.params.new_zeros(n, len(sources), batch)
+        weight_tangent[sources, torch.arange(len(sources), device=sources.device)] = 1.0 / batch
+        k, c = (derivatives.ne(0).flatten(3).any(-1).any(0) | weight_tangent.ne(0).any(-1)).nonzero(as_tuple=True)
+        first, second, w_tangent = derivatives[0, k, c], derivatives[1, k, c], weight_tangent[k, c]  # (R, S, D), (R, B)
+        params, state = rnd.params[k], {name: value[k] for name, value in rnd.state.items()}
+        weights = torch.full_like(w_tangent, 1.0 / batch)
+
+        def round_at(u: torch.Tensor) -> torch.Tensor:  # (R, S, D): the local step of every pair at scale u
+            moved = lambda value, i: value + u * first[:, i] + 0.5 * u * u * second[:, i]
+            theta = moved(params, 0)
+            at = {name: moved(value, 1 + blocks.index(name)) if name in blocks else value for name, value in state.items()}
+            update = local_update(traj.objective, optimizer, theta, at, rnd.inputs[k], rnd.targets[k], rnd.lr[k], weights + u * w_tangent)
+            return torch.stack([update.half, *(update.state[name] for name in blocks)], dim=1)
+
+        zero, one = params.new_zeros(()), params.new_ones(())
+        local_first, local_second = jvp(lambda u: jvp(round_at, (u,), (one,)), (zero,), (one,))[1]
+        stepped = derivatives.new_zeros(derivatives.shape)
+        stepped[0, k, c], stepped[1, k, c] = local_first, local_second
+        mix = Mix(plan.mixer([rnd.W]), 0, mix_state=traj.mix_state)
+        return torch.stack([mix @ stepped[0], mix @ stepped[1]])
+
+    def read(self, perturbation: torch.Tensor, order: int) -> torch.Tensor:
+        """(C,) the change of sum_k q_k L(theta_k^T; z') of the final perturbations of ``advance`` at
+        that order: g^T delta (order 1), or at order 2 the test loss's change along delta = first -
+        second / 2 by Simpson's rule (two test gradients per node the perturbation reached). On digits
+        under momentum (16 nodes, 24 rounds) the trapezoid rule there was 0.12-0.19 off leave-node-out
+        replay in relative error, Simpson's 0.04-0.07, equal to the exact loss change at delta to 3 digits."""
         points, grads = self._final_points_and_grads()
-        theta = delta[:, :, 0]  # (N, C, D)
         if order == 1:
-            return torch.einsum("kd,kcd->c", grads, theta)
+            return torch.einsum("kd,kcd->c", grads, perturbation[:, :, 0])
+        theta = perturbation[0, :, :, 0] - 0.5 * perturbation[1, :, :, 0]  # (N, C, D)
         k, c = theta.ne(0).any(dim=-1).nonzero(as_tuple=True)
         deltas = theta[k, c]
-        trapezoid = trapezoid_grads(self.tests, self.plan.q, grads[k], points[k], deltas, torch.zeros_like(k), k)
-        return points.new_zeros(theta.shape[1]).index_add_(0, c, (trapezoid * deltas).sum(-1))
+        along = segment_grads(self.tests, self.plan.q, grads[k], points[k], deltas, torch.zeros_like(k), k, rule="simpson")
+        return points.new_zeros(theta.shape[1]).index_add_(0, c, (along * deltas).sum(-1))

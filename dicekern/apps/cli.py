@@ -124,8 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--per-hop", action="store_true", help="also write every hop's share of each score")
     attribute = command("attribute", "what every sample and every node's data did to the final models of a saved run (one reverse sweep), "
                         "with reward shares", run="required")
-    attribute.add_argument("--order", type=int, choices=[1, 2], default=2,
-                           help="node contributions: 1 sums the samples' first-order scores; 2 (default) adds the final loss's curvature")
+    attribute.add_argument("--order", type=int, choices=[1, 2],
+                           help="node contributions: 1 sums the samples' first-order scores; 2 takes the removal to second order "
+                                "(default: 2, or 1 for a BatchNorm model, which order 2 does not take)")
     flow = command("cascade", "how one node's batch influences every node, hop by hop, drawn on the graph", run="optional")
     flow.add_argument("--source", type=_non_negative, default=0, help="node whose batch is followed (default 0)")
     flow.add_argument("--step", type=_non_negative, help=f"round whose batch is followed (default: {DIGITS_STEP} on digits, the first that fits in RUN_DIR)")
@@ -302,6 +303,9 @@ def _attribute(args, argv: list[str]) -> dict:
     traj, test = source.trajectory, source.test
     first, last = traj.steps[0], traj.steps[-1]
     progress = not args.no_progress
+    if args.order is None:
+        args.order = 1 if traj.objective.buffer_layout else 2
+        print(f"node contributions at order {args.order}" + (" (a BatchNorm model takes order 1)" if args.order == 1 else ""))
     per_sample = final_influence(traj, test, progress=progress)  # (T, N, B)
     first_order = per_sample.sum(dim=(0, 2))
     second_order = node_contributions(traj, test, order=2, progress=progress) if args.order == 2 else None

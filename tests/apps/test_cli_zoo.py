@@ -184,7 +184,8 @@ def test_score_rebuilds_a_saved_zoo_run_from_its_description(name: str, tmp_path
 
 @pytest.mark.slow  # trains a BatchNorm ResNet on digits, saves it and attributes it from the command line
 def test_attribute_a_saved_batchnorm_run(tmp_path) -> None:
-    """`attribute` on a saved resnet-bn run rebuilds it (buffers from disk) and writes final_influence of the run as trained."""
+    """`attribute` on a saved resnet-bn run rebuilds it (buffers from disk), takes order 1 by default and writes
+    final_influence of the run as trained."""
     from safetensors.torch import save_file
 
     run = examples.digits_run(3, 3, batch_size=3, model="resnet-bn")
@@ -192,8 +193,8 @@ def test_attribute_a_saved_batchnorm_run(tmp_path) -> None:
     test = (run.test[0][:12], run.test[1][:12])
     save_file({"inputs": test[0].contiguous(), "targets": test[1]}, tmp_path / "test.safetensors")
     out = tmp_path / "attribution"
-    assert main(["attribute", str(tmp_path / "run"), "--test", str(tmp_path / "test.safetensors"), "--order", "1", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["attribute", str(tmp_path / "run"), "--test", str(tmp_path / "test.safetensors"), "--out", str(out), "--no-progress"]) == 0
+    assert results(out)["metadata"]["order"] == 1  # the default for a BatchNorm model, which order 2 does not take
     expected = dk.final_influence(run.trajectory, test)  # the run in memory, never saved
     written = torch.zeros_like(expected)
     for r in read_csv(out / "samples.csv"):

@@ -1,6 +1,6 @@
 """Whole-run attribution against exact replay, and whether it answers the user's question (issue 19).
 
-    python benchmarks/whole_run.py          # about 3 minutes on 2 CPU cores (one torch thread); tables to stdout, JSON to results/
+    python benchmarks/whole_run.py          # about 8 minutes on 2 CPU cores (one torch thread); tables to stdout, JSON to results/
 
 The runs are those of benchmarks/applications.py: the bundled digits, 16 nodes, exponential
 graph, 24 rounds, batch 16, float64, 10 seeds; the first 100 held-out digits are the test
@@ -15,11 +15,18 @@ A. Issue 19, item 2 targets. Per seed and optimizer:
    - sample level: 200 random (round, node, sample) triples (rounds 0..23), each removed alone
      at its round and replayed to the end; dk.final_influence against dk.final_gt. Target
      Pearson >= 0.999, relative error <= 0.05.
-   - diagnosis of order 2's error: the exact perturbation of the final models delta_exact (the
-     replay's theta^T minus the factual) next to order 2's linearised delta_lin (RunSweep's
-     forward sweep). The exact loss at theta^T - delta_lin isolates the dynamics' nonlinearity
-     (it has no loss-curvature error); the trapezoid on delta_exact isolates the final loss's
-     curvature beyond quadratic (it has no dynamics error).
+   - diagnosis of order 2's error. Order 2 (since commit 9c1a335) carries the removal of each
+     node's data to second order through every round (d1, d2: the first and second derivatives of
+     the state in the scale of the removed weights; delta_2nd = d1 - d2/2) and reads the final test
+     loss's change along delta_2nd by Simpson's rule. Next to the exact perturbation of the final
+     models delta_exact (the replay's theta^T minus the factual): the exact loss at
+     theta^T - delta_2nd isolates the error left in the perturbation (no loss-side error); Simpson
+     on delta_exact isolates the final loss beyond cubic (no dynamics error). For comparison, the
+     linearised delta_lin (d1, order 1's forward sweep) read by Simpson, exactly, and by the
+     trapezoid (order 2's definition before 9c1a335); and the trapezoid on delta_2nd (what
+     Simpson's rule adds on the new perturbation).
+   - wall time of node_contributions order 1 and 2 and of final_gt(remove=range(16)) (the 16 exact
+     leave-one-node-out replays), measured side by side in this process, best of 3 interleaved.
 B. Issue 19, item 6.
    - LDS: per seed, 50 random subsets of 4 of the 16 nodes whose data is removed from every
      round together (final_gt, one replay each); Spearman between the replayed change and the
@@ -53,7 +60,7 @@ from dicekern.engine.queries import plan_whole_run
 from dicekern.engine.sweep import RunSweep
 
 OPTIMIZERS = ("sgd", "momentum")
-TRIPLES, SUBSETS, REMOVED = 200, 50, 4
+TRIPLES, SUBSETS, REMOVED, REPEATS = 200, 50, 4, 3
 KINDS = ("flip", "noise")
 TARGETS = {"order 2": (0.995, 0.10), "samples": (0.999, 0.05)}  # (Pearson at least, relative error at most)
 
@@ -79,35 +86,59 @@ def exact_perturbations(traj: dk.Trajectory) -> torch.Tensor:
     return torch.stack(result)
 
 
-def linear_perturbations(traj: dk.Trajectory, test) -> torch.Tensor:
-    """(N, N, D): [j] the linearised change of the final params from node j's data (order 2's delta_j)."""
+def swept_perturbations(traj: dk.Trajectory, test, order: int) -> torch.Tensor:
+    """(N, N, D): [j] the change of the final params from node j's data by RunSweep's forward sweep:
+    order 1, the linearised delta_lin (d1); order 2, delta_2nd = d1 - d2 / 2, the removal carried to
+    second order through every round (what node_contributions(order=2) reads since 9c1a335)."""
     sweep = RunSweep(plan_whole_run(traj, test, None, {}, "diagnosis"))
     delta = None
     for tau in range(sweep.first, sweep.last):
-        delta = sweep.advance(delta, tau, torch.arange(NODES))
+        delta = sweep.advance(delta, tau, torch.arange(NODES), order=order)
+    if order == 2:
+        delta = delta[0] - 0.5 * delta[1]
     return delta[:, :, 0].permute(1, 0, 2)
 
 
 def diagnose(traj: dk.Trajectory, test, gt: torch.Tensor, order2: torch.Tensor) -> dict:
-    """Relative errors (over the 16 nodes) of order 2's two approximations, each alone."""
+    """Relative errors (over the 16 nodes) of order 2's two approximations, each alone, and of the
+    pieces of the previous order 2 (trapezoid on delta_lin) for comparison."""
     theta = traj[traj.steps[-1]].params
     loss = lambda params: traj.objective.test_losses(params, test).mean()
     grad = torch.func.grad(loss)
-    exact, linear = exact_perturbations(traj), linear_perturbations(traj, test)
     g = grad(theta)
-    exact_change = torch.stack([loss(theta) - loss(theta - d) for d in exact])
+    exact, linear, second = exact_perturbations(traj), swept_perturbations(traj, test, 1), swept_perturbations(traj, test, 2)
+    change = lambda deltas: torch.stack([loss(theta) - loss(theta - d) for d in deltas])
+    simpson = lambda deltas: torch.stack([((g + 4 * grad(theta - 0.5 * d) + grad(theta - d)) * d).sum() / 6 for d in deltas])
+    trapezoid = lambda deltas: torch.stack([0.5 * ((g + grad(theta - d)) * d).sum() for d in deltas])
     rows = {
-        "exact loss on delta_exact (replay check)": exact_change,
-        "order 2 recomputed: trapezoid on delta_lin": torch.stack([0.5 * ((g + grad(theta - d)) * d).sum() for d in linear]),
-        "exact loss on delta_lin (dynamics error only)": torch.stack([loss(theta) - loss(theta - d) for d in linear]),
-        "trapezoid on delta_exact (curvature beyond quadratic only)": torch.stack([0.5 * ((g + grad(theta - d)) * d).sum() for d in exact]),
-        "first order on delta_exact (all curvature)": torch.stack([(g * d).sum() for d in exact]),
+        "exact loss on delta_exact (replay check)": change(exact),
+        "Simpson on delta_2nd (order 2 recomputed)": simpson(second),
+        "exact loss on delta_2nd (order 2's dynamics error only)": change(second),
+        "trapezoid on delta_2nd (the rule alone: trapezoid instead of Simpson)": trapezoid(second),
+        "Simpson on delta_exact (loss beyond cubic only)": simpson(exact),
+        "Simpson on delta_lin (linearised perturbation)": simpson(linear),
+        "exact loss on delta_lin (linearisation's dynamics error only)": change(linear),
+        "trapezoid on delta_lin (order 2 before 9c1a335)": trapezoid(linear),
+        "first order on delta_exact (all loss curvature dropped)": torch.stack([(g * d).sum() for d in exact]),
     }
     result = {name: agreement(value, gt) for name, value in rows.items()}
-    result["order 2 recomputed: trapezoid on delta_lin"]["max_abs_vs_node_contributions"] = float(
-        (rows["order 2 recomputed: trapezoid on delta_lin"] - order2).abs().max())
+    result["Simpson on delta_2nd (order 2 recomputed)"]["max_abs_vs_node_contributions"] = float(
+        (rows["Simpson on delta_2nd (order 2 recomputed)"] - order2).abs().max())
+    result["max |order 2| (scale)"] = float(order2.abs().max())
     result["||delta_lin - delta_exact|| / ||delta_exact||"] = dk.analysis.relative_error(linear, exact)
+    result["||delta_2nd - delta_exact|| / ||delta_exact||"] = dk.analysis.relative_error(second, exact)
     return result
+
+
+def timed(calls: dict, repeats: int) -> tuple[dict, dict]:
+    """Each call's result and its best wall time (s) over repeats, the calls interleaved in one process."""
+    results, seconds = {}, {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            results[name] = call()
+            seconds[name].append(time.perf_counter() - started)
+    return results, {name: min(values) for name, values in seconds.items()}
 
 
 def random_triples(seed: int) -> list[tuple[int, int, int]]:
@@ -128,9 +159,10 @@ def fidelity_and_lds(optimizer: str, seed: int) -> dict:
     run = dk.examples.digits_run(NODES, ROUNDS, batch_size=BATCH, seed=seed, optimizer=optimizer)
     traj = run.trajectory
     test, _ = split(run.test)
-    gt = dk.final_gt(traj, test, remove=list(range(NODES)))
-    order1 = dk.node_contributions(traj, test, order=1)
-    order2 = dk.node_contributions(traj, test, order=2)
+    found, seconds = timed({"final_gt(remove=range(16))": lambda: dk.final_gt(traj, test, remove=list(range(NODES))),
+                            "node_contributions order 1": lambda: dk.node_contributions(traj, test, order=1),
+                            "node_contributions order 2": lambda: dk.node_contributions(traj, test, order=2)}, REPEATS)
+    gt, order1, order2 = found.values()
     influence = dk.final_influence(traj, test)
     triples = random_triples(seed)
     sample_gt = dk.final_gt(traj, test, remove=triples)
@@ -139,6 +171,7 @@ def fidelity_and_lds(optimizer: str, seed: int) -> dict:
     late = torch.tensor([t >= 2 * ROUNDS // 3 for t, _, _ in triples])
     entry = {
         "seed": seed,
+        "seconds": seconds,
         "node": {"order 1": agreement(order1, gt), "order 2": agreement(order2, gt)},
         "samples": agreement(sample_est, sample_gt),
         "samples by round": {name: agreement(sample_est[m], sample_gt[m]) for name, m in
@@ -204,12 +237,25 @@ def main() -> None:
     ok = lambda a, target: "yes" if a["pearson"] >= target[0] and a["rel_error"] <= target[1] else "**no**"
     for optimizer, entries in results["fidelity"].items():
         print(f"\n## A. {optimizer}: per seed, against final_gt (Pearson / relative error)\n")
-        print("| seed | order 1 | order 2 | order 2 met | 200 samples | samples met | delta_lin vs delta_exact |\n|---:|---|---|---|---|---|---:|")
+        print("| seed | order 1 | order 2 | order 2 met | 200 samples | samples met | delta_lin vs delta_exact | delta_2nd vs delta_exact |\n"
+              "|---:|---|---|---|---|---|---:|---:|")
         for e in entries:
             n1, n2, s = e["node"]["order 1"], e["node"]["order 2"], e["samples"]
             print(f"| {e['seed']} | {n1['pearson']:.4f} / {n1['rel_error']:.3f} | {n2['pearson']:.4f} / {n2['rel_error']:.3f} | "
                   f"{ok(n2, TARGETS['order 2'])} | {s['pearson']:.6f} / {s['rel_error']:.4f} | {ok(s, TARGETS['samples'])} | "
-                  f"{e['diagnosis']['||delta_lin - delta_exact|| / ||delta_exact||']:.3f} |")
+                  f"{e['diagnosis']['||delta_lin - delta_exact|| / ||delta_exact||']:.3f} | "
+                  f"{e['diagnosis']['||delta_2nd - delta_exact|| / ||delta_exact||']:.3f} |")
+        met = sum(ok(e["node"]["order 2"], TARGETS["order 2"]) == "yes" for e in entries)
+        print(f"\norder 2 meets both targets on {met} of {len(entries)} seeds; samples on "
+              f"{sum(ok(e['samples'], TARGETS['samples']) == 'yes' for e in entries)} of {len(entries)}")
+        print(f"\n### A. {optimizer}: wall time per seed (s, best of {REPEATS}, side by side in this process)\n")
+        names = list(entries[0]["seconds"])
+        print("| seed | " + " | ".join(names) + " | order 2 / final_gt | order 2 / order 1 |\n|---:|" + "---:|" * (len(names) + 2))
+        for e in entries:
+            t = e["seconds"]
+            print(f"| {e['seed']} | " + " | ".join(f"{t[n]:.3f}" for n in names) +
+                  f" | {t['node_contributions order 2'] / t['final_gt(remove=range(16))']:.1f} | "
+                  f"{t['node_contributions order 2'] / t['node_contributions order 1']:.0f} |")
         print(f"\n### A. {optimizer}: samples by round of removal, mean over seeds (Pearson / relative error)\n")
         print("| rounds | Pearson | relative error |\n|---|---:|---:|")
         for part in entries[0]["samples by round"]:
@@ -224,6 +270,10 @@ def main() -> None:
             if isinstance(first, dict):
                 print(f"| {name} | {shown(interval([e['diagnosis'][name]['pearson'] for e in entries]), digits=4)} | "
                       f"{shown(interval([e['diagnosis'][name]['rel_error'] for e in entries]), digits=4)} |")
+        for name in ("||delta_lin - delta_exact|| / ||delta_exact||", "||delta_2nd - delta_exact|| / ||delta_exact||"):
+            print(f"| {name} | | {shown(interval([e['diagnosis'][name] for e in entries]), digits=4)} |")
+        print("\nmax |Simpson on delta_2nd - node_contributions order 2| / max |order 2|: "
+              f"{max(e['diagnosis']['Simpson on delta_2nd (order 2 recomputed)']['max_abs_vs_node_contributions'] / e['diagnosis']['max |order 2| (scale)'] for e in entries):.1e}")
         print(f"\n## B. {optimizer}: LDS (Spearman, {SUBSETS} subsets of {REMOVED} nodes), mean ± 95% interval over seeds; per seed\n")
         print("| per-node score | LDS | per seed |\n|---|---:|---|")
         for name in entries[0]["lds"]:

@@ -19,7 +19,8 @@ the chain vectors plus one round, and a saved run streams from disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
+from functools import cached_property
 
 import torch
 from torch.func import jvp
@@ -57,13 +58,14 @@ class RunSweep:
         jacobian = StepJacobian(step)
         return step, mix, (mix @ jacobian if plan.options.curvature_at == "sender" else jacobian @ mix)
 
-    def _rounds(self, *, newest_first: bool, progress: bool) -> Iterator[tuple[int, LocalStep, Mix, LinearOperator]]:
+    def _rounds(self, *, newest_first: bool, progress: bool) -> Iterable[int]:
+        """The rounds first..T-1 a sweep steps through, with a progress bar when asked."""
         order = range(self.last - 1, self.first - 1, -1) if newest_first else range(self.first, self.last)
-        for tau in extras.progress(order, enabled=progress, description="rounds", unit="round", total=len(order)):
-            yield (tau, *self._round(tau))
+        return extras.progress(order, enabled=progress, description="rounds", unit="round", total=len(order))
 
+    @cached_property
     def _final_points_and_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """theta^T (rows, D (+ D_b)) and q g(theta^T) there (rows, D (+ D_b))."""
+        """theta^T (rows, D (+ D_b)) and q g(theta^T) there (rows, D (+ D_b)), computed once per sweep."""
         points = self.plan.traj[self.last].point()
         rows = torch.arange(len(points), device=points.device)
         return points, scaled_test_grads(self.tests, self.plan.q, points, torch.zeros_like(rows), rows)[:, 0]
@@ -71,9 +73,10 @@ class RunSweep:
     def final_influence(self, progress: bool = False) -> torch.Tensor:
         """(T - step, rows, B): entry [tau - step, k, b] the first-order effect of removing sample b
         of node k at round tau on sum_k q_k L(theta_k^T; z'): loss with it minus loss without."""
-        adjoint = as_state(self._final_points_and_grads()[1][:, None], self.num_blocks)  # (rows, 1, S, D)
+        adjoint = as_state(self._final_points_and_grads[1][:, None], self.num_blocks)  # (rows, 1, S, D)
         scores = None
-        for tau, step, mix, carry in self._rounds(newest_first=True, progress=progress):
+        for tau in self._rounds(newest_first=True, progress=progress):
+            step, mix, carry = self._round(tau)
             row = step.sample_scores(mix.T @ adjoint)[:, 0]  # (rows, B)
             if scores is None:
                 scores = row.new_empty(self.last - self.first, *row.shape)
@@ -91,16 +94,13 @@ class RunSweep:
         traj = self.plan.traj
         if not self.plan.partition.is_whole:
             raise ValueError("node_contributions(order=2) runs in one process; across processes use order=1")
-        if traj.objective.buffer_layout:
-            raise ValueError(f"node_contributions(order=2) carries the second derivative of every round, which the BatchNorm layers "
-                             f"{list(traj.objective.buffer_layout.modules)} do not take: use order=1")
         n = traj.num_nodes
-        chunk = max(1, INFLUENCE_CHUNK_BYTES // (2 * n * self.num_blocks * traj[self.last].point().shape[-1] * traj.dtype.itemsize))
+        chunk = max(1, INFLUENCE_CHUNK_BYTES // (2 * n * self.num_blocks * self._final_points_and_grads[0].shape[-1] * traj.dtype.itemsize))
         totals = []
         for start in range(0, n, chunk):
             sources = torch.arange(start, min(start + chunk, n), device=traj.device)
             perturbation = None
-            for tau in extras.progress(range(self.first, self.last), enabled=progress, description="rounds", unit="round"):
+            for tau in self._rounds(newest_first=False, progress=progress):
                 perturbation = self.advance(perturbation, tau, sources, order)
             totals.append(self.read(perturbation, order))
         return torch.cat(totals)
@@ -126,6 +126,9 @@ class RunSweep:
         """Order 2 of ``advance``: the plain round of every (node, source) pair the removal has reached,
         differentiated twice along the curve (state + u d1 + u^2/2 d2, weights + u w'), then mixed."""
         traj, plan = self.plan.traj, self.plan
+        if traj.objective.buffer_layout:
+            raise ValueError(f"order 2 carries the second derivative of every round, which the BatchNorm layers "
+                             f"{list(traj.objective.buffer_layout.modules)} do not take: use order=1")
         rnd, optimizer = traj[tau], traj.optimizer
         n, batch = rnd.inputs.shape[:2]
         blocks = optimizer.state_blocks
@@ -159,7 +162,7 @@ class RunSweep:
         under momentum (16 nodes, 24 rounds, 10 seeds; benchmarks/whole_run.md) the trapezoid rule
         there was 0.050-0.188 off leave-node-out replay in relative error, Simpson's 0.021-0.100,
         equal to the exact loss change at delta within 5e-4."""
-        points, grads = self._final_points_and_grads()
+        points, grads = self._final_points_and_grads
         if order == 1:
             return torch.einsum("kd,kcd->c", grads, perturbation[:, :, 0])
         theta = perturbation[0, :, :, 0] - 0.5 * perturbation[1, :, :, 0]  # (N, C, D)
